@@ -1,0 +1,32 @@
+# The two commands of the README: `make main` (the whole chain on the default model) and `make test`.
+# Both create .venv, install the pinned package and fetch the real assets on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+export NM_DISABLE_ANALYTICS := 1
+
+.PHONY: setup assets main test lint
+
+$(BIN)/owl-deploy: pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "owl_deploy needs Python 3.11 (DeepSparse 1.8.0)")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/owl-deploy
+
+assets: setup
+	$(BIN)/owl-deploy assets fetch
+
+main: assets
+	$(BIN)/owl-deploy eval --model smollm2-135m --text wiki --seqlen 512 --max-tokens 16384
+	$(BIN)/owl-deploy sample --model smollm2-135m --prompt "The capital of France is"
+
+# pytest exits 5 when it collects nothing; that is not a failure of the product
+test: assets
+	$(BIN)/ruff check owl_deploy tests benchmarks
+	$(BIN)/pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+lint: setup
+	$(BIN)/ruff check owl_deploy tests benchmarks
+	$(BIN)/ruff format --check owl_deploy tests benchmarks

@@ -1,0 +1,3 @@
+from owl_deploy.cli import main
+
+main()

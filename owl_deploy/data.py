@@ -1,0 +1,102 @@
+"""Text → tokens: the evaluation stream and the seeded calibration sampler.
+
+A text spec is an asset name (``wiki``), a path to a UTF-8 ``.txt`` (used as is) or ``.jsonl``
+file (``{"text": ...}`` per line, documents joined with a blank line), or several of these joined
+with ``+`` (``news+austen+jargon``, each tokenized on its own and sampled in proportion to its
+length). Evaluation and calibration text are kept apart: evaluate on ``wiki``, calibrate on the
+mix of the others, as the paper calibrates on C4 and evaluates on WikiText.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from owl_deploy.errors import OwlError
+
+DEFAULT_EVAL = "wiki"
+DEFAULT_CALIB = "news+austen+jargon"
+
+
+def load_text(spec: str) -> str:
+    """The documents of one text spec, joined with a blank line ("\\n\\n")."""
+    from owl_deploy import assets
+
+    parts = [p.strip() for p in str(spec).split("+")]
+    if len(parts) > 1:
+        return "\n\n".join(load_text(p) for p in parts)
+    name = parts[0]
+    if name in assets.TEXTS:
+        path = assets.ensure(name)
+    else:
+        path = Path(name).expanduser()
+        if not path.is_file():
+            known = ", ".join(sorted(assets.TEXTS))
+            raise OwlError(f"text not found: {name!r} is neither a text asset ({known}) nor a file")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise OwlError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    if path.suffix == ".jsonl":
+        docs = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise OwlError(f"{path}:{lineno}: expected a JSON object with a 'text' field") from exc
+            if not isinstance(doc, str):
+                raise OwlError(f"{path}:{lineno}: 'text' must be a string")
+            docs.append(doc)
+        raw = "\n\n".join(docs)
+    if not raw.strip():
+        raise OwlError(f"text {path} is empty")
+    return raw
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """Tokenize once, without special tokens (WikiText protocol), as a 1-D int64 tensor."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def eval_tokens(tokenizer, spec: str = DEFAULT_EVAL, max_tokens: int | None = None) -> torch.Tensor:
+    """The evaluation stream: the text's documents joined with "\\n\\n", tokenized once, optionally cut."""
+    tokens = tokenize(tokenizer, load_text(spec))
+    if max_tokens is not None:
+        if max_tokens <= 0:
+            raise OwlError(f"max tokens must be positive, got {max_tokens}")
+        tokens = tokens[:max_tokens]
+    return tokens
+
+
+def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets, ``[nsamples, seqlen]``.
+
+    Each part of a ``+`` mix is tokenized on its own (no window straddles two sources) and windows
+    are drawn from a part with probability proportional to its usable length. The same text, seed
+    and tokenizer always give the same windows. The request must fit in the text
+    (``nsamples * seqlen`` tokens at most), so a short text is an error, not silent repetition.
+    """
+    if nsamples <= 0 or seqlen <= 0:
+        raise OwlError(f"calibration needs nsamples > 0 and seqlen > 0, got {nsamples} and {seqlen}")
+    streams = [tokenize(tokenizer, load_text(part)) for part in str(spec).split("+")]
+    total = sum(len(s) for s in streams)
+    if nsamples * seqlen > total:
+        raise OwlError(
+            f"calibration of {nsamples}x{seqlen} = {nsamples * seqlen} tokens is larger than the text "
+            f"{spec!r} ({total} tokens); lower --nsamples or --seqlen"
+        )
+    usable = torch.tensor([max(len(s) - seqlen + 1, 0) for s in streams], dtype=torch.float64)
+    if usable.sum() == 0:
+        raise OwlError(f"every document of {spec!r} is shorter than seqlen={seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    which = torch.multinomial(usable / usable.sum(), nsamples, replacement=True, generator=gen)
+    windows = []
+    for part in which.tolist():
+        start = int(torch.randint(0, int(usable[part]), (1,), generator=gen))
+        windows.append(streams[part][start : start + seqlen])
+    return torch.stack(windows)

@@ -1,0 +1,162 @@
+"""Model loading (asset name, Hugging Face folder or .gguf file) and structure discovery.
+
+Structure is discovered from modules, never guessed from a model's name: the decoder blocks are
+the longest ``nn.ModuleList`` whose entries all share one class and hold ``nn.Linear`` layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from owl_deploy.errors import OwlError
+
+
+def resolve_model(spec: str | os.PathLike) -> Path:
+    """Turn ``--model`` into a path: an asset name (fetched on first use), a folder or a .gguf file."""
+    from owl_deploy import assets
+
+    text = str(spec)
+    if text in assets.MODELS:
+        return assets.ensure(text)
+    path = Path(text).expanduser()
+    if not path.exists():
+        known = ", ".join(sorted(assets.MODELS))
+        raise OwlError(f"model not found: {text!r} is neither an asset name ({known}) nor an existing path")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise OwlError(f"model file {path} is not a .gguf file; pass a Hugging Face folder or a .gguf")
+        return path
+    if not (path / "config.json").is_file():
+        raise OwlError(f"{path} is not a Hugging Face model folder (no config.json)")
+    return path
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' informational chatter; real errors still raise."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_tokenizer(spec: str | os.PathLike):
+    """Load the tokenizer that belongs to ``--model``."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(spec)
+    try:
+        with _quiet_transformers():
+            if path.is_file():
+                return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types for a bad folder
+        raise OwlError(f"cannot load tokenizer from {path}: {_one_line(exc)}") from exc
+
+
+def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load ``(model, tokenizer)`` in eval mode on the CPU, in ``dtype`` (GGUF is dequantized)."""
+    path = resolve_model(spec)
+    return load_causal_lm(path, dtype), load_tokenizer(path)
+
+
+def load_causal_lm(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Load only the model (eval mode, cache off for calibration and evaluation)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(spec)
+    try:
+        with _quiet_transformers():
+            if path.is_file():
+                # GGUF dequantization shows its own progress bar: it takes tens of seconds
+                hf_logging_bars(True)
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+                forget_gguf_quantization(model)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except Exception as exc:
+        raise OwlError(f"cannot load model from {path}: {_one_line(exc)}") from exc
+    model.eval()
+    model.config.use_cache = False
+    return model
+
+
+def hf_logging_bars(on: bool) -> None:
+    from transformers.utils import logging as hf_logging
+
+    (hf_logging.enable_progress_bar if on else hf_logging.disable_progress_bar)()
+
+
+def forget_gguf_quantization(model: nn.Module) -> None:
+    """A GGUF load leaves the (already dequantized) model marked as quantized, which blocks
+    ``save_pretrained``; the weights are plain fp32 tensors, so drop the marker."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        with contextlib.suppress(AttributeError):
+            model.is_quantized = False
+
+
+def save_model(model: nn.Module, tokenizer, out: Path) -> None:
+    """Save as safetensors with the tokenizer, quietly (progress bars off)."""
+    with _quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks: the longest ModuleList of same-class modules containing nn.Linear."""
+    best: nn.ModuleList | None = None
+    for module in model.modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        classes = {type(child) for child in module}
+        if len(classes) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) for m in module[0].modules()):
+            continue
+        if best is None or len(module) > len(best):
+            best = module
+    if best is None:
+        raise OwlError(
+            f"no decoder blocks found in {type(model).__name__}: no list of blocks with nn.Linear layers"
+        )
+    return best
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside one block, by its name relative to the block (e.g. ``self_attn.q_proj``)."""
+    return {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+
+
+def blocks_prefix(model: nn.Module) -> str:
+    """The dotted path of the decoder block list inside ``model`` (e.g. ``model.layers``)."""
+    blocks = decoder_blocks(model)
+    for name, module in model.named_modules():
+        if module is blocks:
+            return name
+    raise OwlError("decoder blocks are not reachable by name")  # cannot happen for a real module tree
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -1,0 +1,26 @@
+"""Shared fixtures: the real SmolLM2-135M (fetched once into $OWL_DEPLOY_HOME) and real text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The prepared fp32 safetensors folder of SmolLM2-135M (fetched on first use)."""
+    from owl_deploy import assets
+
+    return assets.ensure("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_dir):
+    """``(model, tokenizer)`` of the real SmolLM2-135M, loaded once per session; do not mutate."""
+    from owl_deploy.model import load_model
+
+    return load_model(smollm2_dir)

@@ -1,0 +1,219 @@
+"""Issue 2: real assets, loading, the data path, the CLI surface and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from owl_deploy import assets, data
+from owl_deploy.errors import OwlError
+from owl_deploy.evaluate import perplexity, torch_logits_fn
+
+CLI = [sys.executable, "-m", "owl_deploy"]
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+# ------------------------------------------------------------------ the real model and text
+
+
+@pytest.mark.slow
+def test_real_smollm2_greedy_generation_is_stable(smollm2):
+    model, tok = smollm2
+    ids = tok("The capital of France is", return_tensors="pt", add_special_tokens=False).input_ids
+    out = model.generate(ids, max_new_tokens=16, do_sample=False, use_cache=True)
+    new = out[0, ids.shape[1] :].tolist()
+    # measured once on this machine (transformers 5.24, torch 2.13 CPU)
+    assert new == [7042, 30, 198, 198, 504, 2988, 314, 42, 216, 34, 32, 33, 40, 29, 32, 33]
+    assert tok.decode(new).startswith(" Paris.")
+
+
+@pytest.mark.slow
+def test_real_smollm2_dense_perplexity_on_wiki_slice(smollm2):
+    model, tok = smollm2
+    tokens = data.eval_tokens(tok, "wiki", max_tokens=4096)
+    result = perplexity(torch_logits_fn(model), tokens, seqlen=512, progress=False)
+    assert (result.windows, result.tokens) == (8, 4096)
+    # measured once: 23.53646766436843 (first 4096 tokens of `wiki`, 512-token windows)
+    assert result.perplexity == pytest.approx(23.5365, rel=1e-4)
+
+
+def test_model_asset_is_fp32_safetensors_with_tokenizer(smollm2_dir):
+    info = json.loads((smollm2_dir / "asset.json").read_text())
+    assert info["params"] == 134_515_008
+    assert (smollm2_dir / "model.safetensors").is_file() and (smollm2_dir / "tokenizer.json").is_file()
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 30 and cfg["num_key_value_heads"] == 3
+    assert "quantization_config" not in cfg
+
+
+def test_texts_are_real_and_cleaned():
+    wiki = data.load_text("wiki")
+    assert wiki.startswith("Anarchism\n") and "<ref" not in wiki and "[[" not in wiki and "{{" not in wiki
+    assert 400_000 < len(wiki.split()) < 520_000  # ≈480k words in offline-assets.md
+    assert "Emma Woodhouse, handsome, clever, and rich" in data.load_text("austen")
+    assert "hacker" in data.load_text("jargon").lower()
+    assert "bushfire" in data.load_text("news")
+
+
+def test_second_fetch_is_a_noop(smollm2_dir):
+    proc = run_cli("assets", "fetch", "smollm2-135m", "wiki")
+    assert proc.returncode == 0, proc.stderr
+    assert "smollm2-135m: already present" in proc.stderr and "wiki: already present" in proc.stderr
+    assert "downloading" not in proc.stderr
+
+
+def test_assets_list_shows_paths():
+    proc = run_cli("assets", "list")
+    assert proc.returncode == 0
+    for name in assets.ASSETS:
+        assert name in proc.stdout
+    assert str(assets.asset_path("wiki")) in proc.stdout
+
+
+def test_failed_preparation_leaves_nothing(tmp_path, monkeypatch):
+    """An asset whose preparation dies half-way leaves neither the asset nor temp files behind."""
+    monkeypatch.setenv("OWL_DEPLOY_HOME", str(tmp_path))
+
+    def boom(files, out):
+        (out / "config.json").write_text("{}")
+        raise RuntimeError("killed mid-way")
+
+    fake = assets.Asset("broken", "model", "a model whose conversion fails", (), boom)
+    monkeypatch.setitem(assets.ASSETS, "broken", fake)
+    with pytest.raises(RuntimeError):
+        assets.fetch(["broken"])
+    assert not assets.is_present("broken")
+    assert list((tmp_path / "models").iterdir()) == []
+
+
+def test_download_with_wrong_sha256_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("OWL_DEPLOY_HOME", str(tmp_path))
+    cached = assets.home() / "downloads"
+    cached.mkdir(parents=True)
+    bad = assets.Download("deb", "jargon-text=4.4.7-4.1", assets.JARGON.filename, "0" * 64)
+    with pytest.raises(OwlError, match="does not match the pinned"):
+        assets._download(bad)
+    assert list(cached.iterdir()) == []
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_calibration_windows_are_seeded_and_deterministic(smollm2):
+    _, tok = smollm2
+    a = data.calibration_windows(tok, "news", nsamples=8, seqlen=64, seed=0)
+    b = data.calibration_windows(tok, "news", nsamples=8, seqlen=64, seed=0)
+    c = data.calibration_windows(tok, "news", nsamples=8, seqlen=64, seed=1)
+    assert a.shape == (8, 64) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    stream = data.tokenize(tok, data.load_text("news"))
+    joined = ",".join(map(str, stream.tolist()))
+    for row in a:  # every window is a contiguous slice of the tokenized text
+        assert ",".join(map(str, row.tolist())) in joined
+
+
+def test_text_files_txt_and_jsonl(tmp_path, smollm2):
+    _, tok = smollm2
+    (tmp_path / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc"}\n')
+    assert data.load_text(str(tmp_path / "a.jsonl")) == "first doc\n\nsecond doc"
+    (tmp_path / "b.txt").write_text("plain text\n")
+    assert data.load_text(f"{tmp_path / 'a.jsonl'}+{tmp_path / 'b.txt'}") == "first doc\n\nsecond doc\n\nplain text\n"
+    ids = data.eval_tokens(tok, str(tmp_path / "b.txt"))
+    assert ids.tolist() == tok("plain text\n", add_special_tokens=False)["input_ids"]  # no BOS added
+
+
+def test_bad_text_inputs(tmp_path, smollm2):
+    _, tok = smollm2
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(OwlError, match="is empty"):
+        data.load_text(str(tmp_path / "empty.txt"))
+    (tmp_path / "bad.jsonl").write_text('{"txt": 1}\n')
+    with pytest.raises(OwlError, match=r"bad\.jsonl:1"):
+        data.load_text(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(OwlError, match="not UTF-8"):
+        data.load_text(str(tmp_path / "latin1.txt"))
+    (tmp_path / "short.txt").write_text("only a few words here")
+    with pytest.raises(OwlError, match="larger than the text"):
+        data.calibration_windows(tok, str(tmp_path / "short.txt"), nsamples=4, seqlen=64, seed=0)
+
+
+# ------------------------------------------------------------------ CLI surface and bad inputs
+
+
+def _all_commands() -> list[list[str]]:
+    from owl_deploy.cli import main
+
+    out: list[list[str]] = [[]]
+
+    def walk(group, prefix):
+        for name, cmd in group.commands.items():
+            out.append([*prefix, name])
+            if hasattr(cmd, "commands"):
+                walk(cmd, [*prefix, name])
+
+    walk(main, [])
+    return out
+
+
+@pytest.mark.parametrize("cmd", _all_commands(), ids=lambda c: " ".join(c) or "owl-deploy")
+def test_every_command_has_help(cmd):
+    proc = run_cli(*cmd, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage:" in proc.stdout
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, pattern: str) -> None:
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert pattern in lines[0]
+
+
+def test_cli_unknown_asset():
+    _one_error_line(run_cli("assets", "fetch", "gpt-17"), "unknown asset 'gpt-17'")
+
+
+def test_cli_missing_model_path(tmp_path):
+    _one_error_line(run_cli("eval", "--model", str(tmp_path / "nope")), "model not found")
+
+
+def test_cli_not_a_model_folder(tmp_path):
+    _one_error_line(run_cli("eval", "--model", str(tmp_path)), "not a Hugging Face model folder")
+
+
+def test_cli_truncated_gguf(tmp_path, smollm2_dir):
+    gguf = tmp_path / "cut.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    _one_error_line(run_cli("eval", "--model", str(gguf), "--max-tokens", "64"), "cannot load")
+
+
+def test_cli_truncated_safetensors(tmp_path, smollm2_dir):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (broken / name).write_bytes((smollm2_dir / name).read_bytes())
+    with open(smollm2_dir / "model.safetensors", "rb") as fh:
+        (broken / "model.safetensors").write_bytes(fh.read(1 << 20))
+    _one_error_line(run_cli("eval", "--model", str(broken), "--max-tokens", "64"), "cannot load model")
+
+
+def test_cli_empty_text_file(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    _one_error_line(run_cli("eval", "--model", "smollm2-135m", "--text", str(tmp_path / "empty.txt")), "is empty")
+
+
+def test_cli_eval_json(tmp_path):
+    proc = run_cli("eval", "--model", "smollm2-135m", "--max-tokens", "1100", "--seqlen", "512", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert (out["windows"], out["tokens"], out["seqlen"]) == (2, 1024, 512)
+    assert 5 < out["perplexity"] < 100
