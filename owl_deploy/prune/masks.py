@@ -1,0 +1,80 @@
+"""Pruning masks from importance scores. True in a mask means the weight is PRUNED.
+
+Ties are broken deterministically: a stable sort by score, then by position (lower column first), so the
+same scores always give the same mask. "ref" means /work/shared/reference/owl-method.md.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from owl_deploy.errors import OwlError
+
+
+def _check_sparsity(sparsity: float) -> None:
+    if not (math.isfinite(sparsity) and 0.0 <= sparsity <= 1.0):
+        raise OwlError(f"sparsity must be in [0, 1], got {sparsity}")
+
+
+def _check_2d(scores: torch.Tensor) -> None:
+    if scores.dim() != 2:
+        raise OwlError(f"expected a 2-D [out_features, in_features] tensor, got shape {tuple(scores.shape)}")
+
+
+def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Wanda's comparison group (ref, Wanda): in every output row prune the int(in_features * sparsity)
+    lowest scores. int() truncates like the reference, so e.g. 10 * 0.7 -> 7."""
+    _check_2d(scores)
+    _check_sparsity(sparsity)
+    k = int(scores.shape[1] * sparsity)
+    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if k > 0:
+        idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+        mask.scatter_(1, idx, True)
+    return mask
+
+
+def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """One threshold per matrix (ref, magnitude): prune exactly the int(numel * sparsity) lowest scores.
+
+    The reference prunes `score <= sorted[k]`, i.e. k + 1 entries or more on ties; we prune exactly k,
+    ties broken by row-major position.
+    """
+    _check_sparsity(sparsity)
+    k = int(scores.numel() * sparsity)
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.sort(scores.flatten(), stable=True).indices[:k]] = True
+    return mask.view(scores.shape)
+
+
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M (ref, Wanda N:M): in each group of m consecutive input columns of each row, prune the n lowest.
+
+    0 <= n <= m is accepted (OWL N:M may give a block n = 0 or n = m, see allocation.owl_nm).
+    """
+    _check_2d(scores)
+    if not (isinstance(n, int) and isinstance(m, int) and m >= 1 and 0 <= n <= m):
+        raise OwlError(f"N:M needs integers 0 <= N <= M, M >= 1, got {n}:{m}")
+    rows, cols = scores.shape
+    if cols % m:
+        raise OwlError(f"N:M sparsity {n}:{m} needs in_features divisible by {m}, got {cols}")
+    groups = scores.reshape(rows, cols // m, m)
+    mask = torch.zeros(groups.shape, dtype=torch.bool, device=scores.device)
+    if n > 0:
+        mask.scatter_(2, torch.sort(groups, dim=2, stable=True).indices[..., :n], True)
+    return mask.view(rows, cols)
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """Parse "2:4" -> (2, 4): prune 2 of every 4 consecutive weights. Requires 1 <= N < M."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
+    if not match:
+        raise OwlError(f"N:M sparsity must look like '2:4', got {text!r}")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 1 <= n < m:
+        raise OwlError(f"N:M sparsity needs 1 <= N < M, got {text!r}")
+    return n, m
