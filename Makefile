@@ -23,9 +23,9 @@ main: assets
 
 # pytest exits 5 when it collects nothing; that is not a failure of the product
 test: assets
-	$(BIN)/ruff check owl_deploy tests benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
 
 lint: setup
-	$(BIN)/ruff check owl_deploy tests benchmarks
-	$(BIN)/ruff format --check owl_deploy tests benchmarks
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
