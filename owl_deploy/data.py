@@ -73,17 +73,41 @@ def eval_tokens(tokenizer, spec: str = DEFAULT_EVAL, max_tokens: int | None = No
     return tokens
 
 
+#: The last tenth of every calibration source is held out: ``owl-deploy tune`` scores (M, λ) on it,
+#: so tuning never sees the evaluation text and never scores on the windows it calibrated with.
+HOLDOUT_FRACTION = 0.1
+
+
+def calibration_streams(tokenizer, spec: str, split: str = "calib") -> list[torch.Tensor]:
+    """One token stream per source of ``spec``: its first 90% (``calib``) or last 10% (``heldout``)."""
+    if split not in ("calib", "heldout"):
+        raise ValueError(f"split must be 'calib' or 'heldout', got {split!r}")
+    streams = []
+    for part in str(spec).split("+"):
+        ids = tokenize(tokenizer, load_text(part))
+        cut = len(ids) - int(len(ids) * HOLDOUT_FRACTION)
+        streams.append(ids[:cut] if split == "calib" else ids[cut:])
+    return streams
+
+
+def heldout_tokens(tokenizer, spec: str, max_tokens: int | None = None) -> torch.Tensor:
+    """The held-out tail of every calibration source, joined, for tuning (never the evaluation text)."""
+    tokens = torch.cat(calibration_streams(tokenizer, spec, "heldout"))
+    return tokens if max_tokens is None else tokens[:max_tokens]
+
+
 def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets, ``[nsamples, seqlen]``.
 
-    Each part of a ``+`` mix is tokenized on its own (no window straddles two sources) and windows
-    are drawn from a part with probability proportional to its usable length. The same text, seed
-    and tokenizer always give the same windows. The request must fit in the text
-    (``nsamples * seqlen`` tokens at most), so a short text is an error, not silent repetition.
+    Each part of a ``+`` mix is tokenized on its own (no window straddles two sources), only its
+    first 90% is used (the rest is held out for tuning), and windows are drawn from a part with
+    probability proportional to its usable length. The same text, seed and tokenizer always give
+    the same windows. The request must fit in the text (``nsamples * seqlen`` tokens at most), so
+    a short text is an error, not silent repetition.
     """
     if nsamples <= 0 or seqlen <= 0:
         raise OwlError(f"calibration needs nsamples > 0 and seqlen > 0, got {nsamples} and {seqlen}")
-    streams = [tokenize(tokenizer, load_text(part)) for part in str(spec).split("+")]
+    streams = calibration_streams(tokenizer, spec, "calib")
     total = sum(len(s) for s in streams)
     if nsamples * seqlen > total:
         raise OwlError(

@@ -217,3 +217,15 @@ def test_cli_eval_json(tmp_path):
     out = json.loads(proc.stdout)
     assert (out["windows"], out["tokens"], out["seqlen"]) == (2, 1024, 512)
     assert 5 < out["perplexity"] < 100
+
+
+def test_heldout_tail_is_disjoint_from_calibration(smollm2):
+    _, tok = smollm2
+    stream = data.tokenize(tok, data.load_text("news"))
+    held = data.heldout_tokens(tok, "news")
+    cut = len(stream) - int(len(stream) * data.HOLDOUT_FRACTION)
+    assert torch.equal(held, stream[cut:])
+    windows = data.calibration_windows(tok, "news", nsamples=64, seqlen=128, seed=3)
+    calib = ",".join(map(str, stream[:cut].tolist()))
+    for row in windows:
+        assert ",".join(map(str, row.tolist())) in calib
