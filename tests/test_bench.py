@@ -1,0 +1,512 @@
+"""The decode benchmark: statistics, the regression gate, noise detection, the bytes-per-token ceiling,
+and short end-to-end runs in both engines on tiny decode graphs built here in the export contract.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+from owl_deploy import bench
+from owl_deploy.errors import OwlError
+
+
+# ---------------------------------------------------------------- a tiny decode graph in the contract
+def export_tiny(
+    out: Path,
+    seq_len: int = 64,
+    sparsity: float = 0.0,
+    hidden_heads: int = 2,
+    head_dim: int = 16,
+    mlp: int = 128,
+    vocab: int = 128,
+    layers: int = 2,
+    seed: int = 0,
+) -> Path:
+    """A 2-layer attention + MLP decoder with DeepSparse's KV-cache inputs/outputs (static n = 1, L)."""
+    import onnx
+    import torch
+    from torch import nn
+
+    kv, hd = hidden_heads, head_dim
+    hid = kv * hd
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(seed)
+
+            def r(*shape):
+                return nn.Parameter(torch.randn(*shape, generator=g) * 0.2, requires_grad=False)
+
+            self.embed, self.pos = r(vocab, hid), r(2 * seq_len, hid)
+            self.w = nn.ParameterList(r(*s) for _ in range(layers) for s in [(hid, hid)] * 4 + [(hid, mlp), (mlp, hid)])
+            self.lm = r(hid, vocab)
+            if sparsity:
+                for p in [*self.w, self.lm]:
+                    thr = p.abs().flatten().kthvalue(int(p.numel() * sparsity)).values
+                    p.data[p.abs() <= thr] = 0.0
+
+        def forward(self, input_ids, attention_mask, positions, causal_mask, *past):
+            n = input_ids.shape[1]
+            x = self.embed[input_ids] + self.pos[positions]
+            bias = (1 - causal_mask * attention_mask.unsqueeze(1).unsqueeze(1)).float() * -1e9
+            presents = []
+            for i in range(layers):
+                wq, wk, wv, wo, w1, w2 = self.w[6 * i : 6 * i + 6]
+                q, k, v = ((x @ w).reshape(1, n, kv, hd).transpose(1, 2) for w in (wq, wk, wv))
+                pk, pv = torch.cat((past[2 * i], k), dim=2), torch.cat((past[2 * i + 1], v), dim=2)
+                att = torch.softmax(q @ pk.transpose(2, 3) * hd**-0.5 + bias, dim=-1)
+                x = x + (att @ pv).transpose(1, 2).reshape(1, n, hid) @ wo
+                x = x + torch.relu(x @ w1) @ w2
+                presents += [pk, pv]
+            return (x @ self.lm, *presents)
+
+    out.mkdir(parents=True, exist_ok=True)
+    ins = ["input_ids", "attention_mask", "positions", "causal_mask"]
+    outs = ["logits"]
+    dyn = {"input_ids": {1: "n"}, "positions": {1: "n"}, "attention_mask": {1: "L"}, "causal_mask": {2: "n", 3: "L"}}
+    dyn["logits"] = {1: "n"}
+    for i in range(layers):
+        for kind in ("key", "value"):
+            ins.append(f"past_key_values.{i}.{kind}")
+            outs.append(f"present.{i}.{kind}")
+            dyn[f"past_key_values.{i}.{kind}"] = {2: "past"}
+            dyn[f"present.{i}.{kind}"] = {2: "L"}
+    n, total = 2, 8  # trace with no dimension equal to 1
+    args = (
+        torch.zeros(1, n, dtype=torch.int64),
+        torch.ones(1, total, dtype=torch.int64),
+        torch.arange(total - n, total)[None],
+        torch.ones(1, 1, n, total, dtype=torch.int64),
+        *[torch.zeros(1, kv, total - n, hd) for _ in range(2 * layers)],
+    )
+    path = out / "model.onnx"
+    with torch.no_grad():
+        torch.onnx.export(
+            Tiny().eval(),
+            args,
+            str(path),
+            input_names=ins,
+            output_names=outs,
+            dynamic_axes=dyn,
+            opset_version=14,
+            dynamo=False,
+        )
+    proto = onnx.load(str(path))
+    static = {
+        "input_ids": [1, 1],
+        "positions": [1, 1],
+        "attention_mask": [1, seq_len],
+        "causal_mask": [1, 1, 1, seq_len],
+    }
+    for inp in proto.graph.input:
+        dims = [1, kv, seq_len - 1, hd] if inp.name.startswith("past") else static[inp.name]
+        shape = inp.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims:
+            shape.dim.add().dim_value = d
+    del proto.graph.value_info[:]
+    onnx.save(proto, str(path))
+    (out / "export.json").write_text(json.dumps({"sequence_length": seq_len}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_tiny")
+    return {"dense": export_tiny(root / "dense"), "sparse": export_tiny(root / "sparse", sparsity=0.7)}
+
+
+FAST = dict(measure_bandwidth=False, gap_seconds=0.0)
+
+
+def _hardware():
+    hw = bench.hardware_info(measure_bandwidth=False, deepsparse_view=False)
+    hw["memory_read_gb_per_s"] = {"1_thread": 10.0, "all_cores": 20.0}
+    return hw
+
+
+# ---------------------------------------------------------------- statistics and options
+def test_summarize_median_and_percentiles():
+    s = bench.summarize([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    assert s["median"] == 6 and s["n"] == 11
+    assert s["p10"] == pytest.approx(2.0) and s["p90"] == pytest.approx(10.0)
+    assert bench.summarize([])["median"] is None
+    assert bench.summarize([float("nan"), 2.0])["n"] == 1
+
+
+def test_parse_engines():
+    assert len(bench.parse_engines(None)) == 4
+    assert bench.parse_engines("ds/sparse") == [("onnxruntime", "dense"), ("deepsparse", "sparse")]
+    assert ("onnxruntime", "sparse") in bench.parse_engines("ort")
+    with pytest.raises(OwlError, match="unknown engine"):
+        bench.parse_engines("tensorrt/sparse")
+    with pytest.raises(OwlError, match="unknown model"):
+        bench.parse_engines("ds/medium")
+
+
+# ---------------------------------------------------------------- the regression gate
+def _synthetic(speedups: dict[str, float], cpu: str = "Test CPU") -> dict:
+    runs = {"onnxruntime/dense": {"speedup_vs_dense_ort": 1.0, "decode_tokens_per_s": {"median": 20.0}}}
+    for key, sp in speedups.items():
+        # absolute speeds deliberately unrelated to the ratio: the gate must look at ratios only
+        runs[key] = {"speedup_vs_dense_ort": sp, "decode_tokens_per_s": {"median": 999.0}}
+    return {
+        "schema": bench.SCHEMA,
+        "runs": runs,
+        "headline": {"run": "deepsparse/sparse", "reference": "onnxruntime/dense"},
+        "hardware": {"cpu_model": cpu},
+        "noise": {"noisy": False},
+    }
+
+
+def test_gate_passes_within_tolerance_and_fails_beyond_it():
+    base = _synthetic({"deepsparse/sparse": 1.00, "deepsparse/dense": 0.50, "onnxruntime/sparse": 1.0})
+    ok = bench.gate(
+        _synthetic({"deepsparse/sparse": 0.91, "deepsparse/dense": 0.55, "onnxruntime/sparse": 1.0}), base, 0.10
+    )
+    assert ok["passed"] and not ok["regressed"]
+    assert {c["run"] for c in ok["checks"]} == {"deepsparse/sparse", "deepsparse/dense", "onnxruntime/sparse"}
+
+    bad = bench.gate(
+        _synthetic({"deepsparse/sparse": 0.89, "deepsparse/dense": 0.50, "onnxruntime/sparse": 1.0}), base, 0.10
+    )
+    assert not bad["passed"] and bad["regressed"] == ["deepsparse/sparse"]
+    msg = bench.gate_message(bad)
+    assert "deepsparse/sparse" in msg and "11.0% below" in msg and "deepsparse/dense" not in msg
+
+    # a control regressing is named too; the exact boundary is not a regression
+    ctl = bench.gate(
+        _synthetic({"deepsparse/sparse": 0.90, "deepsparse/dense": 0.30, "onnxruntime/sparse": 1.0}), base, 0.10
+    )
+    assert ctl["regressed"] == ["deepsparse/dense"]
+    assert bench.gate(_synthetic({"deepsparse/sparse": 0.5}), base, 0.6)["passed"]
+
+
+def test_gate_notes_missing_runs_and_other_hardware():
+    base = _synthetic({"deepsparse/sparse": 1.0, "deepsparse/dense": 0.5}, cpu="Other CPU")
+    res = bench.gate(_synthetic({"deepsparse/sparse": 1.2}), base, 0.1)
+    assert res["passed"]
+    assert any("deepsparse/dense" in n for n in res["notes"])
+    assert any("different CPU" in n for n in res["notes"])
+    with pytest.raises(OwlError, match="tolerance"):
+        bench.gate(res, base, 1.5)
+
+
+def test_cli_gate_exit_status_names_the_engine(tmp_path, monkeypatch):
+    """The command writes BDIR, then exits 3 naming the regressed engine (benchmark stubbed out)."""
+    from click.testing import CliRunner
+
+    from owl_deploy.cli import main
+
+    base_file = tmp_path / "base.json"
+    base_file.write_text(json.dumps(_synthetic({"deepsparse/sparse": 1.5, "deepsparse/dense": 0.5})))
+    current = _full_synthetic({"deepsparse/sparse": 1.2, "deepsparse/dense": 0.5})
+    monkeypatch.setattr(bench, "run_benchmark", lambda *a, **k: copy.deepcopy(current))
+    out = tmp_path / "bdir"
+    args = ["bench", "--sparse", "S", "--dense", "D", "--baseline", str(base_file), "--out", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == bench.EXIT_REGRESSION, r.output
+    assert "regression: deepsparse/sparse" in r.output and "20.0% below" in r.output
+    written = json.loads((out / "results.json").read_text())
+    assert written["gate"]["passed"] is False and written["gate"]["regressed"] == ["deepsparse/sparse"]
+    assert (out / "results.md").is_file() and (out / "decode.png").is_file()
+
+    base_file.write_text(json.dumps(_synthetic({"deepsparse/sparse": 1.25})))
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+
+    base_file.write_text("{}")
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and "not a results.json" in r.output
+
+
+def _full_synthetic(speedups: dict[str, float], noisy: bool = False) -> dict:
+    """A complete results dictionary (what run_benchmark returns) for the reporting code."""
+    stat = {"median": 10.0, "p10": 9.0, "p90": 11.0, "mean": 10.0, "min": 8.0, "max": 12.0, "n": 10}
+    runs = {}
+    for key, sp in {"onnxruntime/dense": 1.0, **speedups}.items():
+        engine, model = key.split("/")
+        runs[key] = {
+            "engine": engine,
+            "model": model,
+            "decode_tokens_per_s": {**stat, "median": 10.0 * sp},
+            "decode_step_ms": stat,
+            "decode_tokens_per_s_by_round": [10.0 * sp],
+            "prefill_tokens_per_s": stat,
+            "compile_seconds": 1.0,
+            "bytes_per_token": 100,
+            "bytes_per_token_encoding": "dense",
+            "ceiling_tokens_per_s": 50.0,
+            "speedup_vs_dense_ort": sp,
+            "speedup_by_round": stat,
+            "fraction_of_ceiling": 0.2,
+        }
+    weights = {"sparsity": 0.7}
+    bpt = {"dense": 100, "bitmask": 40}
+    return {
+        "schema": bench.SCHEMA,
+        "settings": {
+            "context": 8,
+            "steps": 4,
+            "rounds": 1,
+            "warmup_rounds": 1,
+            "sequence_length": 16,
+            "prefill_chunk": 4,
+        },
+        "models": {m: {"path": m, "weights": weights, "bytes_per_token": bpt} for m in ("sparse", "dense")},
+        "runs": runs,
+        "headline": {
+            "run": "deepsparse/sparse",
+            "reference": "onnxruntime/dense",
+            "speedup_vs_dense_ort": speedups.get("deepsparse/sparse"),
+            "speedup_by_round": stat,
+            "decode_tokens_per_s": 12.0,
+            "reference_decode_tokens_per_s": 10.0,
+            "ceiling_speedup_bytes": 2.5,
+        },
+        "agreement": {},
+        "noise": {
+            "noisy": noisy,
+            "reasons": ["synthetic"] if noisy else [],
+            "loadavg_before": [0, 0, 0],
+            "loadavg_after": [0, 0, 0],
+            "other_cpu_before": 0.0,
+            "other_cpu_mean": 0.0,
+            "other_cpu_rounds": [0.0],
+            "own_cpu_mean": 2.0,
+        },
+        "hardware": {
+            "cpu_model": "Test CPU",
+            "physical_cores": 2,
+            "logical_cpus": 2,
+            "flags": {"avx2": True},
+            "memory_gb": 1.0,
+        },
+        "versions": {"python": "3.11"},
+    }
+
+
+# ---------------------------------------------------------------- noise
+def test_noise_verdict_thresholds():
+    policy = bench.NoisePolicy()
+    quiet = {
+        "loadavg_before": [0.3, 0.2, 0.1],
+        "other_cpu_before": 0.05,
+        "other_cpu_mean": 0.04,
+        "other_cpu_rounds": [0.03, 0.6],
+        "round_seconds": [2.0, 0.1],
+        "steal_mean": 0.0,
+    }
+    assert bench.noise_verdict(quiet, policy, cpus=2) == []  # a burst in a too-short round is not judged
+    busy = {**quiet, "other_cpu_mean": 0.9, "top_other_during": [{"pid": 7, "command": "cc1plus", "cores": 0.9}]}
+    reasons = bench.noise_verdict(busy, policy, cpus=2)
+    assert len(reasons) == 1 and "0.90 cores" in reasons[0] and "cc1plus (pid 7)" in reasons[0]
+    assert bench.noise_verdict({**quiet, "loadavg_before": [2.5, 1, 1]}, policy, cpus=2)
+    assert bench.noise_verdict({**quiet, "other_cpu_rounds": [0.03, 0.7], "round_seconds": [2, 2]}, policy, 2)
+    assert bench.noise_verdict({**quiet, "steal_mean": 0.3}, policy, cpus=2)
+
+
+def test_noisy_machine_detected_with_a_busy_loop(tmp_path_factory):
+    """A busy loop beside a short benchmark: flagged, named by pid; --strict refuses before compiling.
+
+    ONNX Runtime only: DeepSparse's pinned threads slow down by orders of magnitude beside a busy
+    loop (that collapse is why the check exists), which would make this test slow.
+    """
+    root = tmp_path_factory.mktemp("bench_busy")
+    model = export_tiny(root / "m", seq_len=160, hidden_heads=4, head_dim=64, mlp=1024, vocab=2048)
+    policy = bench.NoisePolicy(before_sample_seconds=0.3)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        settings = bench.BenchSettings(context=8, steps=150, rounds=3, warmup_rounds=1, **FAST)
+        res = bench.run_benchmark(
+            {"dense": model},
+            [("onnxruntime", "dense")],
+            settings,
+            policy,
+            headline=None,
+            log=None,
+            hardware=_hardware(),
+        )
+        noise = res["noise"]
+        assert noise["noisy"], noise
+        assert noise["other_cpu_mean"] > policy.other_cpu_mean
+        assert busy.pid in [p["pid"] for p in noise["top_other_during"]]
+        assert any("during the timed sessions" in r for r in noise["reasons"])
+        with pytest.raises(bench.NoisyMachine, match="busy"):
+            bench.bench_command(model, model, root / "never", settings=settings, strict=True, log=None)
+        assert not (root / "never").exists()
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+# ---------------------------------------------------------------- bytes per token
+def test_bytes_per_token_ceiling_math(tmp_path):
+    """Exact byte counts on a hand-built graph: fp32 MatMul, int8 MatMulInteger, Gather table, a norm."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.zeros((16, 8), np.float32)
+    w.flat[:32] = 1.0  # 32 of 128 nonzero
+    q = np.full((8, 4), 128, np.uint8)
+    q.flat[:8] = 7  # 8 of 32 differ from the zero point 128
+    emb = np.ones((100, 16), np.float32)
+    norm = np.ones(16, np.float32)
+    inits = [
+        numpy_helper.from_array(w, "model.layers.0.mlp.up_proj.weight.T"),
+        numpy_helper.from_array(q, "lm_head.weight.T"),
+        numpy_helper.from_array(emb, "model.embed_tokens.weight"),
+        numpy_helper.from_array(norm, "norm.weight"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zp_w"),
+        numpy_helper.from_array(np.array(0, np.uint8), "zp_x"),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["model.embed_tokens.weight", "input_ids"], ["x"]),
+        helper.make_node("Mul", ["x", "norm.weight"], ["xn"]),
+        helper.make_node("MatMul", ["xn", "model.layers.0.mlp.up_proj.weight.T"], ["h"]),
+        helper.make_node("Cast", ["h"], ["hq"], to=TensorProto.UINT8),
+        helper.make_node("MatMulInteger", ["hq", "lm_head.weight.T", "zp_x", "zp_w"], ["li"]),
+        helper.make_node("Cast", ["li"], ["logits"], to=TensorProto.FLOAT),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 1])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 4])],
+        inits,
+    )
+    proto = helper.make_model(graph)
+    info = bench.ModelInfo(
+        label="t",
+        folder=tmp_path,
+        onnx_path=tmp_path / "model.onnx",
+        input_names=[],
+        output_names=[],
+        sequence_length=10,
+        num_layers=1,
+        num_kv_heads=2,
+        head_dim=4,
+        kv_dtype="float32",
+        vocab_size=None,
+    )
+    weights, bpt = bench.weight_statistics(proto, tmp_path, info)
+    kv = 2 * 1 * 2 * 10 * 4 * 4  # key+value x layers x kv heads x L x head_dim x fp32
+    small = 16 * 4 + 1 + 1 + 16 * 4  # norm, two zero points, one embedding row
+    assert bpt["kv_cache"] == kv
+    assert bpt["weights_dense"] == 128 * 4 + 32 * 1 + small
+    assert bpt["weights_bitmask"] == (32 * 4 + 128 // 8) + (8 * 1 + 32 // 8) + small
+    assert bpt["dense"] == bpt["weights_dense"] + kv and bpt["bitmask"] == bpt["weights_bitmask"] + kv
+    assert weights["nnz"] == 40 and weights["numel"] == 160
+    assert weights["sparsity_excluding_lm_head"] == pytest.approx(0.75)
+    assert weights["lm_head_sparsity"] == pytest.approx(0.75)
+    assert weights["sparsity_by_role"] == {"lm_head": pytest.approx(0.75), "up_proj": pytest.approx(0.75)}
+    # the model-level numbers the reference quotes: 70% sparse fp32 with a bitmask ~ 1.325 B/weight vs 4
+    dense_w = np.ones((1000, 1000), np.float32)
+    dense_w.flat[:700_000] = 0
+    g2 = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "W"], ["logits"])],
+        "g2",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 1000])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])],
+        [numpy_helper.from_array(dense_w, "W")],
+    )
+    _, b2 = bench.weight_statistics(helper.make_model(g2), tmp_path, info)
+    assert b2["weights_bitmask"] / 1e6 == pytest.approx(1.325) and b2["weights_dense"] == 4_000_000
+    onnx.checker.check_model(proto)
+
+
+# ---------------------------------------------------------------- inputs and the contract
+def test_bad_inputs_are_one_line_errors(tiny, tmp_path):
+    with pytest.raises(OwlError, match="no such folder"):
+        bench.load_model_info(tmp_path / "missing", "sparse")
+    with pytest.raises(OwlError, match="not an export folder"):
+        bench.load_model_info(tmp_path, "sparse")
+    (tmp_path / "model.onnx").write_bytes(b"not onnx")
+    with pytest.raises(OwlError, match="not a readable ONNX"):
+        bench.load_model_info(tmp_path, "dense")
+    settings = bench.BenchSettings(context=40, steps=32, **FAST)
+    with pytest.raises(OwlError, match="exceeds the export's sequence length 64"):
+        bench.run_benchmark(tiny, bench.parse_engines(None), settings, log=None, hardware=_hardware())
+    with pytest.raises(OwlError, match="--context must be at least 1"):
+        bench.run_benchmark(tiny, bench.parse_engines(None), bench.BenchSettings(context=0), log=None)
+
+
+def test_contract_driver_matches_the_runtime(tiny, tmp_path):
+    """This module's own feeding (chunked or token by token) and owl_deploy.runtime decode the same tokens."""
+    info = bench.load_model_info(tiny["dense"], "dense")
+    prompt = [5, 9, 17, 3, 11, 2, 40, 8, 1, 99]
+    chunked = bench.ContractSession(
+        "onnxruntime", info, bench.BenchSettings(prefill_chunk=4, driver="contract"), tmp_path
+    )
+    single = bench.ContractSession(
+        "onnxruntime", info, bench.BenchSettings(prefill_chunk=1, driver="contract"), tmp_path
+    )
+    product = bench.RuntimeSession("deepsparse", info, bench.BenchSettings(prefill_chunk=4))
+    assert chunked.chunk_runner is not None and single.chunk_runner is None and product.kv_cache == "internal"
+    firsts = [sess.prefill(prompt)[0] for sess in (chunked, single, product)]
+    assert len(set(firsts)) == 1
+    for a, b in zip(chunked.cache, single.cache, strict=True):
+        np.testing.assert_allclose(a[:, :, -10:], b[:, :, -10:], atol=1e-5)
+    decoded = [sess.decode(firsts[0], 5) for sess in (chunked, single, product)]
+    assert decoded[0][1] == decoded[1][1] == decoded[2][1] and len(decoded[0][0]) == 5
+    np.testing.assert_allclose(decoded[0][2], decoded[1][2], atol=1e-4)
+    np.testing.assert_allclose(decoded[0][2], decoded[2][2], atol=1e-3)
+    with pytest.raises(OwlError, match="multiple of 4"):
+        bench.BenchSettings(prefill_chunk=6).validate()
+
+
+# ---------------------------------------------------------------- end to end, both engines
+@pytest.mark.parametrize("driver", ["runtime", "contract"])
+def test_end_to_end_tiny_both_engines(tiny, tmp_path, driver):
+    settings = bench.BenchSettings(
+        context=8, steps=4, rounds=2, warmup_rounds=1, prefill_chunk=4, driver=driver, **FAST
+    )
+    policy = bench.NoisePolicy(before_sample_seconds=0.3)
+    res = bench.run_benchmark(tiny, bench.parse_engines(None), settings, policy, log=None, hardware=_hardware())
+    assert set(res["runs"]) == {"deepsparse/sparse", "deepsparse/dense", "onnxruntime/sparse", "onnxruntime/dense"}
+    for run in res["runs"].values():
+        d = run["decode_tokens_per_s"]
+        assert d["n"] == 8 and d["p10"] <= d["median"] <= d["p90"]
+        assert run["prefill_tokens_per_s"]["n"] == 2
+        assert len(run["decode_tokens_per_s_by_round"]) == 2
+        assert run["ceiling_tokens_per_s"] > 0
+    assert res["runs"]["onnxruntime/dense"]["speedup_vs_dense_ort"] == 1.0
+    head = res["headline"]
+    assert head["run"] == "deepsparse/sparse" and head["speedup_vs_dense_ort"] > 0
+    assert head["ceiling_speedup_bytes"] > 1.0  # 70% zeros read fewer bytes with a bitmask
+    sp = res["models"]["sparse"]["weights"]["sparsity"]
+    assert sp == pytest.approx(0.7, abs=0.01) and res["models"]["dense"]["weights"]["sparsity"] == 0.0
+    for label in ("sparse", "dense"):  # both engines run the same computation
+        assert res["agreement"][label]["same_greedy_tokens"]
+        assert res["agreement"][label]["first_step_max_abs_logit_diff"] < 1e-3
+    assert {"loadavg_before", "loadavg_after", "other_cpu_mean", "reasons"} <= set(res["noise"])
+    assert res["hardware"]["flags"]["avx2"] in (True, False) and res["versions"]["deepsparse"]
+
+    out = bench.write_results(res, tmp_path / "bdir")
+    loaded = bench.load_results(out)
+    assert loaded["runs"]["deepsparse/sparse"]["decode_tokens_per_s"]["median"] > 0
+    assert "Headline" in (out / "results.md").read_text()
+    assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
+    assert bench.gate(loaded, loaded, 0.10)["passed"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bdir")]  # nothing half-written left
+
+
+def test_reports_render_a_noisy_run(tmp_path):
+    res = _full_synthetic({"deepsparse/sparse": 1.3, "deepsparse/dense": 0.6}, noisy=True)
+    md = bench.render_markdown(res)
+    assert "NOISY RUN" in md and "1.300x" in md
+    bench.render_png(res, tmp_path / "x.png")
+    assert (tmp_path / "x.png").stat().st_size > 1000
