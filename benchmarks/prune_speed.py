@@ -1,0 +1,173 @@
+"""Wall time and peak RSS of the prune stage: Wanda, OWL+Wanda, SparseGPT, OWL+SparseGPT.
+
+Each configuration runs `owl-deploy prune` in its own process (so each peak RSS is its own) on the
+same model and calibration (default: SmolLM2-135M, 128 x 512 tokens, 70% sparsity) and reads the
+phase timings from its sparsity.json. Writes JSON + Markdown (default benchmarks/results/).
+
+    .venv/bin/python benchmarks/prune_speed.py                      # the issue's setting (~tens of minutes on 2 cores)
+    .venv/bin/python benchmarks/prune_speed.py --nsamples 16 --configs wanda,owl+wanda
+
+Targets (issue 3): OWL+Wanda <= 60 s, OWL overhead (its dense-pass + allocation time) <= 5% of Wanda's
+time, peak RSS <= 2.5 GB. The load average is recorded: the machine is shared, and time is only
+comparable between runs on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CONFIGS = {
+    "wanda": ("wanda", "uniform"),
+    "owl+wanda": ("wanda", "owl"),
+    "sparsegpt": ("sparsegpt", "uniform"),
+    "owl+sparsegpt": ("sparsegpt", "owl"),
+}
+TARGETS = {"owl_wanda_seconds": 60.0, "owl_overhead_fraction": 0.05, "peak_rss_mb": 2500.0}
+
+
+def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+    method, allocation = CONFIGS[name]
+    out = workdir / name.replace("+", "_")
+    cmd = [
+        sys.executable,
+        "-m",
+        "owl_deploy",
+        "prune",
+        "--model",
+        args.model,
+        "--method",
+        method,
+        "--allocation",
+        allocation,
+        "--sparsity",
+        str(args.sparsity),
+        "--nsamples",
+        str(args.nsamples),
+        "--seqlen",
+        str(args.seqlen),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(out),
+    ]
+    if allocation != "uniform":
+        cmd += ["--owl-nsamples", str(args.owl_nsamples)]
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{name} failed:\n{proc.stderr}")
+    report = json.loads((out / "sparsity.json").read_text())
+    shutil.rmtree(out)
+    return {
+        "name": name,
+        "method": method,
+        "allocation": allocation,
+        "wall_seconds": wall,  # includes interpreter start-up and imports
+        "timings": report["timings"],
+        "peak_rss_mb": report["peak_rss_mb"],
+        "global_sparsity": report["global_sparsity"],
+        "owl_nsamples": report["owl"]["nsamples"],
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+    }
+
+
+def markdown(result: dict) -> str:
+    a = result["args"]
+    lines = [
+        "# Prune speed",
+        "",
+        f"Model `{a['model']}`, calibration {a['nsamples']} x {a['seqlen']} tokens, sparsity {a['sparsity']}, "
+        f"seed {a['seed']}; {result['machine']['cpus']} CPUs, torch threads {result['machine']['torch_threads']}, "
+        f"load average before the runs {result['machine']['loadavg_start'][0]:.2f}.",
+        "",
+        "| config | wall s | total s | load s | calib data s | OWL ratios s | prune s | save s "
+        "| peak RSS MB | global sparsity |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["runs"]:
+        t = r["timings"]
+        lines.append(
+            f"| {r['name']} | {r['wall_seconds']:.1f} | {t['total']:.1f} | {t['load_model']:.1f} | "
+            f"{t['calibration_data']:.1f} | {t['owl_ratios']:.1f} | {t['prune']:.1f} | {t['save']:.1f} | "
+            f"{r['peak_rss_mb']:.0f} | {r['global_sparsity']:.4f} |"
+        )
+    lines += ["", "| target | value | limit | met |", "|---|---|---|---|"]
+    for key, check in result["targets"].items():
+        lines.append(f"| {key} | {check['value']:.4g} | {check['limit']:.4g} | {'yes' if check['met'] else 'no'} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--sparsity", type=float, default=0.7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--owl-nsamples", default="8", help="windows of the dense OWL pass, or 'all' (default 8)")
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args()
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = set(names) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown configs: {', '.join(sorted(unknown))}")
+
+    import torch
+
+    machine = {
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "loadavg_start": os.getloadavg(),
+        "torch": torch.__version__,
+    }
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="prune_speed-") as tmp:
+        for name in names:
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            runs.append(run_one(name, args, Path(tmp)))
+            print(
+                f"  {runs[-1]['timings']['total']:.1f} s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+                flush=True,
+            )
+    machine["loadavg_end"] = os.getloadavg()
+    by = {r["name"]: r for r in runs}
+    targets = {}
+    if "owl+wanda" in by:
+        v = by["owl+wanda"]["timings"]["total"]
+        targets["owl_wanda_seconds"] = {"value": v, "limit": TARGETS["owl_wanda_seconds"]}
+    if "owl+wanda" in by and "wanda" in by:
+        v = by["owl+wanda"]["timings"]["owl_ratios"] / by["wanda"]["timings"]["total"]
+        targets["owl_overhead_fraction"] = {"value": v, "limit": TARGETS["owl_overhead_fraction"]}
+    if runs:
+        v = max(r["peak_rss_mb"] for r in runs)
+        targets["peak_rss_mb"] = {"value": v, "limit": TARGETS["peak_rss_mb"]}
+    for check in targets.values():
+        check["met"] = check["value"] <= check["limit"]
+    result = {"args": vars(args) | {"out_dir": str(args.out_dir)}, "machine": machine, "runs": runs, "targets": targets}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"prune_speed_{args.nsamples}x{args.seqlen}"
+    if names != list(CONFIGS):
+        stem += "_" + "-".join(n.replace("+", "_") for n in names)
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (args.out_dir / f"{stem}.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Tiny, seeded, randomly initialised causal LMs of each supported family, and a byte-level tokenizer.
+
+They run in milliseconds, so the calibration runner is tested on the real transformers code of every
+family (attention masks, rotary embeddings, Gemma's embedding scale, OPT's learned positions, Qwen2's
+sliding-window layers) without any download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("llama", "mistral", "qwen2", "opt", "gemma")
+VOCAB = 260  # 256 byte-level symbols + 4 specials
+
+
+def tiny_config(family: str, hidden: int = 64, layers: int = 3, vocab: int = VOCAB):
+    """A small config of ``family``: ``hidden`` wide, MLP 2x wider, 4 heads (GQA where supported)."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_cache=False,
+        tie_word_embeddings=False,
+    )
+    if family == "llama":
+        return tf.LlamaConfig(intermediate_size=2 * hidden, num_key_value_heads=2, **common)
+    if family == "mistral":
+        return tf.MistralConfig(intermediate_size=2 * hidden, num_key_value_heads=2, sliding_window=None, **common)
+    if family == "qwen2":
+        # Sliding-window attention on the upper layers: each layer gets its own mask kind.
+        return tf.Qwen2Config(
+            intermediate_size=2 * hidden,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=16,
+            max_window_layers=1,
+            **common,
+        )
+    if family == "opt":
+        common.pop("max_position_embeddings")
+        return tf.OPTConfig(
+            ffn_dim=2 * hidden,
+            word_embed_proj_dim=hidden,
+            max_position_embeddings=256,
+            do_layer_norm_before=True,
+            **common,
+        )
+    if family == "gemma":
+        return tf.GemmaConfig(intermediate_size=2 * hidden, num_key_value_heads=1, head_dim=hidden // 4, **common)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def tiny_model(family: str, seed: int = 0, hidden: int = 64, layers: int = 3):
+    """A randomly initialised model of ``family`` in eval mode (same seed -> same weights)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, hidden, layers))
+    model.eval()
+    return model
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer with no merges: any text maps to ~1 token per byte, vocab 260."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny(family: str, out: Path, seed: int = 0, hidden: int = 64, layers: int = 3) -> Path:
+    """Write a Hugging Face folder (safetensors + tokenizer) of a tiny model; returns ``out``."""
+    model = tiny_model(family, seed, hidden, layers)
+    model.save_pretrained(out, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(out)
+    return Path(out)
+
+
+def calib_ids(nsamples: int = 8, seqlen: int = 32, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    """Random calibration windows ``[nsamples, seqlen]`` (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (nsamples, seqlen), generator=gen)
