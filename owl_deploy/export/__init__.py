@@ -1,0 +1,233 @@
+"""Export a (pruned) Hugging Face causal LM to a deployment folder DeepSparse runs unchanged.
+
+``export_model(model, out)`` writes, atomically (a failed export leaves nothing behind and an
+existing folder untouched)::
+
+    out/
+      model.onnx              KV-cache decoder graph in DeepSparse's contract (see export/graph.py)
+      model.data              external weights, only when they pass ~1.8 GB (protobuf caps at 2 GiB)
+      config.json, generation_config.json, tokenizer files   what deepsparse.TextGeneration loads
+      sparsity.json           copied from the source folder when present
+      export.json             the proof: zeros per pruned linear, engine sparsity, logits diffs, timings
+
+The verification in ``export.json`` is always run: zeros counted in torch and in the ONNX file, the
+graph compiled in ONNX Runtime and DeepSparse (multi-token prefill + single-token decode with a KV
+cache) and compared with torch on real prompts, and DeepSparse's debug analysis read for the
+sparsity its kernels detected.  A verification that runs but fails (zeros lost, logits off) still
+writes the folder, with ``"ok": false`` in export.json and the reasons in ``"problems"``.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from owl_deploy.errors import OwlError
+from owl_deploy.export.graph import (
+    ATTENTION_KINDS,
+    EXTERNAL_DATA_THRESHOLD,
+    MODEL_ONNX,
+    OPSET,
+    check_sequence_length,
+    export_onnx,
+    graph_spec,
+)
+
+__all__ = ["ATTENTION_KINDS", "DEFAULT_SEQUENCE_LENGTH", "EXTERNAL_DATA_THRESHOLD", "export_model"]
+
+DEFAULT_SEQUENCE_LENGTH = 512
+#: greedy tokens compared across torch / ONNX Runtime / DeepSparse in export.json
+DEFAULT_GREEDY_TOKENS = 32
+
+
+def export_model(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
+    attention: str = "grouped",
+    prefill_length: int = 16,
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    greedy_tokens: int = DEFAULT_GREEDY_TOKENS,
+    engines: tuple[str, ...] = ("onnxruntime", "deepsparse"),
+    num_threads: int | None = 1,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Export ``model`` (asset name, HF folder or .gguf) to the deployment folder ``out``; return export.json.
+
+    The verification runs torch and the engines with ``num_threads`` threads (default 1): correctness
+    does not depend on it, and on a shared 2-core machine two threads that synchronise at every op
+    (DeepSparse pins them to cores; OpenMP spins) stall for up to seconds per token while another
+    process holds a core.
+    """
+    from owl_deploy import runtime
+    from owl_deploy.export import verify
+    from owl_deploy.io import atomic_dir, write_json
+    from owl_deploy.model import load_model, resolve_model
+
+    say = log or (lambda _msg: None)
+    if not isinstance(sequence_length, int) or sequence_length < 2:
+        raise OwlError(f"sequence length must be an integer >= 2, got {sequence_length!r}")
+    if attention not in ATTENTION_KINDS:
+        raise OwlError(f"unknown attention layout {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+    if prefill_length < 1 or (prefill_length > 1 and prefill_length % 4):
+        raise OwlError(f"prefill length {prefill_length} must be 1 or a multiple of 4")
+    unknown = [e for e in engines if e not in runtime.ENGINES]
+    if unknown:
+        raise OwlError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(runtime.ENGINES)}")
+    out = Path(out).expanduser()
+    source = resolve_model(model)
+    if out.resolve() == Path(source).resolve() or Path(source).resolve() in out.resolve().parents:
+        raise OwlError(f"--out {out} must not be the model folder or inside it")
+
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    hf_model, tokenizer = load_model(source)
+    timings["load_model"] = time.perf_counter() - start
+    spec, _ = graph_spec(hf_model)
+    check_sequence_length(spec, sequence_length)
+    prefill = prefill_length if prefill_length < sequence_length else 1
+
+    with atomic_dir(out) as tmp:
+        say(f"exporting {source} → {out} (sequence length {sequence_length}, {attention} attention)")
+        t = time.perf_counter()
+        info = export_onnx(hf_model, tmp, sequence_length, attention, external_data_threshold)
+        timings["export_onnx"] = time.perf_counter() - t
+        t = time.perf_counter()
+        _write_side_files(hf_model, tokenizer, source, tmp)
+        timings["write_side_files"] = time.perf_counter() - t
+        extra = " + external data" if info["external_data"] else ""
+        say(f"  wrote {MODEL_ONNX}{extra} in {timings['export_onnx']:.1f} s")
+
+        t = time.perf_counter()
+        zeros = verify.zeros_report(hf_model, tmp / MODEL_ONNX, info["weights"])
+        timings["zeros_check"] = time.perf_counter() - t
+        say(
+            f"  zeros preserved: {zeros['zeros_preserved']} ({zeros['total_onnx_zeros']}/{zeros['total_torch_zeros']}"
+            f" in {zeros['num_tensors']} linears, sparsity {zeros['overall_sparsity']:.1%})"
+        )
+
+        t = time.perf_counter()
+        prompts = [_encode(tokenizer, p, sequence_length) for p in verify.PROMPTS]
+        prompts = [p for p in prompts if p]
+        n_greedy = max(0, min(greedy_tokens, sequence_length - len(prompts[0]) - 1))
+        with verify.torch_threads(num_threads):
+            refs = [verify.torch_logits(hf_model, ids) for ids in prompts]
+            greedy_ref = verify.torch_greedy(hf_model, prompts[0], n_greedy) if n_greedy else []
+        timings["torch_reference"] = time.perf_counter() - t
+        logits: dict = {"tolerance": verify.LOGITS_TOLERANCE, "prompts": list(verify.PROMPTS), "engines": {}}
+        greedy: dict = {"prompt": verify.PROMPTS[0], "num_tokens": n_greedy, "torch": greedy_ref, "engines": {}}
+        for engine in engines:
+            t = time.perf_counter()
+            session = runtime.compile(
+                tmp, engine, sequence_length=sequence_length, prefill_length=prefill, num_threads=num_threads
+            )
+            timings[f"compile_{engine}"] = session.compile_seconds
+            logits["engines"][engine] = verify.engine_logits(session, prompts, refs)
+            tokens = list(session.generate(prompts[0], n_greedy)) if n_greedy else []
+            greedy["engines"][engine] = tokens
+            del session
+            timings[f"verify_{engine}"] = time.perf_counter() - t
+            say(
+                f"  {engine}: compiled in {timings[f'compile_{engine}']:.1f} s, max |Δlogits| "
+                f"{logits['engines'][engine]['max_abs_diff']:.2e}, greedy {n_greedy} tokens "
+                f"{'identical' if tokens == greedy_ref else 'DIFFER'}"
+            )
+        logits["ok"] = all(e["ok"] for e in logits["engines"].values())
+        greedy["identical"] = all(toks == greedy_ref for toks in greedy["engines"].values())
+
+        sparsity = None
+        if "deepsparse" in engines:
+            t = time.perf_counter()
+            sparsity = verify.engine_sparsity(tmp, sequence_length, num_threads=num_threads)
+            timings["engine_sparsity"] = time.perf_counter() - t
+            say(
+                f"  deepsparse kernels: {sparsity['num_sparse_kernels']}/{sparsity['num_layers_reported']} "
+                f"sparse, mean detected sparsity {sparsity['mean_detected_sparsity']}"
+            )
+        timings["total"] = time.perf_counter() - start
+        if "compile_deepsparse" in timings:
+            timings["export_plus_deepsparse_compile"] = timings["export_onnx"] + timings["compile_deepsparse"]
+
+        problems = []
+        if not zeros["zeros_preserved"]:
+            bad = [k for k, v in zeros["tensors"].items() if not v["preserved"]]
+            problems.append(f"zeros not preserved in {len(bad)} linears (e.g. {bad[0]})")
+        for engine, res in logits["engines"].items():
+            if not res["ok"]:
+                problems.append(f"{engine} logits differ from torch by {res['max_abs_diff']:.2e}")
+        if not greedy["identical"]:
+            problems.append("greedy tokens differ between torch and an engine")
+        report = {
+            "ok": not problems,
+            "problems": problems,
+            "source": str(source),
+            "out": str(out),
+            "model_type": hf_model.config.model_type,
+            "sequence_length": sequence_length,
+            "max_sequence_length": info["meta"]["max_sequence_length"],
+            "prefill_length": prefill,
+            "verify_threads": num_threads,
+            "attention": attention,
+            "opset": OPSET,
+            "external_data": info["external_data"],
+            "external_data_threshold": external_data_threshold,
+            "weight_bytes": info["weight_bytes"],
+            "files": sorted([*(p.name for p in tmp.iterdir()), "export.json"]),
+            "contract": info["contract"],
+            "spec": {k: getattr(spec, k) for k in spec.__dataclass_fields__},
+            "zeros": zeros,
+            "zeros_preserved": zeros["zeros_preserved"],
+            "engine_sparsity": sparsity,
+            "logits": logits,
+            "greedy": greedy,
+            "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "versions": _versions(),
+        }
+        write_json(tmp / "export.json", report)
+    return report
+
+
+def _write_side_files(hf_model, tokenizer, source: Path, dest: Path) -> None:
+    """config.json, generation_config.json, tokenizer files (what DeepSparse's pipeline loads)."""
+    import contextlib
+    import io
+
+    config = hf_model.config
+    use_cache = config.use_cache
+    config.use_cache = True  # load_model turns it off for scoring; a deployment uses the cache
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            config.save_pretrained(dest)
+            gen = getattr(hf_model, "generation_config", None)
+            if gen is not None:
+                with contextlib.suppress(Exception):
+                    gen.save_pretrained(dest)
+            tokenizer.save_pretrained(dest)
+    except Exception as exc:
+        raise OwlError(f"cannot write config/tokenizer files to {dest}: {exc}") from exc
+    finally:
+        config.use_cache = use_cache
+    folder = source.parent if source.is_file() else source
+    if (folder / "sparsity.json").is_file():
+        shutil.copy2(folder / "sparsity.json", dest / "sparsity.json")
+
+
+def _encode(tokenizer, text: str, sequence_length: int) -> list[int]:
+    ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
+    return ids[: max(1, sequence_length // 2)]
+
+
+def _versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "deepsparse"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out

@@ -1,0 +1,508 @@
+"""torch → ONNX: one KV-cache decoder graph in DeepSparse's text-generation contract.
+
+The graph is *our own* small decoder module (:class:`DecoderGraph`) built around the Hugging Face
+model's weights (views, not copies), not a trace of the HF forward.  That keeps the ONNX simple and
+lets a later stage swap the attention or the projections (e.g. int8 MatMulInteger) without touching
+the HF code.  Every projection is a plain ``MatMul`` with a ``[in, out]`` fp32 initializer
+named after the HF weight (``model.layers.0.self_attn.q_proj.weight.T``), so pruned zeros are copied
+bit for bit and can be counted by name.
+
+ONNX contract (the one ``deepsparse.TextGeneration`` and ``deepsparse.benchmark`` expect):
+
+inputs, in this order (the pipeline relies on the order of the first four)
+    ``input_ids``                 int64 [1, n]
+    ``attention_mask``            int64 [1, L]          1 = attend (right-aligned: cache then new tokens)
+    ``positions``                 int64 [1, n]          absolute positions of the n new tokens
+    ``causal_mask``               int64 [1, 1, n, L]
+    ``past_key_values.{i}.key``   fp32  [1, kv_heads, L - n, head_dim]   (then ``.value``), per layer
+outputs
+    ``logits``                    fp32  [1, n, vocab]
+    ``present.{i}.key|value``     fp32  [1, kv_heads, L, head_dim]  = concat(past, new) on axis 2
+
+``n`` (``input_ids_length``) and ``L`` (``sequence_length``) are declared static (n = 1, L = the export's
+sequence length) but every internal shape is computed from the inputs, so DeepSparse's own
+``overwrite_onnx_model_inputs_for_kv_cache_models`` can re-declare the same file for its multi-token
+prefill engine (n = 16) — exactly what its pipeline does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from owl_deploy.errors import OwlError
+
+#: model_type values whose decoder blocks this module knows how to rebuild.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: attention layouts: "grouped" reshapes queries to [kv_heads, group, n, head_dim] and broadcasts K/V over
+#: the group (no K/V copies); "repeat" expands K/V to every query head like the HF code (for comparison;
+#: DeepSparse's internal KV cache cannot compile it).
+ATTENTION_KINDS = ("grouped", "repeat")
+#: ONNX opset; DeepSparse 1.8 and ORT both take it.
+OPSET = 14
+#: Models whose weights pass this size are written with ONNX external data (protobuf caps at 2 GiB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+MAX_ROPE_ROWS = 32768
+MODEL_ONNX = "model.onnx"
+#: key of the JSON metadata_props entry (spec, sequence lengths, attention layout)
+META_KEY = "owl_deploy"
+EXTERNAL_DATA_FILE = "model.data"
+#: additive mask value for blocked positions; exp() of it underflows to exactly 0 like HF's finfo.min.
+_NEG = -1.0e9
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The shapes the graph is built for (everything DeepSparse and our runtime need to feed it)."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    #: attention window of sliding-window layers (0: none); the graph is exact up to this length
+    sliding_window: int = 0
+
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "attention_mask", "positions", "causal_mask"]
+        for i in range(self.num_layers):
+            names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        return names
+
+    def output_names(self) -> list[str]:
+        names = ["logits"]
+        for i in range(self.num_layers):
+            names += [f"present.{i}.key", f"present.{i}.value"]
+        return names
+
+
+# ---------------------------------------------------------------- the decoder module
+class _Proj(nn.Module):
+    """``y = x @ W.T + b`` stored as ``weight_t`` = W.T ([in, out]) so ONNX gets a plain MatMul."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        # a transposed *view* of the HF weight: no copy until the exporter serialises it
+        self.weight_t = nn.Parameter(linear.weight.detach().float().t(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.matmul(x, self.weight_t)
+        return y if self.bias is None else y + self.bias
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.eps))
+
+
+def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class _Block(nn.Module):
+    def __init__(self, block: nn.Module, spec: GraphSpec, attention: str, eps: float):
+        super().__init__()
+        attn, mlp = block.self_attn, block.mlp
+        self.input_norm = _RMSNorm(block.input_layernorm.weight, eps)
+        self.post_norm = _RMSNorm(block.post_attention_layernorm.weight, eps)
+        self.q_proj, self.k_proj = _Proj(attn.q_proj), _Proj(attn.k_proj)
+        self.v_proj, self.o_proj = _Proj(attn.v_proj), _Proj(attn.o_proj)
+        self.gate_proj, self.up_proj, self.down_proj = _Proj(mlp.gate_proj), _Proj(mlp.up_proj), _Proj(mlp.down_proj)
+        # qwen3: per-head RMSNorm of queries and keys before RoPE
+        qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
+        self.q_norm = None if qn is None else _RMSNorm(qn.weight, getattr(qn, "variance_epsilon", eps))
+        self.k_norm = None if kn is None else _RMSNorm(kn.weight, getattr(kn, "variance_epsilon", eps))
+        self.h, self.kvh, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.group = spec.num_heads // spec.num_kv_heads
+        self.scale = spec.head_dim**-0.5
+        self.attention = attention
+
+    def forward(self, x, cos, sin, mask_bias, past_k, past_v):
+        # Every reshape uses constants and at most one -1 (batch is 1): no Shape ops in the graph.
+        # Shape arithmetic from Shape/Gather/Concat made DeepSparse's internal KV cache compile fail
+        # intermittently (engine assertions in setup_cached_concat) for grouped-query models.
+        h = self.input_norm(x)
+        q = self.q_proj(h).reshape(1, -1, self.h, self.hd)  # [1, n, heads, hd]
+        k = self.k_proj(h).reshape(1, -1, self.kvh, self.hd)
+        v = self.v_proj(h).reshape(1, -1, self.kvh, self.hd)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        # RoPE in [1, n, heads, hd] layout; cos/sin are [1, n, 1, hd]
+        half = self.hd // 2
+        q = q * cos + _rotate_half(q, half) * sin
+        k = k * cos + _rotate_half(k, half) * sin
+        present_k = torch.cat((past_k, k.transpose(1, 2)), dim=2)  # [1, kvh, L, hd]
+        present_v = torch.cat((past_v, v.transpose(1, 2)), dim=2)
+        if self.attention == "grouped":
+            out = self._grouped(q, present_k, present_v, mask_bias)
+        else:
+            out = self._repeat(q, present_k, present_v, mask_bias)
+        x = x + self.o_proj(out)
+        h = self.post_norm(x)
+        x = x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x, present_k, present_v
+
+    def _grouped(self, q, k, v, mask_bias):
+        """Grouped-query attention without expanding K/V: 5-D MatMuls that broadcast over the group.
+
+        q [1, kvh, g, n, hd] @ kᵀ [1, kvh, 1, hd, L] → scores [1, kvh, g, n, L]; ``mask_bias`` arrives as
+        [1, 1, 1, n, L].  Keeping the token axis at -2 (rather than stacking g*n rows) is what lets
+        DeepSparse's internal KV cache compile a model with several layers.
+        """
+        qg = q.reshape(1, -1, self.kvh, self.group, self.hd).permute(0, 2, 3, 1, 4)
+        scores = torch.matmul(qg, k.transpose(2, 3).unsqueeze(2)) * self.scale
+        probs = torch.softmax(scores + mask_bias, dim=-1)
+        out = torch.matmul(probs, v.unsqueeze(2))  # [1, kvh, g, n, hd]
+        return out.permute(0, 3, 1, 2, 4).reshape(1, -1, self.h * self.hd)
+
+    def _repeat(self, q, k, v, mask_bias):
+        """The HF layout: K/V repeated to every query head (DeepSparse's internal cache rejects it)."""
+        if self.group > 1:
+            k = k.repeat_interleave(self.group, dim=1)
+            v = v.repeat_interleave(self.group, dim=1)
+        scores = torch.matmul(q.transpose(1, 2), k.transpose(2, 3)) * self.scale  # [1, h, n, L]
+        probs = torch.softmax(scores + mask_bias, dim=-1)
+        out = torch.matmul(probs, v)  # [1, h, n, hd]
+        return out.transpose(1, 2).reshape(1, -1, self.h * self.hd)
+
+
+class DecoderGraph(nn.Module):
+    """One KV-cache step of a LLaMA-family decoder with the DeepSparse input/output contract."""
+
+    def __init__(self, model: nn.Module, sequence_length: int, attention: str = "grouped"):
+        super().__init__()
+        if attention not in ATTENTION_KINDS:
+            raise OwlError(f"unknown attention layout {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
+        self.spec, eps = graph_spec(model)
+        core = model.model
+        self.embed = nn.Parameter(core.embed_tokens.weight.detach().float(), requires_grad=False)
+        self.attention = attention
+        self.blocks = nn.ModuleList(_Block(blk, self.spec, attention, eps) for blk in core.layers)
+        self.norm = _RMSNorm(core.norm.weight, eps)
+        self.lm_head = _Proj(model.lm_head)
+        # RoPE as cos/sin tables gathered by ``positions``: DeepSparse's internal KV cache cannot
+        # compile Cos/Sin computed from the positions input (engine assertion), a Gather it can.
+        rotary = core.rotary_emb
+        rows = rope_table_rows(self.spec, sequence_length)
+        freqs = torch.arange(rows, dtype=torch.float32)[:, None] * rotary.inv_freq.detach().float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [rows, hd], the HF layout
+        scale = float(getattr(rotary, "attention_scaling", 1.0))
+        self.register_buffer("rope_cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("rope_sin", emb.sin() * scale, persistent=False)
+        #: HF weight name of every projection, by our parameter name (used to name ONNX initializers)
+        self.hf_names: dict[str, str] = {}
+        prefix = _blocks_prefix(model)
+        for i, _ in enumerate(core.layers):
+            for ours, theirs in _PROJ_NAMES.items():
+                self.hf_names[f"blocks.{i}.{ours}.weight_t"] = f"{prefix}.{i}.{theirs}.weight.T"
+                self.hf_names[f"blocks.{i}.{ours}.bias"] = f"{prefix}.{i}.{theirs}.bias"
+        self.hf_names["lm_head.weight_t"] = "lm_head.weight.T"
+        self.hf_names["lm_head.bias"] = "lm_head.bias"
+        self.hf_names["embed"] = "model.embed_tokens.weight"
+
+    def forward(self, input_ids, attention_mask, positions, causal_mask, *past):
+        x = self.embed[input_ids]  # Gather → [b, n, hidden]
+        cos = self.rope_cos[positions].unsqueeze(2)  # Gather → [b, n, 1, hd]
+        sin = self.rope_sin[positions].unsqueeze(2)
+        allowed = causal_mask * attention_mask.unsqueeze(1).unsqueeze(1)  # [b, 1, n, L]
+        mask_bias = (1 - allowed).float() * _NEG
+        if self.attention == "grouped":
+            mask_bias = mask_bias.unsqueeze(2)  # [1, 1, 1, n, L], broadcast over (kv head, group)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, pk, pv = block(x, cos, sin, mask_bias, past[2 * i], past[2 * i + 1])
+            presents += [pk, pv]
+        logits = self.lm_head(self.norm(x))
+        return (logits, *presents)
+
+
+_PROJ_NAMES = {
+    "q_proj": "self_attn.q_proj",
+    "k_proj": "self_attn.k_proj",
+    "v_proj": "self_attn.v_proj",
+    "o_proj": "self_attn.o_proj",
+    "gate_proj": "mlp.gate_proj",
+    "up_proj": "mlp.up_proj",
+    "down_proj": "mlp.down_proj",
+}
+
+
+def _blocks_prefix(model: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is model.model.layers:
+            return name
+    return "model.layers"
+
+
+def graph_spec(model: nn.Module) -> tuple[GraphSpec, float]:
+    """Check that ``model`` is a decoder this module can rebuild; return its shapes and RMSNorm eps."""
+    cfg = model.config
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in SUPPORTED_MODEL_TYPES:
+        raise OwlError(
+            f"cannot export model_type {mtype!r}: the ONNX graph supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    act = getattr(cfg, "hidden_act", "silu")
+    if act != "silu":
+        raise OwlError(f"cannot export hidden_act {act!r}: the ONNX graph supports silu MLPs only")
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type in ("dynamic", "longrope"):
+        raise OwlError(f"cannot export rope_type {rope_type!r}: its frequencies depend on the sequence length")
+    core = getattr(model, "model", None)
+    if core is None or not hasattr(core, "layers") or not hasattr(core, "rotary_emb"):
+        raise OwlError(f"cannot export {type(model).__name__}: expected .model.layers and .model.rotary_emb")
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if heads % kv:
+        raise OwlError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
+    window = 0
+    if getattr(cfg, "use_sliding_window", mtype == "mistral") and getattr(cfg, "sliding_window", None):
+        window = int(cfg.sliding_window)
+    spec = GraphSpec(
+        sliding_window=window,
+        num_layers=len(core.layers),
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),
+    )
+    return spec, float(getattr(cfg, "rms_norm_eps", 1e-6))
+
+
+# ---------------------------------------------------------------- export
+def export_onnx(
+    model: nn.Module,
+    out_dir: Path,
+    sequence_length: int,
+    attention: str = "grouped",
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+) -> dict:
+    """Write ``out_dir/model.onnx`` (+ ``model.data`` above the threshold); return a description.
+
+    The returned dict has the spec, the ONNX name of every HF projection weight and whether external
+    data was used.
+    """
+    import onnx
+
+    spec, _ = graph_spec(model)
+    check_sequence_length(spec, sequence_length)
+    graph = DecoderGraph(model, sequence_length, attention=attention).eval()
+    args = _trace_inputs(spec)
+    raw = out_dir / ".trace"
+    raw.mkdir()
+    raw_path = raw / MODEL_ONNX
+    dyn = {"input_ids": {1: "n"}, "positions": {1: "n"}, "attention_mask": {1: "L"}, "causal_mask": {2: "n", 3: "L"}}
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            dyn[f"past_key_values.{i}.{kind}"] = {2: "past"}
+            dyn[f"present.{i}.{kind}"] = {2: "L"}
+    dyn["logits"] = {1: "n"}
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            graph,
+            args,
+            str(raw_path),
+            input_names=spec.input_names(),
+            output_names=spec.output_names(),
+            dynamic_axes=dyn,
+            opset_version=OPSET,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    proto = onnx.load(str(raw_path), load_external_data=True)
+    names = _rename_initializers(proto, graph.hf_names)
+    _set_static_shapes(proto, spec, sequence_length, input_ids_length=1)
+    proto.producer_name = "owl_deploy"
+    meta = {
+        **asdict(spec),
+        "sequence_length": sequence_length,
+        "max_sequence_length": min(rope_table_rows(spec, sequence_length), spec.sliding_window or 1 << 62),
+        "attention": attention,
+    }
+    del proto.metadata_props[:]
+    proto.metadata_props.add(key=META_KEY, value=json.dumps(meta, sort_keys=True))
+    contract = describe_contract(proto)
+    weight_bytes = sum(_tensor_nbytes(t) for t in proto.graph.initializer)
+    external = weight_bytes > external_data_threshold
+    dest = out_dir / MODEL_ONNX
+    if external:
+        onnx.save_model(
+            proto,
+            str(dest),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_FILE,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(proto, str(dest))
+    del proto
+    for f in raw.iterdir():
+        f.unlink()
+    raw.rmdir()
+    try:
+        onnx.checker.check_model(str(dest))
+    except Exception as exc:  # a bug, but report it in one line
+        raise OwlError(f"the exported graph fails the ONNX checker: {_one_line(exc)}") from exc
+    return {
+        "spec": spec,
+        "weights": names,
+        "external_data": external,
+        "weight_bytes": weight_bytes,
+        "meta": meta,
+        "contract": contract,
+    }
+
+
+def rope_table_rows(spec: GraphSpec, sequence_length: int) -> int:
+    """Rows of the RoPE tables = the longest sequence length the exported file can be re-declared to.
+
+    All of the model's positions, capped at 32768 (the table costs rows x head_dim x 8 bytes), never
+    fewer than the export's own sequence length.
+    """
+    return max(sequence_length, min(spec.max_positions or sequence_length, MAX_ROPE_ROWS))
+
+
+def check_sequence_length(spec: GraphSpec, sequence_length: int) -> None:
+    """The static sequence length must leave room for a prompt and fit the model's positions."""
+    if sequence_length < 2:
+        raise OwlError(f"sequence length {sequence_length} is too small: it must be at least 2")
+    if spec.max_positions and sequence_length > spec.max_positions:
+        raise OwlError(
+            f"sequence length {sequence_length} exceeds the model's max_position_embeddings {spec.max_positions}"
+        )
+    if spec.sliding_window and sequence_length > spec.sliding_window:
+        raise OwlError(
+            f"sequence length {sequence_length} exceeds the model's sliding attention window {spec.sliding_window}: "
+            "the graph exports full attention, exact only up to the window; use a shorter --sequence-length"
+        )
+
+
+def _trace_inputs(spec: GraphSpec) -> tuple:
+    # trace with n = 2 and L = 8 so no dimension is 1 (a 1 can be specialised away by the tracer)
+    n, total = 2, 8
+    ids = torch.zeros((1, n), dtype=torch.int64)
+    mask = torch.ones((1, total), dtype=torch.int64)
+    pos = torch.arange(total - n, total, dtype=torch.int64)[None, :]
+    causal = torch.ones((1, 1, n, total), dtype=torch.int64)
+    past = [torch.zeros((1, spec.num_kv_heads, total - n, spec.head_dim)) for _ in range(2 * spec.num_layers)]
+    return (ids, mask, pos, causal, *past)
+
+
+def _rename_initializers(proto, hf_names: dict[str, str]) -> dict[str, str]:
+    """Rename our parameter initializers to HF weight names; returns {hf weight name: onnx name}."""
+    mapping = {}
+    for init in proto.graph.initializer:
+        if init.name in hf_names:
+            mapping[init.name] = hf_names[init.name]
+    missing = [k for k in hf_names if k.endswith("weight_t") and k not in mapping]
+    if missing:
+        raise OwlError(f"internal: projection weights were folded away during export: {missing[:3]}")
+    for init in proto.graph.initializer:
+        if init.name in mapping:
+            init.name = mapping[init.name]
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in mapping:
+                node.input[i] = mapping[name]
+    return {v[: -len(".T")]: v for v in mapping.values() if v.endswith(".weight.T")}
+
+
+def set_input_shapes(proto, spec: GraphSpec, sequence_length: int, input_ids_length: int, batch_size: int = 1):
+    """Declare static input shapes (the same rewrite DeepSparse's pipeline applies in place)."""
+    n, total = input_ids_length, sequence_length
+    shapes = {
+        "input_ids": [batch_size, n],
+        "positions": [batch_size, n],
+        "attention_mask": [batch_size, total],
+        "causal_mask": [batch_size, 1, n, total],
+    }
+    for inp in proto.graph.input:
+        if inp.name.startswith("past_key_values"):
+            dims = [batch_size, spec.num_kv_heads, total - n, spec.head_dim]
+        elif inp.name in shapes:
+            dims = shapes[inp.name]
+        else:
+            continue
+        shape = inp.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims:
+            shape.dim.add().dim_value = int(d)
+
+
+def _set_static_shapes(proto, spec: GraphSpec, sequence_length: int, input_ids_length: int) -> None:
+    set_input_shapes(proto, spec, sequence_length, input_ids_length)
+    # Outputs stay symbolic in n and L (they follow whatever the inputs are re-declared to).
+    for out in proto.graph.output:
+        if out.name == "logits":
+            dims = [1, "input_ids_length", spec.vocab_size]
+        else:
+            dims = [1, spec.num_kv_heads, "sequence_length", spec.head_dim]
+        shape = out.type.tensor_type.shape
+        del shape.dim[:]
+        for d in dims:
+            if isinstance(d, str):
+                shape.dim.add().dim_param = d
+            else:
+                shape.dim.add().dim_value = d
+    # intermediate shapes recorded at trace time would contradict a later re-declaration
+    del proto.graph.value_info[:]
+
+
+def describe_contract(proto) -> dict:
+    """Names, dtypes and declared shapes of the graph inputs and outputs (the first few of each kind)."""
+    import onnx
+
+    def dims(vi):
+        return [d.dim_value if d.dim_value else d.dim_param for d in vi.type.tensor_type.shape.dim]
+
+    def describe(values):
+        items = list(values)
+        shown = items[:6] if len(items) > 8 else items
+        desc = {
+            v.name: {"dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type), "shape": dims(v)}
+            for v in shown
+        }
+        if len(items) > len(shown):
+            desc["..."] = f"{len(items) - len(shown)} more past_key_values / present tensors"
+        return desc
+
+    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
+
+
+def _tensor_nbytes(t) -> int:
+    import numpy as np
+    from onnx import mapping
+
+    if t.raw_data:
+        return len(t.raw_data)
+    itemsize = np.dtype(mapping.TENSOR_TYPE_TO_NP_TYPE[t.data_type]).itemsize
+    return int(math.prod(t.dims)) * itemsize
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
