@@ -1,0 +1,477 @@
+"""Recipes and the cached, resumable stage runner of ``owl-deploy run``.
+
+The runner tests use the real stage graph (names, recipe keys, upstream stages, cache keys) with cheap
+fake stage functions, so they do not depend on the real prune / export / compile / bench stages; the
+``fetch`` stage is real (a tiny model folder). ``test_real_stages_on_a_tiny_model`` runs the real
+adapters where they are cheap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from owl_deploy import pipeline
+from owl_deploy.errors import OwlError
+from owl_deploy.recipe import RecipeError, load_recipe, parse_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+ALL = list(pipeline.STAGES)
+DOWNSTREAM_OF_PRUNE = ["prune", "evaluate", "export", "compile", "bench"]
+
+
+# ---------------------------------------------------------------- fake stages (also used in a subprocess)
+def _called(ctx: pipeline.StageContext) -> None:
+    """Append the stage's name to $OWL_TEST_CALLS (one line per computation, across processes)."""
+    log = os.environ.get("OWL_TEST_CALLS")
+    if log:
+        with open(log, "a") as fh:
+            fh.write(ctx.stage + "\n")
+    if os.environ.get("OWL_TEST_HANG_IN") == ctx.stage:
+        (ctx.out / "partial.bin").write_bytes(b"\0" * 1024)  # half-written output, then "work" forever
+        time.sleep(120)
+
+
+def _fake_prune(ctx):
+    _called(ctx)
+    src = ctx.upstream["fetch"].file("model")
+    assert (src / "config.json").is_file()
+    (ctx.out / "model").mkdir()
+    (ctx.out / "model" / "weights.txt").write_text(f"{src} pruned to {ctx.recipe.target_sparsity}")
+    return {"model": "model", "global_sparsity": ctx.recipe.target_sparsity}
+
+
+def _fake_evaluate(upstream: str, ppl: float):
+    def run(ctx):
+        _called(ctx)
+        assert (ctx.upstream[upstream].file("model") / "config.json").exists() or upstream == "prune"
+        e = ctx.recipe.evaluate
+        return {"perplexity": ppl, "text": e.text, "windows": 2, "seqlen": e.seqlen, "nll_std_err": 0.01}
+
+    return run
+
+
+def _fake_export(upstream: str):
+    def run(ctx):
+        _called(ctx)
+        (ctx.out / "model").mkdir()
+        (ctx.out / "model" / "model.onnx").write_text(f"{ctx.upstream[upstream].key} {ctx.recipe.export}")
+        return {"model": "model"}
+
+    return run
+
+
+def _fake_compile(ctx):
+    _called(ctx)
+    assert (ctx.upstream["export"].file("model") / "model.onnx").is_file()
+    (ctx.out / "compile.json").write_text("{}")
+    return {"compile_json": "compile.json", "generated_text": " Paris"}
+
+
+def _fake_bench(ctx):
+    _called(ctx)
+    (ctx.out / "bench").mkdir()
+    (ctx.out / "bench" / "results.md").write_text("# bench\n")
+    res = {
+        "headline": {
+            "run": "deepsparse/sparse",
+            "reference": "onnxruntime/dense",
+            "speedup_vs_dense_ort": 2.5,
+            "decode_tokens_per_s": 50.0,
+            "reference_decode_tokens_per_s": 20.0,
+        },
+        "runs": {},
+        "noise": {"noisy": False, "reasons": []},
+    }
+    return pipeline.bench_result(res)
+
+
+FAKES = {
+    "prune": _fake_prune,
+    "evaluate_dense": _fake_evaluate("fetch", 10.0),
+    "evaluate": _fake_evaluate("prune", 20.0),
+    "export_dense": _fake_export("fetch"),
+    "export": _fake_export("prune"),
+    "compile": _fake_compile,
+    "bench": _fake_bench,
+}
+
+
+def fake_stages() -> dict[str, pipeline.Stage]:
+    """The real registry (keys, dependencies) with the fake functions; ``fetch`` stays real."""
+    return {n: dataclasses.replace(s, run=FAKES.get(n, s.run)) for n, s in pipeline.STAGES.items()}
+
+
+def install_fakes() -> None:
+    """For a subprocess running the CLI: swap the fakes into the global registry."""
+    pipeline.STAGES.update(fake_stages())
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama (hidden 32, 2 layers) as a Hugging Face folder, with a byte-level tokenizer."""
+    from tiny_models import save_tiny
+
+    return save_tiny("llama", tmp_path_factory.mktemp("tiny") / "model", hidden=32, layers=2)
+
+
+def write_recipe(folder: Path, model: Path, **changes: dict) -> Path:
+    """A tiny recipe next to its own calibration and evaluation texts (relative paths)."""
+    (folder / "calib.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 40)
+    (folder / "eval.txt").write_text("Pack my box with five dozen liquor jugs.\n" * 20)
+    sections = {
+        "calibration": {"text": "calib.txt", "nsamples": 4, "seqlen": 32, "seed": 0},
+        "prune": {"method": "wanda", "allocation": "owl", "sparsity": 0.5},
+        "owl": {"m": 5, "lambda": 0.08},
+        "evaluate": {"text": "eval.txt", "seqlen": 32, "max_tokens": 256},
+        "export": {"sequence_length": 64},
+        "compile": {"engine": "onnxruntime", "max_new_tokens": 4},
+        "bench": {"rounds": 1, "warmup_rounds": 0, "steps": 4, "context": 8, "prefill_chunk": 4},
+    }
+    for section, values in changes.items():
+        sections[section] = {**sections[section], **values}
+    body = {"name": "tiny", "model": str(model), **sections}
+    path = folder / "tiny.yaml"
+    path.write_text(json.dumps(body, indent=2))  # JSON is YAML
+    return path
+
+
+def calls(log: Path) -> list[str]:
+    return log.read_text().split() if log.exists() else []
+
+
+# ---------------------------------------------------------------- recipes: the shipped ones and the errors
+@pytest.mark.parametrize("name", ["smollm2-owl-wanda-70", "smollm2-owl-sparsegpt-70"])
+def test_shipped_recipes_validate(name):
+    recipe, recipe_name = load_recipe(ROOT / "pipelines" / f"{name}.yaml")
+    assert recipe_name == name
+    assert recipe.model == "smollm2-135m" and recipe.target_sparsity == 0.7
+    assert recipe.prune.method == name.split("-")[2] and recipe.prune.allocation == "owl"
+
+
+def test_recipe_schema_matches_the_stage_modules():
+    from typing import get_args
+
+    from owl_deploy import data, export, prune, recipe, runtime
+
+    assert set(get_args(recipe.Prune.model_fields["method"].annotation)) == set(prune.METHODS)
+    assert set(get_args(recipe.Prune.model_fields["allocation"].annotation)) == set(prune.ALLOCATIONS)
+    assert set(get_args(recipe.Prune.model_fields["granularity"].annotation)) == set(prune.GRANULARITIES)
+    assert (recipe.DEFAULT_CALIB, recipe.DEFAULT_EVAL) == (data.DEFAULT_CALIB, data.DEFAULT_EVAL)
+    assert set(get_args(recipe.Export.model_fields["attention"].annotation)) == set(export.ATTENTION_KINDS)
+    assert set(get_args(recipe.Compile.model_fields["engine"].annotation)) == set(runtime.ENGINES)
+    # the recipe's prune settings become a valid PruneConfig (sparsity filled in from N:M)
+    cfg = pipeline.prune_config(parse_recipe("model: smollm2-135m\nprune: {nm: 2:4, allocation: uniform}\n"))
+    assert cfg.nm == (2, 4) and cfg.sparsity == 0.5
+
+
+BAD = """\
+model: smollm2-135m
+calibration:
+  nsamples: 128.0
+owl:
+  lambda: 0.6
+prune:
+  sparsity: 1.5
+  methd: wanda
+  allocation: owl-wide
+bench:
+  strict: "yes"
+"""
+
+
+def test_recipe_errors_name_the_key_and_line():
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(BAD, "recipe.yaml")
+    assert info.value.problems == [
+        "recipe.yaml:3: calibration.nsamples: must be an integer (got 128.0)",
+        "recipe.yaml:5: owl.lambda: must be < 0.5 (got 0.6)",
+        "recipe.yaml:7: prune.sparsity: must be < 1 (got 1.5)",
+        "recipe.yaml:8: prune.methd: unknown key (did you mean 'method'? allowed: "
+        "method, allocation, granularity, sparsity, nm, batch_size)",
+        "recipe.yaml:9: prune.allocation: must be one of 'uniform', 'owl' or 'owl-inverse' (got 'owl-wide')",
+        "recipe.yaml:11: bench.strict: must be true or false (got 'yes')",
+    ]
+
+
+M = "model: smollm2-135m\n"
+MP = M + "prune: {sparsity: 0.5}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("prune: {sparsity: 0.5}\n", "recipe.yaml:1: model: required key is missing"),
+        (M, "recipe.yaml:1: prune: required key is missing"),
+        (M + "prune: {}\n", "recipe.yaml:2: prune: give prune.sparsity"),
+        (M + "prune:\n  sparsity: 0.7\n  nm: 2:4\n", "recipe.yaml:3: prune.sparsity: 0.7 contradicts nm 2:4"),
+        (M + "prune: {nm: 4:2}\n", "recipe.yaml:2: prune.nm: N:M needs 1 <= N < M"),
+        (M + "prune: {nm: two-four}\n", 'recipe.yaml:2: prune.nm: must be an N:M pattern such as "2:4"'),
+        (MP + "prune: {sparsity: 0.6}\n", "recipe.yaml:3: prune: duplicate key (first on line 2)"),
+        ("model: nope\nprune: {sparsity: 0.5}\n", "recipe.yaml:1: model: 'nope' is neither a model asset"),
+        (MP + "evaluate:\n  text: wiki+missing.txt\n", "recipe.yaml:4: evaluate.text: 'missing.txt' is neither"),
+        (MP + "bench:\n  context: 500\n", "recipe.yaml:4: bench.context: context 500 + steps 32 = 532 decode"),
+        (MP + "bench: {engines: gpu}\n", "recipe.yaml:3: bench.engines: unknown engine 'gpu' in bench.engines"),
+        (MP + "owl: 5\n", "recipe.yaml:3: owl: must be a mapping of keys (got 5)"),
+        (MP + "name: my recipe\n", "recipe.yaml:3: name: must be letters, digits"),
+        (MP + "evaluate: {max_tokens: 0}\n", "recipe.yaml:3: evaluate.max_tokens: must be >= 1 (got 0)"),
+        ("- model\n", "recipe.yaml:1: a recipe must be a mapping"),
+        ("model: [smollm2\n", "recipe.yaml:2: invalid YAML"),
+    ],
+)
+def test_recipe_error_messages(text, message):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(text, "recipe.yaml")
+    assert any(p.startswith(message) for p in info.value.problems), info.value.problems
+
+
+def test_yaml_1_1_surprises_are_off_and_paths_are_relative_to_the_recipe(tmp_path, tiny_dir):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.txt").write_text("text\n")
+    path = tmp_path / "sub" / "r.yaml"
+    path.write_text(
+        f"model: {tiny_dir}\nprune: {{nm: 2:4}}\nowl: {{lambda: 5e-2}}\ncalibration: {{text: c.txt+news}}\n"
+    )
+    recipe, name = load_recipe(path)
+    assert name == "r"
+    assert recipe.prune.nm == "2:4" and recipe.target_sparsity == 0.5  # not the base-60 integer 124
+    assert recipe.owl.lambda_ == 0.05  # a number, not the string "5e-2"
+    assert recipe.calibration.text == f"{tmp_path / 'sub' / 'c.txt'}+news"
+
+
+def test_cli_reports_a_bad_recipe_on_one_line_per_problem(tmp_path):
+    from owl_deploy.cli import main
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: smollm2-135m\nprune:\n  sparsity: 1.5\n")
+    result = CliRunner().invoke(main, ["run", str(bad), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1
+    assert f"error: {bad}:3: prune.sparsity: must be < 1 (got 1.5)" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- cache keys
+def _changed_stages(tmp_path, tiny_dir, **changes) -> list[str]:
+    base = {p.stage.name: p.key for p in pipeline.plan(load_recipe(write_recipe(tmp_path, tiny_dir))[0], tmp_path)}
+    new = pipeline.plan(load_recipe(write_recipe(tmp_path, tiny_dir, **changes))[0], tmp_path)
+    return [p.stage.name for p in new if base[p.stage.name] != p.key]
+
+
+@pytest.mark.parametrize(
+    ("changes", "expected"),
+    [
+        ({"prune": {"sparsity": 0.6}}, DOWNSTREAM_OF_PRUNE),
+        ({"owl": {"lambda": 0.1}}, DOWNSTREAM_OF_PRUNE),
+        ({"calibration": {"seed": 1}}, DOWNSTREAM_OF_PRUNE),
+        ({"evaluate": {"max_tokens": 128}}, ["evaluate_dense", "evaluate"]),
+        ({"export": {"sequence_length": 128}}, ["export_dense", "export", "compile", "bench"]),
+        ({"compile": {"prompt": "Hello"}}, ["compile"]),
+        ({"bench": {"rounds": 3}}, ["bench"]),
+        ({}, []),
+    ],
+)
+def test_a_changed_key_changes_exactly_the_downstream_cache_keys(tmp_path, tiny_dir, changes, expected):
+    assert _changed_stages(tmp_path, tiny_dir, **changes) == expected
+
+
+def test_cache_keys_follow_the_content_of_input_files(tmp_path, tiny_dir):
+    recipe = load_recipe(write_recipe(tmp_path, tiny_dir))[0]
+    before = {p.stage.name: p.key for p in pipeline.plan(recipe, tmp_path)}
+    (tmp_path / "calib.txt").write_text("Other calibration text entirely.\n" * 40)
+    after = {p.stage.name: p.key for p in pipeline.plan(recipe, tmp_path)}
+    assert [n for n in ALL if before[n] != after[n]] == DOWNSTREAM_OF_PRUNE
+
+
+def test_cache_keys_do_not_depend_on_where_the_recipe_lives(tmp_path, tiny_dir):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plans = [pipeline.plan(load_recipe(write_recipe(tmp_path / d, tiny_dir))[0], tmp_path) for d in "ab"]
+    assert [p.key for p in plans[0]] == [p.key for p in plans[1]]
+
+
+# ---------------------------------------------------------------- the runner
+def test_run_twice_is_a_no_op_and_one_change_reruns_only_downstream(tmp_path, tiny_dir, monkeypatch):
+    log = tmp_path / "calls.txt"
+    monkeypatch.setenv("OWL_TEST_CALLS", str(log))
+    out = tmp_path / "cache"
+    stages = fake_stages()
+    recipe, name = load_recipe(write_recipe(tmp_path, tiny_dir))
+
+    first = pipeline.run_recipe(recipe, out, name, stages=stages, log=lambda _m: None)
+    assert first.ran == ALL
+    assert calls(log) == ALL[1:]  # every fake ran once (fetch is real: the folder is used in place)
+    done_before = {n: (out / n / d.key / "done.json").read_text() for n, d in first.done.items()}
+    s = first.summary
+    assert s["perplexity"]["dense"] == 10.0 and s["perplexity"]["pruned"] == 20.0
+    assert s["sparsity"]["global"] == 0.5 and s["bench"]["speedup_vs_dense_ort"] == 2.5
+    assert s["paths"]["deployment"] == str(out / "export" / first.done["export"].key / "model")
+    assert json.loads((out / "summaries" / "tiny.json").read_text())["ran"] == ALL
+
+    second = pipeline.run_recipe(recipe, out, name, stages=stages, log=lambda _m: None)
+    assert second.ran == []
+    assert calls(log) == ALL[1:]  # nothing was called again
+    assert {n: (out / n / d.key / "done.json").read_text() for n, d in second.done.items()} == done_before
+    lines = pipeline.summary_lines(second.summary)
+    assert lines[0] == f"nothing to do: all 8 stages of tiny are cached in {out}"
+    assert "perplexity (" in lines[1] and "dense 10.00 -> pruned 20.00 (x2.00)" in lines[1]
+    assert "decode speedup vs dense ONNX Runtime: 2.50x" in lines[3]
+
+    changed, _ = load_recipe(write_recipe(tmp_path, tiny_dir, prune={"sparsity": 0.6}))
+    third = pipeline.run_recipe(changed, out, name, stages=stages, log=lambda _m: None)
+    assert third.ran == DOWNSTREAM_OF_PRUNE
+    assert calls(log) == ALL[1:] + DOWNSTREAM_OF_PRUNE
+    for stage in ("fetch", "evaluate_dense", "export_dense"):  # reused as they were
+        assert third.done[stage].key == first.done[stage].key
+    assert third.summary["sparsity"]["global"] == 0.6
+    # both versions stay in the cache: going back is free
+    back = pipeline.run_recipe(recipe, out, name, stages=stages, log=lambda _m: None)
+    assert back.ran == []
+
+    forced = pipeline.run_recipe(recipe, out, name, stages=stages, rerun=("export",), log=lambda _m: None)
+    assert forced.ran == ["export", "compile", "bench"]
+
+
+def test_a_failing_stage_leaves_nothing_and_the_next_run_resumes(tmp_path, tiny_dir):
+    out = tmp_path / "cache"
+    recipe, name = load_recipe(write_recipe(tmp_path, tiny_dir))
+
+    def broken(ctx):
+        (ctx.out / "half.onnx").write_text("x")
+        raise OwlError("disk full")
+
+    stages = fake_stages()
+    stages["export"] = dataclasses.replace(stages["export"], run=broken)
+    with pytest.raises(OwlError, match="stage export failed: disk full"):
+        pipeline.run_recipe(recipe, out, name, stages=stages, log=lambda _m: None)
+    key = {p.stage.name: p.key for p in pipeline.plan(recipe, out)}["export"]
+    assert [p.name for p in (out / "export").iterdir()] == [f".{key}.lock"]  # no output, no temporary folder
+    again = pipeline.run_recipe(recipe, out, name, stages=fake_stages(), log=lambda _m: None)
+    assert again.ran == ["export", "compile", "bench"]
+
+
+SUBPROCESS = """
+import sys
+sys.path.insert(0, {tests!r})
+import test_pipeline
+test_pipeline.install_fakes()
+from owl_deploy.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _start(recipe: Path, out: Path, env: dict) -> subprocess.Popen:
+    code = SUBPROCESS.format(tests=str(TESTS))
+    return subprocess.Popen(
+        [sys.executable, "-c", code, "run", str(recipe), "--out", str(out)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early ({proc.returncode}): {proc.communicate()}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting for the run")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_run_killed_mid_stage_resumes_from_the_last_completed_stage(tmp_path, tiny_dir, sig):
+    log = tmp_path / "calls.txt"
+    out = tmp_path / "cache"
+    recipe = write_recipe(tmp_path, tiny_dir)
+    env = {**os.environ, "OWL_TEST_CALLS": str(log), "OWL_TEST_HANG_IN": "evaluate", "PYTHONPATH": str(ROOT)}
+    rec = load_recipe(recipe)[0]
+    keys = {p.stage.name: p.key for p in pipeline.plan(rec, out)}
+    partial = lambda: list((out / "evaluate").glob(f".{keys['evaluate']}.tmp-*/partial.bin"))  # noqa: E731
+
+    proc = _start(recipe, out, env)
+    _wait_for(lambda: bool(partial()), proc)  # inside the evaluate stage, its output half-written
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    done = sorted(p.parent.parent.name for p in out.glob("*/*/done.json"))
+    assert done == sorted(["fetch", "prune", "evaluate_dense"])
+    assert calls(log) == ["prune", "evaluate_dense", "evaluate"]
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL and partial()  # no chance to clean up
+    else:
+        assert proc.returncode == 143 and not partial()  # SIGTERM unwinds: the partial output is removed
+    before = {n: (out / n / keys[n] / "done.json").read_text() for n in ("fetch", "prune", "evaluate_dense")}
+
+    env.pop("OWL_TEST_HANG_IN")
+    proc = _start(recipe, out, env)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    assert calls(log) == ["prune", "evaluate_dense", "evaluate", *ALL[3:]]  # resumed at evaluate
+    assert {n: (out / n / keys[n] / "done.json").read_text() for n in before} == before
+    assert "tiny: ran evaluate, export_dense, export, compile, bench; reused fetch, prune, evaluate_dense" in stdout
+    assert not partial() and not list(out.glob("*/.*.tmp-*"))
+    assert ("removing the partial output of an interrupted run" in stderr) == (sig == signal.SIGKILL)
+
+    proc = _start(recipe, out, env)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and stdout.startswith("nothing to do: all 8 stages of tiny are cached")
+
+
+# ---------------------------------------------------------------- the real stage adapters, where they are cheap
+def test_real_stages_on_a_tiny_model(tmp_path, tiny_dir):
+    """fetch, prune (OWL + Wanda), both evaluations, the export of the pruned model (verified in ONNX Runtime
+    and DeepSparse) and the compile check (ONNX Runtime) for real on a tiny Llama. Faked: the dense export
+    (the same adapter again, ~10 s) and the benchmark (seconds of noise sampling and bandwidth measurement)."""
+    out = tmp_path / "cache"
+    recipe, name = load_recipe(write_recipe(tmp_path, tiny_dir))
+    fake = ("export_dense", "bench")
+    stages = {n: dataclasses.replace(s, run=FAKES[n]) if n in fake else s for n, s in pipeline.STAGES.items()}
+    report = pipeline.run_recipe(recipe, out, name, stages=stages, log=lambda _m: None)
+    s = report.summary
+    assert report.done["fetch"].file("model") == tiny_dir
+    assert abs(s["sparsity"]["global"] - 0.5) < 0.02
+    assert s["perplexity"]["dense"] > 1 and s["perplexity"]["pruned"] > 1
+    assert s["perplexity"]["windows"] == 256 // 32
+    assert (Path(s["paths"]["pruned_model"]) / "sparsity.json").is_file()
+    assert json.loads((report.done["evaluate"].path / "perplexity.json").read_text())["windows"] == 8
+    assert s["export"]["ok"] and s["export"]["zeros_preserved"]
+    assert abs(s["export"]["onnx_sparsity"] - s["sparsity"]["global"]) < 1e-6
+    assert (Path(s["paths"]["deployment"]) / "model.onnx").is_file()
+    assert s["compile"]["engine"] == "onnxruntime" and len(report.done["compile"].result["generated_tokens"]) >= 1
+    lines = pipeline.summary_lines(s)
+    assert any(line.startswith("export: verification passed, zeros preserved in ONNX: True") for line in lines)
+
+
+# ---------------------------------------------------------------- the docker image (no Docker engine here)
+def test_dockerfile_installs_the_package_from_pyproject_alone():
+    """One source of pins: the image runs `pip install .` on pyproject.toml, never a requirements list."""
+    import tomllib
+
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    lines = [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.strip()]
+    instructions = [line for line in lines if not line.startswith("#")]
+    assert "requirements" not in " ".join(instructions)
+    base = next(line for line in instructions if line.startswith("FROM "))
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "python:3.11" in base and project["requires-python"] == ">=3.11,<3.12"
+    assert "COPY pyproject.toml README.md ./" in instructions and project["readme"] == "README.md"
+    installs = [line for line in instructions if "pip install" in line]
+    assert len(installs) == 2 and all(" . " in f"{line} " for line in installs)
+    assert '--extra-index-url "${TORCH_INDEX_URL}"' in installs[0] and "--no-deps" in installs[1]
+    assert instructions[-2].startswith('ENTRYPOINT ["owl-deploy", "generate", "--model", "/deploy"')
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    assert ignore[ignore.index("*") :][:5] == ["*", "!pyproject.toml", "!README.md", "!owl_deploy/", "!docker/deploy/"]
