@@ -335,9 +335,7 @@ def _prepare_austen(files: list[Path], out: Path) -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         root = _deb_extract(files[0], Path(scratch)) / "usr/lib/R/site-library/janeaustenr/data"
-        index = rdata.conversion.convert(
-            rdata.parser.parse_data(gzip.decompress((root / "Rdata.rdx").read_bytes()))
-        )
+        index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((root / "Rdata.rdx").read_bytes())))
         rdb = (root / "Rdata.rdb").read_bytes()
     docs = []
     for _name, (offset, length) in sorted(index["variables"].items(), key=lambda kv: int(kv[1][0])):

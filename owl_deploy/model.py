@@ -134,9 +134,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
         if best is None or len(module) > len(best):
             best = module
     if best is None:
-        raise OwlError(
-            f"no decoder blocks found in {type(model).__name__}: no list of blocks with nn.Linear layers"
-        )
+        raise OwlError(f"no decoder blocks found in {type(model).__name__}: no list of blocks with nn.Linear layers")
     return best
 
 
