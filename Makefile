@@ -19,7 +19,7 @@ assets: setup
 	$(BIN)/owl-deploy assets fetch
 
 main: assets
-	$(BIN)/owl-deploy eval --model smollm2-135m --text wiki --seqlen 512 --max-tokens 16384
+	$(BIN)/owl-deploy run pipelines/smollm2-owl-wanda-70.yaml
 
 # pytest exits 5 when it collects nothing; that is not a failure of the product
 test: assets
