@@ -90,7 +90,8 @@ def markdown(result: dict) -> str:
         "",
         f"Model `{a['model']}`, calibration {a['nsamples']} x {a['seqlen']} tokens, sparsity {a['sparsity']}, "
         f"seed {a['seed']}; {result['machine']['cpus']} CPUs, torch threads {result['machine']['torch_threads']}, "
-        f"load average before the runs {result['machine']['loadavg_start'][0]:.2f}.",
+        f"load average (1 min) {result['machine']['loadavg_start'][0]:.2f} before the runs and "
+        f"{result['machine']['loadavg_end'][0]:.2f} after (2 cores: above ~1 the machine is shared).",
         "",
         "| config | wall s | total s | load s | calib data s | OWL ratios s | prune s | save s "
         "| peak RSS MB | global sparsity |",
