@@ -342,3 +342,58 @@ def generate_cmd(
             f"{first - t0:.2f} s, {len(tokens)} new tokens, decode {decode_rate:.1f} tok/s]",
             err=True,
         )
+
+
+# ---------------------------------------------------------------- tune
+def _floats(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from exc
+
+
+@main.command("tune")
+@click.option("--model", "model_spec", required=True, help="Asset name, Hugging Face folder or .gguf file.")
+@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), default="wanda", show_default=True)
+@click.option("--sparsity", type=float, required=True, help="Target global sparsity in (0, 1).")
+@click.option("--grid-m", default="3,5,8", show_default=True, callback=_floats, help="Outlier thresholds M.")
+@click.option("--grid-lambda", default="0.04,0.08,0.15", show_default=True, callback=_floats, help="Ranges λ.")
+@click.option("--calib", default=None, help="Calibration text spec [default: news+austen+jargon].")
+@click.option("--nsamples", default=32, show_default=True, type=click.IntRange(min=1), help="Calibration windows.")
+@click.option("--seqlen", default=512, show_default=True, type=click.IntRange(min=2), help="Window length.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--heldout-tokens", default=8192, show_default=True, type=click.IntRange(min=2))
+@click.option("--json", "as_json", is_flag=True, help="Print the whole grid as one JSON object.")
+def tune_cmd(model_spec, method, sparsity, grid_m, grid_lambda, calib, nsamples, seqlen, seed, heldout_tokens, as_json):
+    """Choose OWL's (M, λ) by a grid search scored on held-out *calibration* text (never the evaluation
+    text). Reports the grid; prune with --owl-m/--owl-lambda to use the result (defaults stay 5, 0.08)."""
+    import json
+
+    from owl_deploy.data import DEFAULT_CALIB, calibration_windows
+    from owl_deploy.data import heldout_tokens as heldout
+    from owl_deploy.model import load_model
+    from owl_deploy.prune import PruneConfig
+    from owl_deploy.study import Study, tune_grid
+
+    if not grid_m or not grid_lambda:
+        raise OwlError("--grid-m and --grid-lambda need at least one value each")
+    base = PruneConfig(method=method, sparsity=sparsity, nsamples=nsamples, seqlen=seqlen, seed=seed)
+    for m in grid_m:
+        for lam in grid_lambda:
+            PruneConfig(method=method, sparsity=sparsity, owl_m=m, owl_lambda=lam).validate()
+    calib = calib or DEFAULT_CALIB
+    model, tokenizer = load_model(model_spec)
+    ids = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
+    study = Study(model, tokenizer, ids, heldout(tokenizer, calib, heldout_tokens), seqlen)
+    result = tune_grid(study, base, grid_m, grid_lambda)
+    if as_json:
+        click.echo(json.dumps(result, sort_keys=True))
+        return
+    click.echo(f"held-out perplexity ({calib}, {len(study.score_tokens)} tokens), {method} at {sparsity:.0%}:")
+    click.echo(f"  uniform: {result['uniform']['perplexity']:.3f}")
+    for row in result["grid"]:
+        click.echo(
+            f"  OWL M={row['m']:g} λ={row['lambda']:g}: {row['perplexity']:.3f} (± {row['nll_std_err']:.4f} NLL)"
+        )
+    best = result["best"]
+    click.echo(f"best: --owl-m {best['m']:g} --owl-lambda {best['lambda']:g}")
