@@ -865,22 +865,9 @@ class ContractSession(DecodeSession):
         capacity = total - n
         if num_cached > capacity:
             raise OwlError(f"{num_cached} cached + {n} new tokens exceed the sequence length {total}")
-        attention = np.zeros((1, total), dtype=np.int64)
-        attention[:, total - (num_cached + n) :] = 1
-        if n == 1:
-            causal = attention.reshape(1, 1, 1, total).copy()
-        else:
-            causal = np.concatenate(
-                [np.ones((1, 1, n, capacity), dtype=np.int64), np.tril(np.ones((1, 1, n, n), dtype=np.int64))],
-                axis=-1,
-            )
-            causal[..., : capacity - num_cached] = 0
-        feed = {
-            "input_ids": np.asarray([ids], dtype=np.int64),
-            "attention_mask": attention,
-            "positions": np.arange(num_cached, num_cached + n, dtype=np.int64)[None, :],
-            "causal_mask": causal,
-        }
+        from owl_deploy.runtime import contract_feeds
+
+        feed = contract_feeds(ids, num_cached, total)
         for i in range(self.info.num_layers):
             feed[f"past_key_values.{i}.key"] = np.ascontiguousarray(self.cache[2 * i][:, :, n:, :])
             feed[f"past_key_values.{i}.value"] = np.ascontiguousarray(self.cache[2 * i + 1][:, :, n:, :])

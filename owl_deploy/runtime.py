@@ -382,21 +382,7 @@ class Session:
         n, total, spec = len(ids), self.sequence_length, self.deployment.spec
         capacity = total - n
         cached = self.num_cached
-        attention_mask = np.zeros((1, total), dtype=np.int64)
-        attention_mask[:, total - (cached + n) :] = 1
-        if n == 1:
-            causal = attention_mask.reshape(1, 1, 1, total).copy()
-        else:
-            causal = np.concatenate(
-                [np.ones((1, 1, n, capacity), np.int64), np.tril(np.ones((1, 1, n, n), np.int64))], axis=-1
-            )
-            causal[..., : capacity - cached] = 0
-        feeds = {
-            "input_ids": np.asarray([ids], dtype=np.int64),
-            "attention_mask": attention_mask,
-            "positions": np.arange(cached, cached + n, dtype=np.int64)[None, :],
-            "causal_mask": causal,
-        }
+        feeds = contract_feeds(ids, cached, total)
         past = self._past(capacity)
         for i in range(spec.num_layers):
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
@@ -478,3 +464,25 @@ def _one_line(exc: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(exc).__name__
+
+
+def contract_feeds(ids: list[int], num_cached: int, total: int) -> dict[str, np.ndarray]:
+    """The non-cache inputs of the export contract for ``ids`` after ``num_cached`` cached tokens:
+    right-aligned ``attention_mask``, absolute ``positions`` and ``causal_mask`` (``[1, 1, n, total]``)."""
+    n = len(ids)
+    capacity = total - n
+    attention_mask = np.zeros((1, total), dtype=np.int64)
+    attention_mask[:, total - (num_cached + n) :] = 1
+    if n == 1:
+        causal = attention_mask.reshape(1, 1, 1, total).copy()
+    else:
+        causal = np.concatenate(
+            [np.ones((1, 1, n, capacity), np.int64), np.tril(np.ones((1, 1, n, n), np.int64))], axis=-1
+        )
+        causal[..., : capacity - num_cached] = 0
+    return {
+        "input_ids": np.asarray([ids], dtype=np.int64),
+        "attention_mask": attention_mask,
+        "positions": np.arange(num_cached, num_cached + n, dtype=np.int64)[None, :],
+        "causal_mask": causal,
+    }
