@@ -202,7 +202,7 @@ def summarize_sweep(res: dict, sparsities: list[int], prune_reports: dict[int, d
 
 def render_md(out: dict) -> str:
     res, pts = out["bench"], out["points"]
-    hw, noise, st = res["hardware"], res["noise"], res["settings"]
+    noise, st = res["noise"], res["settings"]
     lines = [f"# Sparsity sweep: {out['model']} ({out['method']} + {out['allocation']})", ""]
     if noise["noisy"]:
         lines += ["> **NOISY RUN** — not trustworthy:", ">"] + [f"> - {r}" for r in noise["reasons"]] + [""]
@@ -258,17 +258,8 @@ def render_md(out: dict) -> str:
             if b.get("detected_kernel_sparsity_by_role"):
                 det = ", ".join(f"{r} {v:.0%}" for r, v in b["detected_kernel_sparsity_by_role"].items())
                 lines.append(f"  - kernel sparsity DeepSparse detected: {det}")
-    bw = hw.get("memory_read_gb_per_s") or {}
-    flags = ", ".join(k for k, v in hw["flags"].items() if v) or "none"
     lines += [
-        "",
-        "## Machine",
-        "",
-        f"- {hw['cpu_model']}, {hw['physical_cores']} cores; flags {flags}; DeepSparse `{hw.get('deepsparse_isa')}`"
-        f"{' + VNNI' if hw.get('deepsparse_vnni') else ''}; read bandwidth {bw.get('all_cores', '-')} GB/s",
-        f"- load average before {noise['loadavg_before']}, after {noise['loadavg_after']}; other processes "
-        f"{noise['other_cpu_mean']:.2f} cores during the timed rounds",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
+        *bench.machine_markdown(res),
         f"- command: `{out['command']}`",
         "",
     ]

@@ -1234,7 +1234,7 @@ def gate_message(result: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------- reports
 def render_markdown(res: dict[str, Any]) -> str:
-    s, hw, noise = res["settings"], res["hardware"], res["noise"]
+    s, noise = res["settings"], res["noise"]
     lines = ["# Decode benchmark", ""]
     if noise["noisy"]:
         lines += ["> **NOISY RUN** — the numbers below are not trustworthy:", ">"]
@@ -1303,22 +1303,7 @@ def render_markdown(res: dict[str, Any]) -> str:
                 for k, v in res["agreement"].items()
             ),
         ]
-    bw = hw.get("memory_read_gb_per_s") or {}
-    flags = ", ".join(k for k, v in hw["flags"].items() if v) or "none"
-    lines += [
-        "",
-        "## Machine",
-        "",
-        f"- CPU: {hw['cpu_model']} ({hw['physical_cores']} cores, {hw['logical_cpus']} logical CPUs"
-        f"{', virtual machine' if hw.get('hypervisor') else ''}); flags: {flags}; "
-        f"DeepSparse sees `{hw.get('deepsparse_isa')}`{' + VNNI' if hw.get('deepsparse_vnni') else ''}",
-        f"- memory {hw['memory_gb']} GB; read bandwidth {bw.get('1_thread', '—')} GB/s (1 thread), "
-        f"{bw.get('all_cores', '—')} GB/s (all cores)",
-        f"- load average before {noise['loadavg_before']}, after {noise['loadavg_after']}; other processes "
-        f"{noise['other_cpu_before']:.2f} cores before, {noise['other_cpu_mean']:.2f} mean during "
-        f"(per round {noise['other_cpu_rounds']}); this process {noise['own_cpu_mean']:.2f} cores",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
-    ]
+    lines += machine_markdown(res)
     g = res.get("gate")
     if g:
         lines += [
@@ -1619,3 +1604,24 @@ def _group_layers(layers: list[dict[str, Any]], engine: str, engine_total_ms: fl
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:300] if text else type(exc).__name__
+
+
+def machine_markdown(res: dict) -> list[str]:
+    """The "## Machine" section of a report from a results.json: hardware, load and versions."""
+    hw, noise = res["hardware"], res["noise"]
+    bw = hw.get("memory_read_gb_per_s") or {}
+    flags = ", ".join(k for k, v in hw["flags"].items() if v) or "none"
+    return [
+        "",
+        "## Machine",
+        "",
+        f"- CPU: {hw['cpu_model']} ({hw['physical_cores']} cores, {hw['logical_cpus']} logical CPUs"
+        f"{', virtual machine' if hw.get('hypervisor') else ''}); flags: {flags}; "
+        f"DeepSparse sees `{hw.get('deepsparse_isa')}`{' + VNNI' if hw.get('deepsparse_vnni') else ''}",
+        f"- memory {hw['memory_gb']} GB; read bandwidth {bw.get('1_thread', '—')} GB/s (1 thread), "
+        f"{bw.get('all_cores', '—')} GB/s (all cores)",
+        f"- load average before {noise['loadavg_before']}, after {noise['loadavg_after']}; other processes "
+        f"{noise['other_cpu_before']:.2f} cores before, {noise['other_cpu_mean']:.2f} mean during "
+        f"(per round {noise['other_cpu_rounds']}); this process {noise['own_cpu_mean']:.2f} cores",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
+    ]
