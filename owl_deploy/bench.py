@@ -83,6 +83,8 @@ SHORT = {"deepsparse": "DeepSparse", "onnxruntime": "ONNX Runtime"}
 #: the baseline every speedup is relative to, and the product whose speedup is the headline
 REFERENCE = ("onnxruntime", "dense")
 HEADLINE = ("deepsparse", "sparse")
+#: the strongest dense peer when it is benchmarked (``--model dense-int8=ODIR``): ONNX Runtime on int8
+SECOND_REFERENCE = ("onnxruntime", "dense-int8")
 #: exit status of ``owl-deploy bench`` when the regression gate fails / when --strict refuses a noisy run
 EXIT_REGRESSION = 3
 EXIT_NOISY = 4
@@ -1121,6 +1123,22 @@ def run_benchmark(
             "reference_decode_tokens_per_s": ref_med,
             "ceiling_speedup_bytes": round(rinfo.bytes_per_token["dense"] / hinfo.bytes_per_token["bitmask"], 3),
         }
+        # a second dense peer (e.g. the same model in int8 under ONNX Runtime): the headline against it too
+        peer_key = run_key(*SECOND_REFERENCE)
+        if peer_key in results_runs and peer_key != hk:
+            peer = results_runs[peer_key]
+            pmed = peer["decode_tokens_per_s"]["median"]
+            head["second_reference"] = peer_key
+            head["speedup_vs_second_reference"] = round(he["decode_tokens_per_s"]["median"] / pmed, 4) if pmed else None
+            head["speedup_vs_second_reference_by_round"] = summarize(
+                a / b
+                for a, b in zip(he["decode_tokens_per_s_by_round"], peer["decode_tokens_per_s_by_round"], strict=False)
+                if b
+            )
+            pinfo = infos[SECOND_REFERENCE[1]]
+            head["ceiling_speedup_bytes_vs_second_reference"] = round(
+                pinfo.bytes_per_token["dense"] / hinfo.bytes_per_token["bitmask"], 3
+            )
     return {
         "schema": SCHEMA,
         "created": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -1250,6 +1268,15 @@ def render_markdown(res: dict[str, Any]) -> str:
             f"the bytes-per-token ceiling of that ratio is {head['ceiling_speedup_bytes']:.2f}x.",
             "",
         ]
+        if head.get("second_reference"):
+            sp2 = head["speedup_vs_second_reference_by_round"]
+            spread2 = f" (per-round p10–p90 {sp2['p10']:.2f}–{sp2['p90']:.2f})" if sp2.get("n") else ""
+            lines += [
+                f"Against the strongest dense peer, {head['second_reference']}: "
+                f"**{head['speedup_vs_second_reference']:.2f}x**{spread2}; bytes-per-token ceiling "
+                f"{head['ceiling_speedup_bytes_vs_second_reference']:.2f}x.",
+                "",
+            ]
     lines += [
         f"Batch 1, cache filled to {s['context']} of {s['sequence_length']} tokens, {s['steps']} decode steps x "
         f"{s['rounds']} rounds (+{s['warmup_rounds']} warm-up, not counted), engines interleaved round by round; "
@@ -1417,13 +1444,18 @@ def bench_command(
     strict: bool = False,
     log: Callable[[str], None] | None = _log,
     policy: NoisePolicy | None = None,
+    extra_models: dict[str, Path] | None = None,
 ) -> dict[str, Any]:
     """What ``owl-deploy bench`` does: run, gate, write; raises NoisyMachine / GateFailed at the end."""
     base = load_results(baseline) if baseline is not None else None
     if base is not None and not 0 <= tolerance < 1:
         raise OwlError(f"--tolerance must be in [0, 1), got {tolerance}")
-    runs = parse_engines(engines)
     models = {"sparse": Path(sparse), "dense": Path(dense)}
+    for label, folder in (extra_models or {}).items():
+        if label in models:
+            raise OwlError(f"--model {label}=...: the label {label!r} is taken (sparse and dense are --sparse/--dense)")
+        models[label] = Path(folder)
+    runs = parse_engines(engines, models)
     res = run_benchmark(models, runs, settings, policy, log=log, strict=strict)
     if strict and res["noise"]["noisy"]:
         raise NoisyMachine("machine was noisy (--strict), results not written: " + "; ".join(res["noise"]["reasons"]))

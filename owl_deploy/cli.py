@@ -65,15 +65,29 @@ def assets_list() -> None:
 @click.option("--seqlen", default=512, show_default=True, type=click.IntRange(min=2), help="Window length.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Evaluate only the first N tokens.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
-def eval_cmd(model_spec: str, text: str, seqlen: int, max_tokens: int | None, as_json: bool) -> None:
-    """Perplexity on non-overlapping windows (WikiText protocol, remainder dropped)."""
+@click.option(
+    "--engine",
+    type=click.Choice(["onnxruntime", "deepsparse"]),
+    default="onnxruntime",
+    show_default=True,
+    help="For a deployment folder (owl-deploy export): the engine that runs the exported graph.",
+)
+@click.option("--threads", "num_threads", default=None, type=int, help="Engine threads (deployment folder).")
+def eval_cmd(
+    model_spec: str, text: str, seqlen: int, max_tokens: int | None, as_json: bool, engine: str, num_threads
+) -> None:
+    """Perplexity on non-overlapping windows (WikiText protocol, remainder dropped).
+
+    --model takes a torch model or a deployment folder; the latter is scored on the exported ONNX graph.
+    """
     import json
 
-    from owl_deploy.evaluate import evaluate_model
+    from owl_deploy.evaluate import evaluate_model, is_deployment
 
-    result = evaluate_model(model_spec, text, seqlen, max_tokens)
+    result = evaluate_model(model_spec, text, seqlen, max_tokens, engine=engine, num_threads=num_threads)
     if as_json:
-        click.echo(json.dumps({"model": model_spec, "text": text, **result.to_json()}, sort_keys=True))
+        extra = {"engine": engine} if is_deployment(model_spec) else {}
+        click.echo(json.dumps({"model": model_spec, "text": text, **extra, **result.to_json()}, sort_keys=True))
     else:
         click.echo(
             f"perplexity {result.perplexity:.3f} (mean NLL {result.mean_nll:.4f} ± {result.nll_std_err:.4f}) "
@@ -168,6 +182,14 @@ def prune_cmd(model_spec: str, out: str, calib: str | None, **options) -> None:
     show_default=True,
     help="Allowed relative drop of each speedup vs the baseline's.",
 )
+@click.option(
+    "--model",
+    "extra_models",
+    multiple=True,
+    metavar="LABEL=ODIR",
+    help="Another export to benchmark under LABEL (name it in --engines, e.g. ort/dense-int8); repeatable. "
+    "dense-int8 is also reported as the second reference of the headline.",
+)
 @click.option("--strict", is_flag=True, help="Refuse (exit 4, nothing written) when the machine is noisy.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder BDIR.")
 def bench_cmd(
@@ -183,6 +205,7 @@ def bench_cmd(
     kv_cache,
     baseline,
     tolerance,
+    extra_models,
     strict,
     out,
 ) -> None:
@@ -204,6 +227,12 @@ def bench_cmd(
         threads=threads,
         kv_cache=kv_cache,
     )
+    extra = {}
+    for item in extra_models:
+        label, sep, folder = item.partition("=")
+        if not sep or not label or not folder or not label.replace("-", "").replace("_", "").isalnum():
+            raise OwlError(f"--model {item!r}: expected LABEL=ODIR with a label of letters, digits, - or _")
+        extra[label] = Path(folder)
     try:
         bench.bench_command(
             Path(sparse),
@@ -214,6 +243,7 @@ def bench_cmd(
             baseline=Path(baseline) if baseline else None,
             tolerance=tolerance,
             strict=strict,
+            extra_models=extra,
         )
     except bench.GateFailed as exc:
         click.echo(f"error: {exc}", err=True)
@@ -274,21 +304,72 @@ def run_cmd(recipe: str, out: str, rerun: tuple[str, ...], dry_run: bool) -> Non
 @click.option("--greedy-tokens", default=32, show_default=True, type=int, help="Greedy tokens compared in export.json.")
 @click.option("--threads", "num_threads", default=1, show_default=True, type=int, help="Engine threads when verifying.")
 @click.option("--external-data-threshold", default=None, type=int, hidden=True, help="Bytes; for tests.")
-def export_cmd(model_spec: str, out: str, external_data_threshold: int | None, **options) -> None:
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8"]),
+    default=None,
+    help="int8: projections in DeepSparse's sparse-int8 MatMulInteger pattern (default: fp32).",
+)
+@click.option(
+    "--smooth-alpha",
+    default=0.7,
+    show_default=True,
+    type=float,
+    help="int8: SmoothQuant strength in [0, 1]; --no-smooth to disable.",
+)
+@click.option("--no-smooth", is_flag=True, help="int8: no SmoothQuant (per-tensor activation ranges as they are).")
+@click.option("--int8-lm-head/--fp32-lm-head", default=True, show_default=True, help="int8: quantize lm_head too.")
+@click.option(
+    "--keep-fp32",
+    multiple=True,
+    metavar="KIND",
+    help="int8: leave these in fp32: a kind (q_proj ... down_proj, lm_head) or a glob of module names; repeatable.",
+)
+@click.option("--calib", default=None, help="int8: calibration text spec [news+austen+jargon].")
+@click.option("--calib-nsamples", default=16, show_default=True, type=int, help="int8: calibration windows.")
+@click.option("--calib-seqlen", default=512, show_default=True, type=int, help="int8: calibration window length.")
+def export_cmd(
+    model_spec: str,
+    out: str,
+    external_data_threshold: int | None,
+    quantize: str | None,
+    smooth_alpha: float,
+    no_smooth: bool,
+    int8_lm_head: bool,
+    keep_fp32: tuple[str, ...],
+    calib: str | None,
+    calib_nsamples: int,
+    calib_seqlen: int,
+    **options,
+) -> None:
     """Export to ONNX (KV cache, DeepSparse contract), verify in both engines, write OUT/export.json."""
     from owl_deploy.export import EXTERNAL_DATA_THRESHOLD, export_model
+    from owl_deploy.export.int8 import Int8Config
 
+    int8 = Int8Config(
+        smooth_alpha=None if no_smooth else smooth_alpha,
+        lm_head=int8_lm_head,
+        keep_fp32=tuple(keep_fp32),
+        calib=calib,
+        nsamples=calib_nsamples,
+        seqlen=calib_seqlen,
+    )
     report = export_model(
         model_spec,
         out,
         external_data_threshold=external_data_threshold or EXTERNAL_DATA_THRESHOLD,
         log=lambda msg: click.echo(msg, err=True),
+        quantize=quantize,
+        int8=int8,
         **options,
     )
     t = report["timings_s"]
     click.echo(
         f"{out}: zeros_preserved={str(report['zeros_preserved']).lower()} "
-        + " ".join(f"{e}_max_dlogits={r['max_abs_diff']:.1e}" for e, r in report["logits"]["engines"].items())
+        + " ".join(
+            f"{e}_max_dlogits={r.get('max_abs_diff', r.get('vs_torch_fp32', {}).get('max_abs_diff', 0.0)):.1e}"
+            for e, r in report["logits"]["engines"].items()
+        )
         + f" greedy_identical={str(report['greedy']['identical']).lower()}"
         + f" export_s={t['export_onnx']:.1f}"
         + (f" deepsparse_compile_s={t['compile_deepsparse']:.1f}" if "compile_deepsparse" in t else "")

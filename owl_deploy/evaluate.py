@@ -95,11 +95,53 @@ def check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
         raise OwlError(f"seqlen {seqlen} exceeds the model's max_position_embeddings ({limit})")
 
 
-def evaluate_model(model_spec: str, text: str, seqlen: int, max_tokens: int | None) -> Perplexity:
-    """``owl-deploy eval`` for a torch model (asset name, HF folder or .gguf)."""
+#: tokens per engine call when scoring an exported model (multi-token prefill graph; a multiple of 4)
+ONNX_EVAL_CHUNK = 128
+
+
+def onnx_logits_fn(session) -> LogitsFn:
+    """Wrap a compiled deployment (runtime.Session): each window from an empty cache, fed in prefill chunks."""
+
+    def fn(ids: torch.Tensor) -> torch.Tensor:
+        session.reset()
+        return torch.from_numpy(session.forward(ids[0].tolist()))
+
+    return fn
+
+
+def is_deployment(model_spec: str) -> bool:
+    from pathlib import Path
+
+    path = Path(str(model_spec)).expanduser()
+    return path.is_dir() and (path / "model.onnx").is_file()
+
+
+def evaluate_model(
+    model_spec: str,
+    text: str,
+    seqlen: int,
+    max_tokens: int | None,
+    engine: str = "onnxruntime",
+    num_threads: int | None = None,
+) -> Perplexity:
+    """``owl-deploy eval``: a torch model (asset name, HF folder or .gguf) or a deployment folder
+    (``owl-deploy export``), scored by ``engine`` on the exported graph itself (int8 included)."""
     from owl_deploy.data import eval_tokens
     from owl_deploy.model import load_causal_lm, load_tokenizer
 
+    if is_deployment(model_spec):
+        from owl_deploy import runtime
+
+        dep = runtime.open_deployment(model_spec)
+        if seqlen > dep.max_sequence_length:
+            raise OwlError(f"seqlen {seqlen} exceeds what {model_spec} can be declared to ({dep.max_sequence_length})")
+        tokens = eval_tokens(dep.tokenizer(), text, max_tokens)
+        windows_of(tokens, seqlen)  # a text shorter than one window fails before the compile
+        chunk = min(ONNX_EVAL_CHUNK, seqlen // 4 * 4) or 1
+        session = runtime.compile(
+            model_spec, engine, sequence_length=seqlen, prefill_length=chunk, num_threads=num_threads
+        )
+        return perplexity(onnx_logits_fn(session), tokens, seqlen)
     tokens = eval_tokens(load_tokenizer(model_spec), text, max_tokens)  # bad text fails before the load
     model = load_causal_lm(model_spec)
     check_seqlen(model, seqlen)

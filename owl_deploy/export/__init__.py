@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from owl_deploy.data import DEFAULT_CALIB
 from owl_deploy.errors import OwlError
 from owl_deploy.export.graph import (
     ATTENTION_KINDS,
@@ -36,10 +37,13 @@ from owl_deploy.export.graph import (
     export_onnx,
     graph_spec,
 )
+from owl_deploy.export.int8 import Int8Config
 
 __all__ = ["ATTENTION_KINDS", "DEFAULT_SEQUENCE_LENGTH", "EXTERNAL_DATA_THRESHOLD", "export_model"]
 
 DEFAULT_SEQUENCE_LENGTH = 512
+#: --quantize values: None = fp32 weights (the default until int8 is proven on the model at hand)
+QUANTIZE_CHOICES = (None, "int8")
 #: greedy tokens compared across torch / ONNX Runtime / DeepSparse in export.json
 DEFAULT_GREEDY_TOKENS = 32
 
@@ -55,6 +59,8 @@ def export_model(
     engines: tuple[str, ...] = ("onnxruntime", "deepsparse"),
     num_threads: int | None = 1,
     log: Callable[[str], None] | None = None,
+    quantize: str | None = None,
+    int8: Int8Config | None = None,
 ) -> dict:
     """Export ``model`` (asset name, HF folder or .gguf) to the deployment folder ``out``; return export.json.
 
@@ -62,6 +68,11 @@ def export_model(
     does not depend on it, and on a shared 2-core machine two threads that synchronise at every op
     (DeepSparse pins them to cores; OpenMP spins) stall for up to seconds per token while another
     process holds a core.
+
+    ``quantize="int8"`` (see export/int8.py): activation ranges from calibration text, SmoothQuant folded
+    into the torch model (same function), projections rewritten to the MatMulInteger pattern.  The
+    engines are then checked against each other on the same int8 graph (DeepSparse vs ONNX Runtime);
+    their distance to the fp32 torch model is the quantization error, recorded, not a failure.
     """
     from owl_deploy import runtime
     from owl_deploy.export import verify
@@ -75,6 +86,11 @@ def export_model(
         raise OwlError(f"unknown attention layout {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
     if prefill_length < 1 or (prefill_length > 1 and prefill_length % 4):
         raise OwlError(f"prefill length {prefill_length} must be 1 or a multiple of 4")
+    if quantize not in QUANTIZE_CHOICES:
+        raise OwlError(f"unknown --quantize {quantize!r}; choose {' or '.join(str(q) for q in QUANTIZE_CHOICES)}")
+    int8_cfg = (int8 or Int8Config()) if quantize == "int8" else None
+    if int8_cfg is not None:
+        int8_cfg.validate()
     unknown = [e for e in engines if e not in runtime.ENGINES]
     if unknown:
         raise OwlError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(runtime.ENGINES)}")
@@ -90,11 +106,17 @@ def export_model(
     spec, _ = graph_spec(hf_model)
     check_sequence_length(spec, sequence_length)
     prefill = prefill_length if prefill_length < sequence_length else 1
+    rewrite = None
+    if int8_cfg is not None:
+        t = time.perf_counter()
+        say(f"int8: calibrating activation ranges on {int8_cfg.nsamples}x{int8_cfg.seqlen} tokens")
+        rewrite = _int8_rewrite(hf_model, tokenizer, int8_cfg, num_threads)
+        timings["int8_calibration"] = time.perf_counter() - t
 
     with atomic_dir(out) as tmp:
         say(f"exporting {source} → {out} (sequence length {sequence_length}, {attention} attention)")
         t = time.perf_counter()
-        info = export_onnx(hf_model, tmp, sequence_length, attention, external_data_threshold)
+        info = export_onnx(hf_model, tmp, sequence_length, attention, external_data_threshold, rewrite=rewrite)
         timings["export_onnx"] = time.perf_counter() - t
         t = time.perf_counter()
         _write_side_files(hf_model, tokenizer, source, tmp)
@@ -120,24 +142,56 @@ def export_model(
         timings["torch_reference"] = time.perf_counter() - t
         logits: dict = {"tolerance": verify.LOGITS_TOLERANCE, "prompts": list(verify.PROMPTS), "engines": {}}
         greedy: dict = {"prompt": verify.PROMPTS[0], "num_tokens": n_greedy, "torch": greedy_ref, "engines": {}}
+        engine_refs = None  # int8: the first engine's logits are the reference of the others
         for engine in engines:
             t = time.perf_counter()
             session = runtime.compile(
                 tmp, engine, sequence_length=sequence_length, prefill_length=prefill, num_threads=num_threads
             )
             timings[f"compile_{engine}"] = session.compile_seconds
-            logits["engines"][engine] = verify.engine_logits(session, prompts, refs)
+            got = verify.engine_prompt_logits(session, prompts)
+            res = verify.compare_logits(got, refs)
+            if int8_cfg is not None:
+                res = {"vs_torch_fp32": res, "ok": True}
+                decode = verify.engine_prompt_logits(session, prompts, decode_only=True)
+                if engine_refs is None:
+                    engine_refs, res["reference"] = (got, decode), True
+                else:
+                    # the check: the single-token decode graph (what is deployed and benchmarked) on the same
+                    # int8 graph; prefill (multi-token) differences are recorded beside it
+                    res |= verify.compare_logits(decode, engine_refs[1], verify.INT8_ENGINE_TOLERANCE)
+                    res["with_prefill"] = verify.compare_logits(got, engine_refs[0], verify.INT8_ENGINE_TOLERANCE)
+                    res["vs_torch_fp32"] = res.pop("vs_torch_fp32")
+            res |= {"sequence_length": session.sequence_length, "prefill_length": session.prefill_length}
+            res["kv_cache"] = session.kv_cache
+            logits["engines"][engine] = res
             tokens = list(session.generate(prompts[0], n_greedy)) if n_greedy else []
             greedy["engines"][engine] = tokens
             del session
             timings[f"verify_{engine}"] = time.perf_counter() - t
+            diff = res["max_abs_diff"] if "max_abs_diff" in res else res["vs_torch_fp32"]["max_abs_diff"]
+            vs_fp32 = ""
+            if int8_cfg is not None and "with_prefill" in res:
+                vs_fp32 = (
+                    f" (decode graph vs the first engine; with prefill {res['with_prefill']['max_abs_diff']:.2e}; "
+                    f"vs fp32 torch {res['vs_torch_fp32']['max_abs_diff']:.2e})"
+                )
+            elif int8_cfg is not None:
+                vs_fp32 = " (vs fp32 torch: the quantization error)"
             say(
-                f"  {engine}: compiled in {timings[f'compile_{engine}']:.1f} s, max |Δlogits| "
-                f"{logits['engines'][engine]['max_abs_diff']:.2e}, greedy {n_greedy} tokens "
-                f"{'identical' if tokens == greedy_ref else 'DIFFER'}"
+                f"  {engine}: compiled in {timings[f'compile_{engine}']:.1f} s, max |Δlogits| {diff:.2e}"
+                + vs_fp32
+                + f", greedy {n_greedy} tokens {'identical' if tokens == greedy_ref else 'DIFFER'}"
             )
         logits["ok"] = all(e["ok"] for e in logits["engines"].values())
         greedy["identical"] = all(toks == greedy_ref for toks in greedy["engines"].values())
+        if int8_cfg is not None:
+            runs = list(greedy["engines"].values())
+            greedy["engines_identical"] = all(toks == runs[0] for toks in runs)
+            greedy["matching_prefix_vs_torch"] = {
+                e: next((i for i, (a, b) in enumerate(zip(toks, greedy_ref, strict=False)) if a != b), len(toks))
+                for e, toks in greedy["engines"].items()
+            }
 
         sparsity = None
         if "deepsparse" in engines:
@@ -158,8 +212,9 @@ def export_model(
             problems.append(f"zeros not preserved in {len(bad)} linears (e.g. {bad[0]})")
         for engine, res in logits["engines"].items():
             if not res["ok"]:
-                problems.append(f"{engine} logits differ from torch by {res['max_abs_diff']:.2e}")
-        if not greedy["identical"]:
+                what = "the first engine (same int8 graph)" if int8_cfg else "torch"
+                problems.append(f"{engine} logits differ from {what} by {res['max_abs_diff']:.2e}")
+        if not greedy["identical"] and int8_cfg is None:
             problems.append("greedy tokens differ between torch and an engine")
         report = {
             "ok": not problems,
@@ -172,6 +227,21 @@ def export_model(
             "prefill_length": prefill,
             "verify_threads": num_threads,
             "attention": attention,
+            "quantize": quantize,
+            "int8": None
+            if int8_cfg is None
+            else {
+                "smooth_alpha": int8_cfg.smooth_alpha,
+                "lm_head": int8_cfg.lm_head,
+                "keep_fp32": list(int8_cfg.keep_fp32),
+                "calibration": {
+                    "text": int8_cfg.calib or DEFAULT_CALIB,
+                    "nsamples": int8_cfg.nsamples,
+                    "seqlen": int8_cfg.seqlen,
+                    "seed": int8_cfg.seed,
+                },
+                "layers": info["rewrite"],
+            },
             "opset": OPSET,
             "external_data": info["external_data"],
             "external_data_threshold": external_data_threshold,
@@ -189,6 +259,21 @@ def export_model(
         }
         write_json(tmp / "export.json", report)
     return report
+
+
+def _int8_rewrite(hf_model, tokenizer, cfg: Int8Config, num_threads: int | None) -> Callable:
+    """Calibrate activation ranges, smooth ``hf_model`` in place, return the graph rewrite for export_onnx."""
+    from owl_deploy.data import calibration_windows
+    from owl_deploy.export import int8 as q
+    from owl_deploy.export import verify
+
+    windows = calibration_windows(tokenizer, cfg.calib or DEFAULT_CALIB, cfg.nsamples, cfg.seqlen, cfg.seed)
+    with verify.torch_threads(None):
+        absmax = q.activation_absmax(hf_model, windows)
+    if cfg.smooth_alpha is not None:
+        absmax = q.smooth_model(hf_model, absmax, cfg.smooth_alpha)
+    ranges = {name: float(absmax[name].max()) for name in q.quantize_targets(hf_model, cfg)}
+    return lambda proto, weights: q.quantize_graph(proto, ranges, weights)
 
 
 def _write_side_files(hf_model, tokenizer, source: Path, dest: Path) -> None:

@@ -32,6 +32,7 @@ import io
 import json
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -298,11 +299,13 @@ def export_onnx(
     sequence_length: int,
     attention: str = "grouped",
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
+    rewrite: Callable[[object, dict[str, str]], dict] | None = None,
 ) -> dict:
     """Write ``out_dir/model.onnx`` (+ ``model.data`` above the threshold); return a description.
 
     The returned dict has the spec, the ONNX name of every HF projection weight and whether external
-    data was used.
+    data was used.  ``rewrite(proto, weights)`` (e.g. int8) edits the graph before it is saved; what it
+    returns is kept under ``"rewrite"``.
     """
     import onnx
 
@@ -335,6 +338,7 @@ def export_onnx(
     proto = onnx.load(str(raw_path), load_external_data=True)
     names = _rename_initializers(proto, graph.hf_names)
     _set_static_shapes(proto, spec, sequence_length, input_ids_length=1)
+    rewritten = rewrite(proto, names) if rewrite is not None else None
     proto.producer_name = "owl_deploy"
     meta = {
         **asdict(spec),
@@ -374,6 +378,7 @@ def export_onnx(
         "weight_bytes": weight_bytes,
         "meta": meta,
         "contract": contract,
+        "rewrite": rewritten,
     }
 
 

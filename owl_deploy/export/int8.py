@@ -1,0 +1,282 @@
+"""int8 for DeepSparse: the MatMulInteger pattern its sparse int8 kernels run, with calibrated scales.
+
+The pattern (``cpu-runtime.md``, "What makes DeepSparse fast here"), per projection ``y = x @ W``::
+
+    x fp32 -> QuantizeLinear(s_x, zp=128 uint8) -> MatMulInteger(x_q, W_q uint8 [K, N], 128, 128)
+           -> Cast(FLOAT) -> Mul(s_x * s_w[N]) -> y
+
+* Weights: symmetric, one scale per output column (``s_w = max|W[:, n]| / 127``), stored as uint8
+  with zero point 128, so a pruned weight is exactly 128 (zero) and stays one.  A DequantizeLinear on
+  weights feeding a float MatMul is 25x slower in DeepSparse: never emit it.
+* Activations: static, per tensor (one scalar per projection input, shared by q/k/v and by gate/up),
+  symmetric around zero point 128, from the absolute maximum seen on *calibration* text.
+* LLM activations have outlier channels, which make a per-tensor scale coarse for every other
+  channel.  :func:`smooth_model` (SmoothQuant) moves part of each channel's range into the weights
+  and folds the inverse into the op before (RMSNorm weight for q/k/v and gate/up, v_proj rows for
+  o_proj, up_proj rows for down_proj).  The model computes the same function; multiplying by a
+  positive scale keeps every pruned zero an exact zero.
+* Projections named in ``keep_fp32`` (and lm_head unless asked for) stay fp32 MatMuls.
+
+The pure parts (:func:`quantize_weight`, :func:`activation_scale`, :func:`smoothing_scales`) work on
+plain arrays; :func:`quantize_graph` rewrites an exported fp32 ONNX graph in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from owl_deploy.errors import OwlError
+
+#: uint8 zero point of weights and activations (symmetric: the stored zero)
+ZERO_POINT = 128
+QMAX = 127
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """How to quantize an export (recorded in export.json)."""
+
+    smooth_alpha: float | None = 0.7  # SmoothQuant migration strength; None = no smoothing (see README)
+    lm_head: bool = True  # lm_head in int8 too (saves ~2 of 15 ms per token at 135M)
+    #: projections left in fp32: a kind ("down_proj", "lm_head") or a glob of HF names ("model.layers.11.mlp.*")
+    keep_fp32: tuple[str, ...] = ()
+    calib: str | None = None  # calibration text spec (None: the default mix)
+    nsamples: int = 16
+    seqlen: int = 512
+    seed: int = 0
+    kinds: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), repr=False
+    )
+
+    def validate(self) -> None:
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise OwlError(f"--smooth-alpha must be in [0, 1], got {self.smooth_alpha}")
+        unknown = {k for k in self.keep_fp32 if k not in (*self.kinds, "lm_head") and "." not in k and "*" not in k}
+        if unknown:
+            raise OwlError(
+                f"--keep-fp32 {', '.join(sorted(unknown))} is not a projection; use {', '.join(self.kinds)}, lm_head "
+                "or a glob of module names such as 'model.layers.11.mlp.down_proj'"
+            )
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise OwlError("int8 calibration needs nsamples >= 1 and seqlen >= 2")
+
+
+# ---------------------------------------------------------------- pure maths
+def quantize_weight(w_t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``[K, N]`` fp32 (the ONNX ``x @ W`` layout) -> (uint8 ``[K, N]``, fp32 scale ``[N]``).
+
+    ``q = clip(round(w / s), -127, 127) + 128`` with ``s = max|w[:, n]| / 127`` per output column; an
+    all-zero column gets s = 1 (every entry 128).  Exact zeros map to exactly 128.
+    """
+    w = np.asarray(w_t, dtype=np.float32)
+    if w.ndim != 2:
+        raise OwlError(f"quantize_weight expects a 2-D [K, N] matrix, got shape {w.shape}")
+    amax = np.abs(w).max(axis=0)
+    scale = np.where(amax > 0, amax / QMAX, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / scale), -QMAX, QMAX).astype(np.int32) + ZERO_POINT
+    return q.astype(np.uint8), scale
+
+
+def dequantize_weight(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    return (q.astype(np.float32) - ZERO_POINT) * scale
+
+
+def activation_scale(absmax: float) -> float:
+    """Static per-tensor activation scale: ``absmax / 127`` (zero point 128), never 0."""
+    if not np.isfinite(absmax) or absmax < 0:
+        raise OwlError(f"activation range must be a finite non-negative number, got {absmax}")
+    return float(absmax) / QMAX if absmax > 0 else 1.0
+
+
+def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """SmoothQuant's per-input-channel ``s_j = max|X_j|^α / max|W_j|^(1-α)`` (1 where undefined).
+
+    Dividing channel j of the activation by s_j and multiplying the weights' input column j by s_j
+    leaves ``X W`` unchanged and balances the two ranges (α = 0.5: equal).
+    """
+    a = act_absmax.double().clamp(min=1e-5)
+    w = weight_absmax.double().clamp(min=1e-5)
+    s = a.pow(alpha) / w.pow(1.0 - alpha)
+    s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+    return s.float()
+
+
+# ---------------------------------------------------------------- calibration (torch)
+def _projections(model: nn.Module) -> dict[str, nn.Linear]:
+    """HF name (``model.layers.3.mlp.up_proj``) -> linear, for every block projection and lm_head."""
+    from owl_deploy.model import block_linears, blocks_prefix, decoder_blocks
+
+    prefix = blocks_prefix(model)
+    out = {}
+    for i, block in enumerate(decoder_blocks(model)):
+        for name, lin in block_linears(block).items():
+            out[f"{prefix}.{i}.{name}"] = lin
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear):
+        out["lm_head"] = head
+    return out
+
+
+@torch.inference_mode()
+def activation_absmax(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-input-channel max |x| of every projection's input over the calibration ``windows`` [n, seqlen]."""
+    stats: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, lin in _projections(model).items():
+
+        def hook(_m, args, _out, name=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+            stats[name] = torch.maximum(stats[name], x) if name in stats else x
+
+        handles.append(lin.register_forward_hook(hook))
+    try:
+        for ids in windows:
+            model(input_ids=ids[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant scales into a LLaMA-family model in place; return the smoothed activation ranges.
+
+    Four folds per block: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, v_proj rows ->
+    o_proj (one scale per kv head and dim, shared by the query heads of a group), up_proj rows -> down_proj;
+    and the final norm -> lm_head (untied from the input embeddings first).
+    """
+    from owl_deploy.model import blocks_prefix, decoder_blocks
+
+    prefix = blocks_prefix(model)
+    cfg = model.config
+    out = dict(absmax)
+    for i, block in enumerate(decoder_blocks(model)):
+        attn, mlp = block.self_attn, block.mlp
+        p = f"{prefix}.{i}"
+
+        def fold_norm(norm: nn.Module, linears: list[nn.Linear], names: list[str]) -> None:
+            a = absmax[names[0]]
+            wmax = torch.stack([lin.weight.abs().amax(0) for lin in linears]).amax(0)
+            s = smoothing_scales(a, wmax, alpha)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            for lin, name in zip(linears, names, strict=True):
+                lin.weight.mul_(s.to(lin.weight.dtype))
+                out[name] = a / s
+
+        qkv = [f"{p}.self_attn.{k}_proj" for k in "qkv"]
+        fold_norm(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], qkv)
+        gate_up = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
+        fold_norm(block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], gate_up)
+
+        # v_proj -> o_proj: o's input channel h*hd + d comes from kv head h // group, dim d
+        heads = cfg.num_attention_heads
+        kvh = getattr(cfg, "num_key_value_heads", None) or heads
+        hd = attn.o_proj.in_features // heads
+        group = heads // kvh
+        a_o = absmax[f"{p}.self_attn.o_proj"].view(kvh, group, hd).amax(1)
+        w_o = attn.o_proj.weight.abs().amax(0).view(kvh, group, hd).amax(1)
+        s_kv = smoothing_scales(a_o.reshape(-1), w_o.reshape(-1), alpha)  # [kvh * hd] = v_proj's rows
+        attn.v_proj.weight.div_(s_kv[:, None])
+        if attn.v_proj.bias is not None:
+            attn.v_proj.bias.div_(s_kv)
+        s_o = s_kv.view(kvh, 1, hd).expand(kvh, group, hd).reshape(-1)
+        attn.o_proj.weight.mul_(s_o)
+        out[f"{p}.self_attn.o_proj"] = absmax[f"{p}.self_attn.o_proj"] / s_o
+
+        # up_proj -> down_proj: down's input is silu(gate) * up, linear in up's output
+        s_d = smoothing_scales(absmax[f"{p}.mlp.down_proj"], mlp.down_proj.weight.abs().amax(0), alpha)
+        mlp.up_proj.weight.div_(s_d[:, None])
+        if mlp.up_proj.bias is not None:
+            mlp.up_proj.bias.div_(s_d)
+        mlp.down_proj.weight.mul_(s_d)
+        out[f"{p}.mlp.down_proj"] = absmax[f"{p}.mlp.down_proj"] / s_d
+
+    # final norm -> lm_head (untied first: with tied embeddings the input table must keep its values)
+    head, norm = model.get_output_embeddings(), getattr(getattr(model, "model", None), "norm", None)
+    if isinstance(head, nn.Linear) and norm is not None and "lm_head" in absmax:
+        if head.weight is model.get_input_embeddings().weight:
+            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        s = smoothing_scales(absmax["lm_head"], head.weight.abs().amax(0), alpha)
+        norm.weight.div_(s.to(norm.weight.dtype))
+        head.weight.mul_(s.to(head.weight.dtype))
+        out["lm_head"] = absmax["lm_head"] / s
+    return out
+
+
+# ---------------------------------------------------------------- the ONNX rewrite
+def quantize_graph(proto, act_absmax: dict[str, float], weights: dict[str, str]) -> dict:
+    """Rewrite ``proto`` in place: each MatMul whose weight is listed becomes the MatMulInteger pattern.
+
+    ``act_absmax``: HF projection name -> activation range; ``weights``: HF weight name (``...weight``)
+    -> ONNX initializer name (export_onnx's map).  MatMuls sharing an input share one QuantizeLinear.
+    Returns {HF name: {"onnx_name", "act_scale", "zero_weights"}} for the report.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    by_init = {weights[f"{hf}.weight"]: hf for hf in act_absmax if f"{hf}.weight" in weights}
+    missing = [hf for hf in act_absmax if f"{hf}.weight" not in weights]
+    if missing:
+        raise OwlError(f"int8: no ONNX weight for {missing[0]}")
+    zp = "owl_int8.zero_point"
+    g.initializer.append(numpy_helper.from_array(np.array(ZERO_POINT, dtype=np.uint8), zp))
+    quantized_inputs: dict[tuple[str, float], str] = {}
+    new_nodes = []
+    report = {}
+    for node in g.node:
+        if node.op_type != "MatMul" or node.input[1] not in by_init:
+            new_nodes.append(node)
+            continue
+        hf = by_init[node.input[1]]
+        x_name, w_name = node.input[0], node.input[1]
+        s_x = activation_scale(float(act_absmax[hf]))
+        key = (x_name, s_x)
+        if key not in quantized_inputs:
+            tag = f"owl_int8.{len(quantized_inputs)}"
+            g.initializer.append(numpy_helper.from_array(np.array(s_x, dtype=np.float32), f"{tag}.x_scale"))
+            new_nodes.append(
+                helper.make_node("QuantizeLinear", [x_name, f"{tag}.x_scale", zp], [f"{tag}.x_q"], name=f"{tag}.quant")
+            )
+            quantized_inputs[key] = f"{tag}.x_q"
+        xq = quantized_inputs[key]
+        init = inits[w_name]
+        w = numpy_helper.to_array(init)
+        q, s_w = quantize_weight(w)
+        init.CopyFrom(numpy_helper.from_array(q, w_name))
+        base = node.name or w_name
+        g.initializer.append(numpy_helper.from_array((s_x * s_w).astype(np.float32), f"{w_name}.scale"))
+        new_nodes += [
+            helper.make_node("MatMulInteger", [xq, w_name, zp, zp], [f"{base}.i32"], name=f"{base}.matmul_integer"),
+            helper.make_node("Cast", [f"{base}.i32"], [f"{base}.f32"], to=TensorProto.FLOAT, name=f"{base}.cast"),
+            helper.make_node("Mul", [f"{base}.f32", f"{w_name}.scale"], list(node.output), name=f"{base}.rescale"),
+        ]
+        report[hf] = {
+            "onnx_name": w_name,
+            "act_scale": s_x,
+            "zero_weights": int(np.count_nonzero(q == ZERO_POINT)),
+            "source_zero_weights": int(np.count_nonzero(w == 0)),
+        }
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return report
+
+
+def quantize_targets(model: nn.Module, cfg: Int8Config) -> list[str]:
+    """The HF projection names that go int8 under ``cfg`` (everything not matched by ``keep_fp32``)."""
+    import fnmatch
+
+    names = []
+    for name in _projections(model):
+        kind = name.rsplit(".", 1)[-1]
+        if name == "lm_head" and not cfg.lm_head:
+            continue
+        if any(kind == k or fnmatch.fnmatchcase(name, k) for k in cfg.keep_fp32):
+            continue
+        names.append(name)
+    return names

@@ -1,0 +1,219 @@
+"""int8 export (MatMulInteger pattern, SmoothQuant) and perplexity of an exported deployment.
+
+The maths is checked on hand-made matrices; the export on a tiny random LLaMA with half of every block
+linear zeroed (the same fixture shape as test_export.py), in ONNX Runtime and DeepSparse.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_export import SEQ, _prune_folder
+from tiny_models import save_tiny
+
+from owl_deploy.errors import OwlError
+from owl_deploy.export import int8 as q
+
+
+# ---------------------------------------------------------------- pure maths
+def test_quantize_weight_by_hand():
+    # [K=4, N=2]: column 0 max 2.54 -> s = 0.02; column 1 all zero -> s = 1, every entry the zero point
+    w = np.array([[2.54, 0.0], [-1.27, 0.0], [0.0, 0.0], [0.011, 0.0]], dtype=np.float32)
+    qw, s = q.quantize_weight(w)
+    assert qw.dtype == np.uint8
+    np.testing.assert_allclose(s, [0.02, 1.0], rtol=1e-6)
+    # round(w / s) + 128: 127, -64 (-63.5 rounds half to even), 0, 1 (0.55)
+    np.testing.assert_array_equal(qw[:, 0], [255, 64, 128, 129])
+    np.testing.assert_array_equal(qw[:, 1], [128] * 4)
+    np.testing.assert_allclose(q.dequantize_weight(qw, s)[:, 0], [2.54, -1.28, 0.0, 0.02], atol=1e-6)
+
+
+def test_pruned_zeros_stay_zero_and_error_is_half_a_step():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    w[rng.random(w.shape) < 0.7] = 0.0
+    qw, s = q.quantize_weight(w)
+    assert np.all(qw[w == 0] == q.ZERO_POINT)  # every pruned weight is stored as the zero point
+    assert np.all(np.abs(q.dequantize_weight(qw, s) - w) <= s / 2 + 1e-7)
+
+
+def test_activation_scale():
+    assert q.activation_scale(127.0) == pytest.approx(1.0)
+    assert q.activation_scale(0.0) == 1.0  # a dead input still gets a usable scale
+    with pytest.raises(OwlError):
+        q.activation_scale(float("nan"))
+
+
+def test_smoothing_scales_balance_ranges():
+    # s = a^0.5 / w^0.5: [4, 1] vs [1, 4] -> [2, 0.5]; afterwards both ranges are 2 and 0.5... equal per channel
+    a, w = torch.tensor([4.0, 1.0]), torch.tensor([1.0, 4.0])
+    s = q.smoothing_scales(a, w, 0.5)
+    torch.testing.assert_close(s, torch.tensor([2.0, 0.5]))
+    torch.testing.assert_close(a / s, w * s)  # α = 0.5 makes activation and weight ranges equal
+    torch.testing.assert_close(q.smoothing_scales(a, w, 0.0), 1 / w)  # α = 0: all range stays in activations
+
+
+def test_int8_config_validation():
+    with pytest.raises(OwlError, match="smooth-alpha"):
+        q.Int8Config(smooth_alpha=1.5).validate()
+    with pytest.raises(OwlError, match="keep-fp32"):
+        q.Int8Config(keep_fp32=("attention",)).validate()
+
+
+# ---------------------------------------------------------------- smoothing on a real (tiny) model
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_smooth_model_keeps_function_and_zeros(family, tmp_path):
+    from owl_deploy.model import block_linears, decoder_blocks, load_model
+
+    folder = _prune_folder(save_tiny(family, tmp_path / "dense"), tmp_path / "pruned", 0.5)
+    model, _ = load_model(folder)
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    zeros = [(lin.weight == 0).clone() for b in decoder_blocks(model) for lin in block_linears(b).values()]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    absmax = q.activation_absmax(model, ids)
+    smoothed = q.smooth_model(model, absmax, 0.5)
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, atol=1e-4, rtol=1e-4)
+    after_zeros = [(lin.weight == 0) for b in decoder_blocks(model) for lin in block_linears(b).values()]
+    assert all(torch.equal(a, b) for a, b in zip(zeros, after_zeros, strict=True))
+    # the smoothed ranges are the ones the model now produces
+    again = q.activation_absmax(model, ids)
+    for name, rng in smoothed.items():
+        torch.testing.assert_close(again[name], rng, atol=1e-4, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- the int8 export
+@pytest.fixture(scope="module")
+def tiny_pruned(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny_int8")
+    return _prune_folder(save_tiny("llama", root / "dense"), root / "pruned", 0.5)
+
+
+@pytest.fixture(scope="module")
+def int8_export(tiny_pruned, tmp_path_factory, tiny_text) -> tuple[Path, dict]:
+    from owl_deploy.export import export_model
+
+    out = tmp_path_factory.mktemp("tiny_int8_odir") / "odir"
+    cfg = q.Int8Config(calib=str(tiny_text), nsamples=4, seqlen=32)
+    report = export_model(
+        tiny_pruned, out, sequence_length=SEQ, prefill_length=4, greedy_tokens=8, quantize="int8", int8=cfg
+    )
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory) -> Path:
+    """Real English text (a public-domain paragraph, repeated) for calibration and scoring."""
+    para = (
+        "It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+        "want of a wife. However little known the feelings or views of such a man may be on his first entering "
+        "a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that he is "
+        "considered the rightful property of some one or other of their daughters.\n"
+    )
+    path = tmp_path_factory.mktemp("text") / "austen.txt"
+    path.write_text(para * 12)
+    return path
+
+
+def test_int8_graph_is_the_matmulinteger_pattern(int8_export):
+    import onnx
+
+    out, report = int8_export
+    assert report["ok"], report["problems"]
+    proto = onnx.load(str(out / "model.onnx"))
+    ops = [n.op_type for n in proto.graph.node]
+    layers = report["spec"]["num_layers"]
+    assert ops.count("MatMulInteger") == 7 * layers + 1  # every block projection + lm_head
+    assert "DequantizeLinear" not in ops  # DeepSparse runs that pattern 25x slower
+    # q/k/v share one QuantizeLinear, gate/up another: 5 per block (qkv, o, gate/up, down) ... + lm_head
+    assert ops.count("QuantizeLinear") == 4 * layers + 1
+    inits = {i.name: i for i in proto.graph.initializer}
+    w = inits["model.layers.0.self_attn.q_proj.weight.T"]
+    assert w.data_type == onnx.TensorProto.UINT8
+
+
+def test_int8_zeros_preserved_and_reported(int8_export):
+    _, report = int8_export
+    zeros = report["zeros"]
+    assert zeros["zeros_preserved"] is True
+    assert all(t["onnx_dtype"] == "uint8" for t in zeros["tensors"].values())
+    assert zeros["total_onnx_zeros"] == zeros["total_torch_zeros"] + zeros["extra_onnx_zeros"]
+    layers = report["int8"]["layers"]
+    for hf, entry in layers.items():
+        if hf != "lm_head":
+            assert entry["zero_weights"] >= entry["source_zero_weights"] > 0
+
+
+def test_int8_engines_agree_and_error_is_small(int8_export):
+    _, report = int8_export
+    ort = report["logits"]["engines"]["onnxruntime"]
+    ds = report["logits"]["engines"]["deepsparse"]
+    assert ort["reference"] is True
+    assert ds["max_abs_diff"] <= ds["tolerance"]  # same int8 graph in both engines
+    # quantization error vs fp32 torch: present, finite and far below the logits' own spread
+    err = ort["vs_torch_fp32"]["max_abs_diff"]
+    assert 0 < err < 0.5
+    assert report["int8"]["smooth_alpha"] == 0.7
+
+
+def test_eval_of_deployment_matches_torch(tiny_pruned, tiny_text, tmp_path):
+    """fp32 export scored on its ONNX graph = the torch perplexity; the int8 one is close to it."""
+    from owl_deploy.evaluate import evaluate_model
+    from owl_deploy.export import export_model
+
+    out = tmp_path / "fp32"
+    export_model(tiny_pruned, out, sequence_length=SEQ, prefill_length=4, greedy_tokens=0, engines=("onnxruntime",))
+    ref = evaluate_model(str(tiny_pruned), str(tiny_text), 32, 256)
+    got = evaluate_model(str(out), str(tiny_text), 32, 256)
+    assert got.windows == ref.windows == 8
+    assert got.perplexity == pytest.approx(ref.perplexity, rel=1e-4)
+    ds = evaluate_model(str(out), str(tiny_text), 32, 256, engine="deepsparse")
+    assert ds.perplexity == pytest.approx(ref.perplexity, rel=1e-3)
+
+
+def test_eval_cli_on_int8_deployment(int8_export, tiny_pruned, tiny_text):
+    from owl_deploy.cli import main
+    from owl_deploy.evaluate import evaluate_model
+
+    out, _ = int8_export
+    res = CliRunner().invoke(
+        main, ["eval", "--model", str(out), "--text", str(tiny_text), "--seqlen", "32", "--max-tokens", "256", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert got["engine"] == "onnxruntime" and got["windows"] == 8
+    fp32 = evaluate_model(str(tiny_pruned), str(tiny_text), 32, 256).perplexity
+    assert math.isfinite(got["perplexity"])
+    assert abs(got["perplexity"] / fp32 - 1) < 0.2  # a random tiny model: int8 stays in the same place
+
+
+def test_eval_deployment_seqlen_too_long(int8_export, tiny_text):
+    from owl_deploy.evaluate import evaluate_model
+
+    out, _ = int8_export
+    with pytest.raises(OwlError, match="seqlen"):
+        evaluate_model(str(out), str(tiny_text), 100_000, None)
+
+
+def test_export_int8_bad_options(tiny_pruned, tmp_path):
+    from owl_deploy.cli import main
+
+    for args, msg in (
+        (["--smooth-alpha", "2"], "smooth-alpha"),
+        (["--keep-fp32", "attention"], "keep-fp32"),
+    ):
+        out = tmp_path / "bad"
+        res = CliRunner().invoke(
+            main, ["export", "--model", str(tiny_pruned), "--out", str(out), "--quantize", "int8", *args]
+        )
+        assert res.exit_code != 0
+        assert msg in res.output
+        assert not out.exists()
