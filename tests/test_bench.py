@@ -510,3 +510,32 @@ def test_reports_render_a_noisy_run(tmp_path):
     assert "NOISY RUN" in md and "1.300x" in md
     bench.render_png(res, tmp_path / "x.png")
     assert (tmp_path / "x.png").stat().st_size > 1000
+
+
+def test_second_reference_dense_int8_in_headline(tiny):
+    """A third export labelled dense-int8 (here: any export) is the headline's second reference."""
+    models = {**tiny, "dense-int8": tiny["dense"]}
+    runs = [("onnxruntime", "dense"), ("onnxruntime", "dense-int8"), ("deepsparse", "sparse")]
+    settings = bench.BenchSettings(context=8, steps=4, rounds=2, warmup_rounds=1, prefill_chunk=4, **FAST)
+    res = bench.run_benchmark(models, runs, settings, log=None, hardware=_hardware())
+    head = res["headline"]
+    assert head["second_reference"] == "onnxruntime/dense-int8"
+    ds, peer = res["runs"]["deepsparse/sparse"], res["runs"]["onnxruntime/dense-int8"]
+    want = ds["decode_tokens_per_s"]["median"] / peer["decode_tokens_per_s"]["median"]
+    assert head["speedup_vs_second_reference"] == pytest.approx(want, rel=1e-3)
+    assert head["speedup_vs_second_reference_by_round"]["n"] == 2
+    assert "strongest dense peer" in bench.render_markdown(res)
+
+
+def test_cli_extra_model_label_errors(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from owl_deploy.cli import main
+
+    base = ["bench", "--sparse", str(tiny["sparse"]), "--dense", str(tiny["dense"]), "--out", str(tmp_path / "b")]
+    for bad, msg in ((["--model", "nolabel"], "LABEL=ODIR"), (["--model", f"dense={tiny['dense']}"], "is taken")):
+        res = CliRunner().invoke(main, [*base, *bad])
+        assert res.exit_code == 1 and msg in res.output
+    res = CliRunner().invoke(main, [*base, "--model", f"peer={tiny['dense']}", "--engines", "ort/nope"])
+    assert res.exit_code == 1 and "unknown model 'nope'" in res.output
+    assert not (tmp_path / "b").exists()

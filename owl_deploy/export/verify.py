@@ -39,6 +39,10 @@ LOGITS_TOLERANCE = 1e-3
 #: Integer products are exact in both, but an fp32 difference of 1 ulp before a QuantizeLinear can flip
 #: one rounding.  (DeepSparse's *sparse* int8 multi-token kernels are not exact: measured, not checked.)
 INT8_ENGINE_TOLERANCE = 5e-2
+#: ... or, failing that, the share of positions whose argmax agrees.  DeepSparse's *sparse* int8 kernels are
+#: not bit-exact with ONNX Runtime (measured: up to 1.3 logits at a few positions of a 70% SmolLM2, 52/53
+#: argmax agree), while its dense int8 ones are.
+INT8_ENGINE_MIN_ARGMAX_AGREEMENT = 0.9
 
 
 # ---------------------------------------------------------------- zeros
@@ -264,6 +268,7 @@ def compare_logits(got: list[np.ndarray], refs: list[np.ndarray], tolerance: flo
         "max_abs_diff": max(diffs),
         "per_prompt": diffs,
         "argmax_agreement": f"{same}/{total}",
+        "argmax_agreement_fraction": same / total if total else 1.0,
         "tolerance": tolerance,
         "ok": max(diffs) <= tolerance,
     }
