@@ -152,6 +152,16 @@ def blocks_prefix(model: nn.Module) -> str:
     raise OwlError("decoder blocks are not reachable by name")  # cannot happen for a real module tree
 
 
+def named_block_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every pruned linear by its full module name (``model.layers.3.mlp.up_proj``), block by block."""
+    prefix = blocks_prefix(model)
+    return {
+        f"{prefix}.{i}.{name}": lin
+        for i, block in enumerate(decoder_blocks(model))
+        for name, lin in block_linears(block).items()
+    }
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__

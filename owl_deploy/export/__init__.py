@@ -150,20 +150,12 @@ def export_model(
             )
             timings[f"compile_{engine}"] = session.compile_seconds
             got = verify.engine_prompt_logits(session, prompts)
-            res = verify.compare_logits(got, refs)
-            if int8_cfg is not None:
-                res = {"vs_torch_fp32": res, "ok": True}
+            if int8_cfg is None:
+                res = verify.compare_logits(got, refs)
+            else:
                 decode = verify.engine_prompt_logits(session, prompts, decode_only=True)
-                if engine_refs is None:
-                    engine_refs, res["reference"] = (got, decode), True
-                else:
-                    # the check: the single-token decode graph (what is deployed and benchmarked) on the same
-                    # int8 graph; prefill (multi-token) differences are recorded beside it
-                    res |= verify.compare_logits(decode, engine_refs[1], verify.INT8_ENGINE_TOLERANCE)
-                    if not res["ok"] and res["argmax_agreement_fraction"] >= verify.INT8_ENGINE_MIN_ARGMAX_AGREEMENT:
-                        res["ok"], res["accepted_by"] = True, "argmax_agreement"
-                    res["with_prefill"] = verify.compare_logits(got, engine_refs[0], verify.INT8_ENGINE_TOLERANCE)
-                    res["vs_torch_fp32"] = res.pop("vs_torch_fp32")
+                res = verify.int8_engine_check(got, decode, refs, engine_refs)
+                engine_refs = engine_refs or (got, decode)
             res |= {"sequence_length": session.sequence_length, "prefill_length": session.prefill_length}
             res["kv_cache"] = session.kv_cache
             logits["engines"][engine] = res

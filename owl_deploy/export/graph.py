@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from owl_deploy.errors import OwlError
+from owl_deploy.model import blocks_prefix
 
 #: model_type values whose decoder blocks this module knows how to rebuild.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -211,7 +212,7 @@ class DecoderGraph(nn.Module):
         self.register_buffer("rope_sin", emb.sin() * scale, persistent=False)
         #: HF weight name of every projection, by our parameter name (used to name ONNX initializers)
         self.hf_names: dict[str, str] = {}
-        prefix = _blocks_prefix(model)
+        prefix = blocks_prefix(model)
         for i, _ in enumerate(core.layers):
             for ours, theirs in _PROJ_NAMES.items():
                 self.hf_names[f"blocks.{i}.{ours}.weight_t"] = f"{prefix}.{i}.{theirs}.weight.T"
@@ -245,13 +246,6 @@ _PROJ_NAMES = {
     "up_proj": "mlp.up_proj",
     "down_proj": "mlp.down_proj",
 }
-
-
-def _blocks_prefix(model: nn.Module) -> str:
-    for name, module in model.named_modules():
-        if module is model.model.layers:
-            return name
-    return "model.layers"
 
 
 def graph_spec(model: nn.Module) -> tuple[GraphSpec, float]:

@@ -108,13 +108,9 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
 # ---------------------------------------------------------------- calibration (torch)
 def _projections(model: nn.Module) -> dict[str, nn.Linear]:
     """HF name (``model.layers.3.mlp.up_proj``) -> linear, for every block projection and lm_head."""
-    from owl_deploy.model import block_linears, blocks_prefix, decoder_blocks
+    from owl_deploy.model import named_block_linears
 
-    prefix = blocks_prefix(model)
-    out = {}
-    for i, block in enumerate(decoder_blocks(model)):
-        for name, lin in block_linears(block).items():
-            out[f"{prefix}.{i}.{name}"] = lin
+    out = named_block_linears(model)
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear):
         out["lm_head"] = head
