@@ -64,18 +64,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--context", type=int, default=128)
-    p.add_argument("--work", type=Path, default=ROOT / "out" / "int8", help="pruned and exported models")
+    p.add_argument("--no-kv-compare", action="store_true", help="skip the DeepSparse internal/external KV-cache runs")
+    p.add_argument("--prompt", default="The capital of France is", help="prompt of the per-deployment compile check")
+    p.add_argument("--work", type=Path, default=None, help="pruned and exported models [out/int8[-MODEL]]")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 calibration windows, 1024 eval tokens, 2 rounds")
     a = p.parse_args(argv)
+    if a.work is None:
+        a.work = ROOT / "out" / ("int8" if a.model == "smollm2-135m" else f"int8-{Path(a.model).name}")
     if a.quick:
         a.nsamples = a.nsamples or 8
         a.eval_tokens, a.ds_eval_tokens, a.rounds, a.steps = 1024, 512, 2, 8
     return a
 
 
-def prepare(a: argparse.Namespace) -> dict[str, Path]:
-    """The pruned model and the four exports (reused when the same command made them)."""
+def prepare(a: argparse.Namespace) -> tuple[dict[str, Path], dict]:
+    """The pruned model and the four exports (reused when the same command made them), with the
+    wall time and peak RSS of each prune/export command."""
+    stages: dict = {"prune": None, "export": {}}
     a.work.mkdir(parents=True, exist_ok=True)
     dense_src = sweep.base_model(a.model)
     if a.sparse:
@@ -86,9 +92,7 @@ def prepare(a: argparse.Namespace) -> dict[str, Path]:
         pargs += ["--sparsity", f"{a.sparsity:.2f}", "--out", str(pdir)]
         if a.nsamples:
             pargs[-2:-2] = ["--nsamples", str(a.nsamples)]
-        if not sweep._stamped(pdir, "sparsity.json", pargs):
-            sweep.owl(pargs)
-            sweep._stamp(pdir, pargs)
+        stages["prune"] = sweep.run_once(pdir, "sparsity.json", pargs)
         sparse_src = str(pdir)
     out = {}
     for variant in VARIANTS:
@@ -97,12 +101,20 @@ def prepare(a: argparse.Namespace) -> dict[str, Path]:
         eargs = ["export", "--model", src, "--out", str(odir)]
         if variant.endswith("int8"):
             eargs[-2:-2] = ["--quantize", "int8", *a.export_arg]
-        if sweep._stamped(odir, bench.MODEL_ONNX, eargs):
-            sweep.log(f"reusing {odir}")
-        else:
-            sweep.owl(eargs)
-            sweep._stamp(odir, eargs)
+        stages["export"][variant] = sweep.run_once(odir, bench.MODEL_ONNX, eargs)
         out[variant] = odir
+    return out, stages
+
+
+def compile_checks(a: argparse.Namespace, folders: dict[str, Path]) -> dict:
+    """Each deployment compiled on its own in a fresh process (``owl-deploy generate``, 16 tokens):
+    wall time and peak RSS of load + compile + generate, and the text it produced."""
+    out = {}
+    for variant, odir in folders.items():
+        for engine in ("deepsparse", "onnxruntime") if variant.startswith("dense") else ("deepsparse",):
+            args = ["generate", "--model", str(odir), "--engine", engine, "--prompt", a.prompt]
+            r = sweep.owl([*args, "--max-new-tokens", "16", "--no-stats"], capture=True)
+            out[f"{engine}/{variant}"] = {"seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "text": r["stdout"]}
     return out
 
 
@@ -113,7 +125,7 @@ def quality(a: argparse.Namespace, folders: dict[str, Path]) -> dict:
     for variant, odir in folders.items():
         entry = {}
         for engine, tokens in (("onnxruntime", a.eval_tokens), ("deepsparse", a.ds_eval_tokens)):
-            if engine == "deepsparse" and not variant.endswith("int8"):
+            if (engine == "deepsparse" and not variant.endswith("int8")) or not tokens:
                 continue
             sweep.log(f"perplexity of {variant} in {engine} on {tokens} tokens")
             ppl = evaluate_model(str(odir), "wiki", a.seqlen, tokens, engine=engine)
@@ -166,7 +178,8 @@ def markdown(res: dict) -> str:
             f"| {key} | {d['median']:.1f} ({d['p10']:.1f}–{d['p90']:.1f}) | {r['speedup_vs_dense_ort']:.2f}x | {ceil} |"
         )
     kv = res["kv_cache_comparison"]
-    lines += ["", "DeepSparse KV cache, sparse int8, two short runs each against dense fp32 ORT:", ""]
+    if kv:
+        lines += ["", "DeepSparse KV cache, sparse int8, two short runs each against dense fp32 ORT:", ""]
     for mode, r in kv.items():
         d = r["decode_tokens_per_s"]
         lines.append(
@@ -199,14 +212,31 @@ def markdown(res: dict) -> str:
         g = res["greedy_text"][v]
         for k, text in g.items():
             lines.append(f"- {v} / {k}: `{text!r}`")
+    lines += stage_markdown(res.get("stages"))
     lines += ["", f"Benchmark details: `{res['bench_dir']}/results.md`.", ""]
     return "\n".join(lines)
+
+
+def stage_markdown(stages: dict | None) -> list[str]:
+    """Wall time and peak RSS of each command that made or compiled a deployment."""
+    if not stages:
+        return []
+    rows = [("prune (OWL+Wanda)", stages.get("prune"))]
+    rows += [(f"export {v}", s) for v, s in stages.get("export", {}).items()]
+    rows += [(f"compile + 16-token generate: {k}", s) for k, s in stages.get("compile", {}).items()]
+    lines = ["", "## Cost of each stage (one process each: wall time, peak RSS)", "", "| stage | wall | peak RSS |"]
+    lines.append("|---|---:|---:|")
+    for name, s in rows:
+        cell = f"{s['seconds']:.0f} s | {s['peak_rss_mb'] / 1024:.1f} GB" if s else "not recorded (reused) | —"
+        lines.append(f"| {name} | {cell} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
     a = parse_args(argv)
     t0 = time.perf_counter()
-    folders = prepare(a)
+    folders, stages = prepare(a)
+    stages["compile"] = compile_checks(a, folders)
     qual = quality(a, folders)
     labels = {LABELS[v]: folders[v] for v in VARIANTS}
     settings = bench.BenchSettings(context=a.context, steps=a.steps, rounds=a.rounds)
@@ -216,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.write_results(res_bench, bench_dir)
     # DeepSparse's internal KV cache (the runtime's default) against feeding the cache in and out
     kv = {}
-    for mode in ("external", "internal"):
+    for mode in () if a.no_kv_compare else ("external", "internal"):
         sweep.log(f"KV-cache comparison: DeepSparse {mode}")
         one = bench.run_benchmark(
             {"sparse": folders["sparse-int8"], "dense": folders["dense-fp32"]},
@@ -253,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         "bench_dir": str(bench_dir.relative_to(ROOT)) if bench_dir.is_relative_to(ROOT) else str(bench_dir),
         "bench": {k: res_bench[k] for k in ("headline", "runs", "noise", "hardware", "versions", "settings")},
         "kv_cache_comparison": kv,
+        "stages": stages,
     }
     stem = a.results / f"int8-{name}{'-quick' if a.quick else ''}"
     write_json(stem.with_suffix(".json"), res)

@@ -7,6 +7,10 @@ mix — never the evaluation text. Writes ``benchmarks/results/quality-<model>.{
 
     .venv/bin/python benchmarks/quality.py                 # the recorded run (SmolLM2-135M)
     .venv/bin/python benchmarks/quality.py --quick         # a 2-minute smoke run
+    .venv/bin/python benchmarks/quality.py --model qwen2.5-coder-1.5b --methods wanda,sparsegpt \
+        --allocations uniform,owl --sparsities 0.5,0.6,0.7 --nm '' --nsamples 8 --eval-tokens 4096 \
+        --tune-ms 3,8 --tune-lambdas 0.04,0.15 --tune-tokens 1024 --tuned-sparsities 0.5,0.6,0.7
+                                                           # the recorded Qwen2.5-Coder-1.5B run
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from owl_deploy.prune import PruneConfig, peak_rss_mb
 from owl_deploy.study import Study, tune_grid
 
 RESULTS = Path(__file__).parent / "results"
+METHODS = ("magnitude", "wanda", "sparsegpt")
+ALLOCATIONS = ("uniform", "owl", "owl-inverse")
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -44,11 +50,9 @@ def configs(args) -> list[PruneConfig]:
     base = PruneConfig(nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed)
     out = []
     for s in args.sparsities:
-        for method, allocations in (
-            ("magnitude", ("uniform", "owl")),
-            ("wanda", ("uniform", "owl", "owl-inverse")),
-            ("sparsegpt", ("uniform", "owl")),
-        ):
+        for method in args.methods:
+            # OWL-inverse is the paper's ablation; it is run for Wanda only
+            allocations = [a for a in args.allocations if a != "owl-inverse" or method == "wanda"]
             out += [replace(base, method=method, allocation=a, sparsity=s) for a in allocations]
     for n, m in args.nm:
         for a in ("uniform", "owl"):
@@ -235,19 +239,32 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sparsities", type=lambda s: [float(x) for x in s.split(",")], default=[0.5, 0.6, 0.7, 0.8])
+    p.add_argument("--sparsities", type=_floats, default=[0.5, 0.6, 0.7, 0.8])
+    p.add_argument("--methods", type=_names(METHODS), default=list(METHODS))
+    p.add_argument("--allocations", type=_names(ALLOCATIONS), default=list(ALLOCATIONS))
     p.add_argument(
         "--nm",
         type=lambda s: [tuple(int(v) for v in x.split(":")) for x in s.split(",") if x],
         default=[(2, 4), (4, 8)],
     )
     p.add_argument("--nm-lambda", type=float, default=0.25, help="OWL λ for N:M (0.25 = the reference's 2 of 8)")
-    p.add_argument("--tune-ms", type=lambda s: [float(x) for x in s.split(",")], default=[3.0, 5.0, 8.0])
-    p.add_argument("--tune-lambdas", type=lambda s: [float(x) for x in s.split(",")], default=[0.04, 0.08, 0.15])
+    p.add_argument("--tune-ms", type=_floats, default=[3.0, 5.0, 8.0])
+    p.add_argument("--tune-lambdas", type=_floats, default=[0.04, 0.08, 0.15])
+    p.add_argument("--tune-sparsity", type=float, default=0.7, help="Wanda sparsity the grid is scored at")
+    p.add_argument(
+        "--tuned-sparsities",
+        type=_floats,
+        default=None,
+        help="sparsities the tuned OWL is re-scored at for Wanda and SparseGPT [those ≥ --tune-sparsity]",
+    )
     p.add_argument("--tune-tokens", type=int, default=8192, help="held-out calibration tokens for tuning")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny calibration/eval, one sparsity, no tuning")
     p.add_argument("--out-stem", default=None, help="file stem under benchmarks/results (default quality-<model>)")
     args = p.parse_args()
+    if "owl" not in args.allocations or "uniform" not in args.allocations:
+        p.error("--allocations must include uniform and owl (the table compares them)")
+    if args.tuned_sparsities is None:
+        args.tuned_sparsities = [s for s in args.sparsities if s >= args.tune_sparsity]
     if args.quick:
         args.nsamples, args.eval_tokens, args.sparsities, args.nm = 8, 2048, [0.7], [(2, 4)]
         args.tune_ms, args.tune_lambdas, args.tune_tokens = [5.0], [0.08], 1024
@@ -260,10 +277,11 @@ def main() -> None:
     ev = eval_tokens(tok, args.eval_text, args.eval_tokens)
     study = Study(model, tok, calib_ids, ev, args.seqlen)
     dense = study.score(progress=True)
+    done = Checkpoint(RESULTS / f".{stem}.partial.json", args)
     rows = []
     todo = configs(args)
     for cfg in tqdm(todo, desc="prune + eval", unit="cfg"):
-        rows.append(study.run(cfg))
+        rows.append(done.run(study, cfg))
         tqdm.write(
             f"{label(rows[-1]['config']):28s} {cfg.sparsity:.0%} {cfg.nm or ''} ppl {rows[-1]['perplexity']:.2f}"
         )
@@ -271,15 +289,15 @@ def main() -> None:
     # tune (M, λ) on held-out calibration text, then re-score the tuned OWL on the evaluation text
     tune = None
     tune_cfg = PruneConfig(
-        method="wanda", sparsity=0.7, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed
+        method="wanda", sparsity=args.tune_sparsity, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed
     )
-    if 0.7 in args.sparsities:
+    if args.tune_sparsity in args.sparsities and args.tune_ms and args.tune_lambdas:
         held = Study(model, tok, calib_ids, heldout_tokens(tok, args.calib, args.tune_tokens), args.seqlen)
         held._ratios = study._ratios  # same dense model and windows: share the ratio cache
-        grid = tune_grid(held, tune_cfg, args.tune_ms, args.tune_lambdas)
+        grid = tune_grid(held, tune_cfg, args.tune_ms, args.tune_lambdas, run=lambda c: done.run(held, c, "held-out "))
         tune = {
             "method": "wanda",
-            "sparsity": 0.7,
+            "sparsity": args.tune_sparsity,
             "tokens": len(held.score_tokens),
             "ms": args.tune_ms,
             "lambdas": args.tune_lambdas,
@@ -287,9 +305,10 @@ def main() -> None:
         }
         best_m, best_lam = grid["best"]["m"], grid["best"]["lambda"]
         if (best_m, best_lam) != (tune_cfg.owl_m, tune_cfg.owl_lambda):
-            for method in ("wanda", "sparsegpt"):
-                for s in (x for x in args.sparsities if x >= 0.7):
-                    row = study.run(replace(tune_cfg, method=method, sparsity=s, owl_m=best_m, owl_lambda=best_lam))
+            for method in (m for m in ("wanda", "sparsegpt") if m in args.methods):
+                for s in args.tuned_sparsities:
+                    cfg = replace(tune_cfg, method=method, sparsity=s, owl_m=best_m, owl_lambda=best_lam)
+                    row = done.run(study, cfg)
                     row["config"]["tuned"] = True
                     rows.append(row)
 
@@ -345,7 +364,7 @@ def main() -> None:
             "python": platform.python_version(),
             "load_average": list(os.getloadavg()),
             "argv": sys.argv[1:],
-            "model_note": "SmolLM2-135M's weights went through 4-bit (Q4_1) quantization before we see them.",
+            "model_note": _model_note(args.model),
         },
         "dense": dense.to_json(full=True),
         "rows": rows,
@@ -356,7 +375,64 @@ def main() -> None:
     write_json(RESULTS / f"{stem}.json", res)
     with atomic_file(RESULTS / f"{stem}.md") as fh:
         fh.write(markdown(res))
+    done.remove()
     print(markdown(res))
+
+
+class Checkpoint:
+    """Rows already scored by an interrupted run with the same arguments, kept in a hidden file next to the
+    results: a crash or a kill after an hour loses one configuration, not the table."""
+
+    KEYS = ("model", "eval_text", "calib", "eval_tokens", "seqlen", "nsamples", "calib_seqlen", "seed")
+
+    def __init__(self, path: Path, args: argparse.Namespace):
+        self.path, self.args = path, {k: getattr(args, k) for k in self.KEYS}
+        self.rows: dict[str, dict] = {}
+        if path.is_file():
+            import json
+
+            saved = json.loads(path.read_text())
+            if saved.get("args") == self.args:
+                self.rows = saved["rows"]
+                tqdm.write(f"resuming: {len(self.rows)} configurations already scored in {path.name}")
+
+    def run(self, study: Study, cfg: PruneConfig, tag: str = "") -> dict:
+        key = tag + repr(cfg)
+        if key not in self.rows:
+            self.rows[key] = study.run(cfg)
+            write_json(self.path, {"args": self.args, "rows": self.rows})
+        return self.rows[key]
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _names(allowed: tuple[str, ...]):
+    def parse(text: str) -> list[str]:
+        names = [x for x in text.split(",") if x]
+        bad = [x for x in names if x not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (got {text!r})")
+        return names
+
+    return parse
+
+
+def _model_note(spec: str) -> str:
+    """What the model's asset record says about its weights (e.g. they were 4-bit before we saw them)."""
+    from owl_deploy import assets
+
+    folder = assets.ensure(spec) if spec in assets.MODELS else Path(spec)
+    info = folder / "asset.json"
+    if info.is_file():
+        import json
+
+        return json.loads(info.read_text()).get("note", "")
+    return ""
 
 
 def _cpu_model() -> str:

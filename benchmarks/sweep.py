@@ -90,15 +90,23 @@ def log(msg: str) -> None:
     print(f"[sweep {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def owl(args: list[str]) -> None:
-    """Run one ``owl-deploy`` command from this checkout; stop the sweep on failure."""
+def owl(args: list[str], capture: bool = False) -> dict:
+    """Run one ``owl-deploy`` command from this checkout; stop the sweep on failure.
+
+    Returns its wall time and the child's own peak RSS (``wait4``), plus stdout when ``capture``.
+    """
     cmd = [sys.executable, "-m", "owl_deploy", *args]
     log("$ owl-deploy " + " ".join(shlex.quote(x) for x in args))
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT)
-    if r.returncode != 0:
-        sys.exit(f"sweep: `owl-deploy {args[0]}` failed with exit status {r.returncode}")
-    log(f"  done in {time.perf_counter() - t0:.0f} s")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE if capture else None, text=True)
+    out = proc.stdout.read() if capture else None
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"sweep: `owl-deploy {args[0]}` failed with exit status {proc.returncode}")
+    stats = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    log(f"  done in {stats['seconds']:.0f} s, peak RSS {stats['peak_rss_mb']} MB")
+    return stats | ({"stdout": out} if capture else {})
 
 
 def _stamped(folder: Path, marker: str, args: list[str]) -> bool:
@@ -109,6 +117,19 @@ def _stamped(folder: Path, marker: str, args: list[str]) -> bool:
 
 def _stamp(folder: Path, args: list[str]) -> None:
     write_json(folder.parent / f"{folder.name}.args.json", args)
+
+
+def run_once(folder: Path, marker: str, args: list[str]) -> dict | None:
+    """Run ``owl-deploy args`` unless ``folder`` was made by exactly ``args``; returns the run's stats
+    (wall time, peak RSS), the recorded ones when the folder is reused (None if never recorded)."""
+    stats_file = folder.parent / f"{folder.name}.stats.json"
+    if _stamped(folder, marker, args):
+        log(f"reusing {folder}")
+        return json.loads(stats_file.read_text()) if stats_file.is_file() else None
+    stats = owl(args)
+    _stamp(folder, args)
+    write_json(stats_file, stats)
+    return stats
 
 
 def base_model(spec: str) -> str:
@@ -134,20 +155,12 @@ def prepare(a: argparse.Namespace, sparsity: int, model_dir: str) -> tuple[Path,
         if a.seqlen:
             pargs += ["--seqlen", str(a.seqlen)]
         pargs += [*a.prune_arg, "--out", str(pdir)]
-        if _stamped(pdir, "sparsity.json", pargs):
-            log(f"reusing {pdir}")
-        else:
-            owl(pargs)
-            _stamp(pdir, pargs)
+        run_once(pdir, "sparsity.json", pargs)
         report = json.loads((pdir / "sparsity.json").read_text())
         src = str(pdir)
     odir = a.work / (f"onnx-{a.method}-{a.allocation}-s{sparsity}" if sparsity else "onnx-dense")
     eargs = ["export", "--model", src, *a.export_arg, "--out", str(odir)]
-    if _stamped(odir, bench.MODEL_ONNX, eargs):
-        log(f"reusing {odir}")
-    else:
-        owl(eargs)
-        _stamp(odir, eargs)
+    run_once(odir, bench.MODEL_ONNX, eargs)
     return odir, report
 
 

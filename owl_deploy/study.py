@@ -9,6 +9,7 @@ once per M and shared by every method, allocation, sparsity and λ that uses the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 
 import torch
@@ -74,16 +75,24 @@ class Study:
         }
 
 
-def tune_grid(study: Study, base: PruneConfig, ms: list[float], lambdas: list[float]) -> dict:
+def tune_grid(
+    study: Study,
+    base: PruneConfig,
+    ms: list[float],
+    lambdas: list[float],
+    run: Callable[[PruneConfig], dict] | None = None,
+) -> dict:
     """Score OWL for every (M, λ) of the grid on ``study``'s tokens; also uniform as the reference point.
 
-    ``study`` must score on held-out *calibration* text, never the evaluation text.
+    ``study`` must score on held-out *calibration* text, never the evaluation text. ``run`` replaces
+    ``study.run`` (e.g. to reuse rows of an interrupted run).
     """
-    uniform = study.run(replace(base, allocation="uniform"))
+    run = run or study.run
+    uniform = run(replace(base, allocation="uniform"))
     rows = []
     for m in ms:
         for lam in lambdas:
-            row = study.run(replace(base, allocation="owl", owl_m=m, owl_lambda=lam))
+            row = run(replace(base, allocation="owl", owl_m=m, owl_lambda=lam))
             rows.append({"m": m, "lambda": lam, **{k: row[k] for k in ("perplexity", "mean_nll", "nll_std_err")}})
     best = min(rows, key=lambda r: r["mean_nll"])
     return {

@@ -1,0 +1,70 @@
+"""The benchmark scripts' own bookkeeping: an interrupted quality run resumes without re-scoring."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import quality
+
+from owl_deploy.prune import PruneConfig
+
+
+class CountingStudy:
+    """Stands in for owl_deploy.study.Study: counts the configurations it is asked to prune and score."""
+
+    def __init__(self):
+        self.calls: list[PruneConfig] = []
+
+    def run(self, cfg: PruneConfig) -> dict:
+        self.calls.append(cfg)
+        return {"config": {"sparsity": cfg.sparsity}, "perplexity": 10.0 + len(self.calls)}
+
+
+def _args(**changes) -> argparse.Namespace:
+    base = dict(
+        model="m", eval_text="wiki", calib="news", eval_tokens=1024, seqlen=512, nsamples=8, calib_seqlen=256, seed=0
+    )
+    return argparse.Namespace(**(base | changes))
+
+
+def test_quality_checkpoint_resumes_only_for_the_same_arguments(tmp_path):
+    path = tmp_path / ".quality-m.partial.json"
+    a, b = PruneConfig(sparsity=0.5), PruneConfig(sparsity=0.6)
+    study = CountingStudy()
+    first = quality.Checkpoint(path, _args())
+    row_a = first.run(study, a)
+    assert first.run(study, a) is row_a and len(study.calls) == 1  # the same config is scored once
+    assert path.is_file()  # written after every configuration
+
+    # a new run with the same arguments (the "crash" happened before b): a is reused, b is scored
+    again = CountingStudy()
+    resumed = quality.Checkpoint(path, _args())
+    assert resumed.run(again, a)["perplexity"] == row_a["perplexity"] and again.calls == []
+    resumed.run(again, b)
+    assert again.calls == [b]
+    # the held-out tuning rows live apart from the evaluation rows of the same config
+    resumed.run(again, a, tag="held-out ")
+    assert again.calls == [b, a]
+
+    # other arguments (here the evaluation size): nothing is reused
+    other = CountingStudy()
+    quality.Checkpoint(path, _args(eval_tokens=2048)).run(other, a)
+    assert other.calls == [a]
+    resumed.remove()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize(("text", "ok"), [("wanda,sparsegpt", True), ("wanda,gptq", False), ("", False)])
+def test_quality_method_list_is_checked(text, ok):
+    parse = quality._names(quality.METHODS)
+    if ok:
+        assert parse(text) == text.split(",")
+    else:
+        with pytest.raises(argparse.ArgumentTypeError, match="choose from magnitude, wanda, sparsegpt"):
+            parse(text)
