@@ -7,7 +7,7 @@ Stages (run in this order; each names the recipe keys and the upstream stages it
     evaluate_dense  evaluate                  <- fetch      perplexity of the dense model
     evaluate        evaluate                  <- prune      perplexity of the pruned model
     export_dense    export                    <- fetch      ONNX (KV cache) of the dense model: the reference
-    export          export                    <- prune      ONNX of the pruned model: the deployment folder
+    export          export, quantize          <- prune      ONNX of the pruned model (int8 if quantize.scheme)
     compile         compile                   <- export     compile in DeepSparse + generate a few tokens
     bench           bench            <- export, export_dense decode tokens/s vs dense ONNX Runtime
 
@@ -228,13 +228,31 @@ def _evaluate(ctx: StageContext) -> dict[str, Any]:
     return _evaluate_at(ctx.upstream["prune"].file("model"), ctx)
 
 
-def _export_at(model_dir: Path, ctx: StageContext) -> dict[str, Any]:
-    """``export.export_model``: model.onnx + config/tokenizer + export.json (zeros and logits verified)."""
+def _export_at(model_dir: Path, ctx: StageContext, quantized: bool = False) -> dict[str, Any]:
+    """``export.export_model``: model.onnx + config/tokenizer + export.json (zeros and logits verified);
+    int8 when ``quantized`` and the recipe's ``quantize.scheme`` asks for it."""
     from owl_deploy.export import export_model
+    from owl_deploy.export.int8 import Int8Config
 
-    x = ctx.recipe.export
+    x, q, c = ctx.recipe.export, ctx.recipe.quantize, ctx.recipe.calibration
+    int8 = quantized and q.scheme == "int8"
+    cfg = Int8Config(
+        smooth_alpha=q.smooth_alpha,
+        lm_head=q.lm_head,
+        keep_fp32=tuple(q.keep_fp32),
+        calib=c.text,
+        nsamples=q.nsamples,
+        seqlen=q.seqlen,
+        seed=c.seed,
+    )
     report = export_model(
-        str(model_dir), ctx.out / "model", sequence_length=x.sequence_length, attention=x.attention, log=ctx.log
+        str(model_dir),
+        ctx.out / "model",
+        sequence_length=x.sequence_length,
+        attention=x.attention,
+        log=ctx.log,
+        quantize="int8" if int8 else None,
+        int8=cfg if int8 else None,
     )
     if x.require_ok and not report.get("ok", False):
         problems = "; ".join(report.get("problems") or ["unknown"])
@@ -249,6 +267,7 @@ def _export_at(model_dir: Path, ctx: StageContext) -> dict[str, Any]:
         "onnx_sparsity": (report.get("zeros") or {}).get("overall_sparsity"),
         "deepsparse_sparse_kernels": engine_sparsity.get("num_sparse_kernels"),
         "sequence_length": report.get("sequence_length"),
+        "quantize": "int8" if report.get("int8") else None,
         "timings_s": report.get("timings_s"),
     }
 
@@ -258,7 +277,7 @@ def _export_dense(ctx: StageContext) -> dict[str, Any]:
 
 
 def _export(ctx: StageContext) -> dict[str, Any]:
-    return _export_at(ctx.upstream["prune"].file("model"), ctx)
+    return _export_at(ctx.upstream["prune"].file("model"), ctx, quantized=True)
 
 
 def _compile(ctx: StageContext) -> dict[str, Any]:
@@ -359,8 +378,8 @@ STAGES: dict[str, Stage] = {
               fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),
         Stage("export_dense", "ONNX export of the dense model", ("export",), ("fetch",), "1", _export_dense,
               libraries=(*_TORCH, "onnx")),
-        Stage("export", "ONNX export of the pruned model", ("export",), ("prune",), "1", _export,
-              libraries=(*_TORCH, "onnx")),
+        Stage("export", "ONNX export of the pruned model (int8 if quantize.scheme)", ("export", "quantize"),
+              ("prune",), "1", _export, libraries=(*_TORCH, "onnx")),  # int8 calibration: via prune's key
         Stage("compile", "compile the pruned export and generate", ("compile",), ("export",), "1", _compile,
               libraries=("deepsparse", "onnxruntime")),
         Stage("bench", "decode benchmark vs dense ONNX Runtime", ("bench",), ("export", "export_dense"), "1", _bench,
@@ -612,7 +631,8 @@ def summarize(recipe: Recipe, name: str, report: RunReport) -> dict[str, Any]:
             "allocation": recipe.prune.allocation,
             "nm": recipe.prune.nm,
         },
-        "export": {k: export.get(k) for k in ("ok", "zeros_preserved", "onnx_sparsity", "deepsparse_sparse_kernels")},
+        "export": {k: export.get(k) for k in ("ok", "zeros_preserved", "onnx_sparsity", "deepsparse_sparse_kernels",
+                                              "quantize")},
         "compile": {k: comp.get(k) for k in ("engine", "compile_seconds", "prompt", "generated_text")},
         "bench": {k: bench.get(k) for k in ("speedup_vs_dense_ort", "run", "reference", "decode_tokens_per_s",
                                             "reference_decode_tokens_per_s", "noisy", "noise_reasons")},
@@ -655,7 +675,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     if x.get("ok") is not None:
         kernels = x.get("deepsparse_sparse_kernels")
         lines.append(
-            f"export: verification {'passed' if x['ok'] else 'FAILED'}, zeros preserved in ONNX: "
+            f"export{' (int8)' if x.get('quantize') else ''}: verification {'passed' if x['ok'] else 'FAILED'}, "
+            "zeros preserved in ONNX: "
             f"{x.get('zeros_preserved')} (sparsity {_num(x.get('onnx_sparsity'), '.4f')})"
             + (f", {kernels} sparse DeepSparse kernels" if kernels is not None else "")
         )

@@ -9,6 +9,7 @@ A recipe is a mapping of sections (every key except ``model`` and the prune targ
     owl: {m: 5, lambda: 0.08, nsamples: null}
     evaluate: {text: wiki, seqlen: 512, max_tokens: 16384}
     export: {sequence_length: 512, attention: grouped, require_ok: true}
+    quantize: {scheme: null, smooth_alpha: 0.7, lm_head: true, keep_fp32: [], nsamples: 16, seqlen: 512}
     compile: {engine: deepsparse, prompt: "...", max_new_tokens: 16}
     bench: {engines: all, rounds: 5, warmup_rounds: 1, steps: 32, context: 128, prefill_chunk: 16,
             threads: null, strict: false}
@@ -100,6 +101,20 @@ class Export(_Section):
     require_ok: bool = True  # fail the stage when export.json's verification fails (zeros lost, logits off)
 
 
+class Quantize(_Section):
+    """int8 for the pruned export (``owl-deploy export --quantize int8``); the dense reference stays fp32.
+
+    Activation scales come from ``nsamples`` windows of ``calibration.text`` (seed ``calibration.seed``).
+    """
+
+    scheme: Literal["int8"] | None = None  # null: fp32 export
+    smooth_alpha: float | None = Field(0.7, ge=0, le=1)  # SmoothQuant strength; null: no smoothing
+    lm_head: bool = True
+    keep_fp32: list[str] = []  # kinds (down_proj, lm_head, ...) or globs of module names
+    nsamples: int = Field(16, ge=1)
+    seqlen: int = Field(512, ge=2)
+
+
 class Compile(_Section):
     """Compile the pruned export in the deployment engine and generate a few tokens with it (a smoke test)."""
 
@@ -131,6 +146,7 @@ class Recipe(_Section):
     owl: Owl = Owl()
     evaluate: Evaluate = Evaluate()
     export: Export = Export()
+    quantize: Quantize = Quantize()
     compile: Compile = Compile()
     bench: Bench = Bench()
 
@@ -337,6 +353,23 @@ def _semantic_problems(recipe: Recipe, base: Path) -> list[tuple[tuple, str]]:
                 ("bench", "context"),
                 f"context {b.context} + steps {b.steps} = {b.context + b.steps} decode positions exceed "
                 f"export.sequence_length ({recipe.export.sequence_length})",
+            )
+        )
+    q = recipe.quantize
+    if q.scheme == "int8":
+        from owl_deploy.export.int8 import Int8Config
+
+        try:
+            Int8Config(keep_fp32=tuple(q.keep_fp32)).validate()
+        except OwlError as exc:
+            out.append((("quantize", "keep_fp32"), str(exc).replace("--keep-fp32 ", "")))
+    elif q.keep_fp32:
+        out.append((("quantize", "keep_fp32"), "has no effect without quantize.scheme: int8"))
+    if b.prefill_chunk > 1 and b.prefill_chunk % 4:
+        out.append(
+            (
+                ("bench", "prefill_chunk"),
+                f"must be 0 or 1 (one token per call) or a multiple of 4 (got {b.prefill_chunk})",
             )
         )
     try:

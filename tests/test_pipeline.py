@@ -140,7 +140,7 @@ def write_recipe(folder: Path, model: Path, **changes: dict) -> Path:
         "bench": {"rounds": 1, "warmup_rounds": 0, "steps": 4, "context": 8, "prefill_chunk": 4},
     }
     for section, values in changes.items():
-        sections[section] = {**sections[section], **values}
+        sections[section] = {**sections.get(section, {}), **values}
     body = {"name": "tiny", "model": str(model), **sections}
     path = folder / "tiny.yaml"
     path.write_text(json.dumps(body, indent=2))  # JSON is YAML
@@ -152,12 +152,24 @@ def calls(log: Path) -> list[str]:
 
 
 # ---------------------------------------------------------------- recipes: the shipped ones and the errors
-@pytest.mark.parametrize("name", ["smollm2-owl-wanda-70", "smollm2-owl-sparsegpt-70"])
+@pytest.mark.parametrize("name", ["smollm2-owl-wanda-70", "smollm2-owl-sparsegpt-70", "smollm2-owl-wanda-70-int8"])
 def test_shipped_recipes_validate(name):
     recipe, recipe_name = load_recipe(ROOT / "pipelines" / f"{name}.yaml")
     assert recipe_name == name
     assert recipe.model == "smollm2-135m" and recipe.target_sparsity == 0.7
     assert recipe.prune.method == name.split("-")[2] and recipe.prune.allocation == "owl"
+    assert recipe.quantize.scheme == ("int8" if name.endswith("-int8") else None)
+
+
+def test_the_int8_recipe_differs_from_the_main_one_only_in_quantize():
+    """So that both share fetch, prune, the evaluations and the dense export in one cache."""
+    main, _ = load_recipe(ROOT / "pipelines" / "smollm2-owl-wanda-70.yaml")
+    int8, _ = load_recipe(ROOT / "pipelines" / "smollm2-owl-wanda-70-int8.yaml")
+    a, b = main.to_json(), int8.to_json()
+    assert [k for k in a if a[k] != b[k]] == ["name", "quantize"]
+    keys = {p.stage.name: p.key for p in pipeline.plan(main, ROOT / "out" / "unused")}
+    keys8 = {p.stage.name: p.key for p in pipeline.plan(int8, ROOT / "out" / "unused")}
+    assert [n for n in keys if keys[n] != keys8[n]] == ["export", "compile", "bench"]
 
 
 def test_recipe_schema_matches_the_stage_modules():
@@ -222,6 +234,10 @@ MP = M + "prune: {sparsity: 0.5}\n"
         ("model: nope\nprune: {sparsity: 0.5}\n", "recipe.yaml:1: model: 'nope' is neither a model asset"),
         (MP + "evaluate:\n  text: wiki+missing.txt\n", "recipe.yaml:4: evaluate.text: 'missing.txt' is neither"),
         (MP + "bench:\n  context: 500\n", "recipe.yaml:4: bench.context: context 500 + steps 32 = 532 decode"),
+        (MP + "bench: {prefill_chunk: 6}\n", "recipe.yaml:3: bench.prefill_chunk: must be 0 or 1 (one token"),
+        (MP + "quantize: {scheme: int8, keep_fp32: [mlp]}\n", "recipe.yaml:3: quantize.keep_fp32: mlp is not"),
+        (MP + "quantize: {keep_fp32: [down_proj]}\n", "recipe.yaml:3: quantize.keep_fp32: has no effect without"),
+        (MP + "quantize: {scheme: int4}\n", "recipe.yaml:3: quantize.scheme: must be"),
         (MP + "bench: {engines: gpu}\n", "recipe.yaml:3: bench.engines: unknown engine 'gpu' in bench.engines"),
         (MP + "owl: 5\n", "recipe.yaml:3: owl: must be a mapping of keys (got 5)"),
         (MP + "name: my recipe\n", "recipe.yaml:3: name: must be letters, digits"),
@@ -276,6 +292,7 @@ def _changed_stages(tmp_path, tiny_dir, **changes) -> list[str]:
         ({"calibration": {"seed": 1}}, DOWNSTREAM_OF_PRUNE),
         ({"evaluate": {"max_tokens": 128}}, ["evaluate_dense", "evaluate"]),
         ({"export": {"sequence_length": 128}}, ["export_dense", "export", "compile", "bench"]),
+        ({"quantize": {"scheme": "int8"}}, ["export", "compile", "bench"]),  # the dense reference stays fp32
         ({"compile": {"prompt": "Hello"}}, ["compile"]),
         ({"bench": {"rounds": 3}}, ["bench"]),
         ({}, []),
@@ -454,6 +471,30 @@ def test_real_stages_on_a_tiny_model(tmp_path, tiny_dir):
     assert s["compile"]["engine"] == "onnxruntime" and len(report.done["compile"].result["generated_tokens"]) >= 1
     lines = pipeline.summary_lines(s)
     assert any(line.startswith("export: verification passed, zeros preserved in ONNX: True") for line in lines)
+
+
+def test_real_int8_export_stage_on_a_tiny_model(tmp_path, tiny_dir):
+    """quantize.scheme: int8 gives an int8 deployment of the pruned model (zeros kept as the uint8 zero
+    point) that compiles and generates; the dense reference export is left in fp32."""
+    import onnx
+
+    out = tmp_path / "cache"
+    recipe, name = load_recipe(
+        write_recipe(tmp_path, tiny_dir, quantize={"scheme": "int8", "nsamples": 2, "seqlen": 32})
+    )
+    fake = ("evaluate_dense", "evaluate", "export_dense", "bench")
+    stages = {n: dataclasses.replace(s, run=FAKES[n]) if n in fake else s for n, s in pipeline.STAGES.items()}
+    report = pipeline.run_recipe(recipe, out, name, stages=stages, log=lambda _m: None)
+    s = report.summary
+    assert s["export"]["quantize"] == "int8" and s["export"]["ok"] and s["export"]["zeros_preserved"]
+    deployment = Path(s["paths"]["deployment"])
+    exported = json.loads((deployment / "export.json").read_text())
+    assert exported["int8"]["calibration"]["nsamples"] == 2 and "out" not in exported
+    ops = {n.op_type for n in onnx.load(deployment / "model.onnx", load_external_data=False).graph.node}
+    assert "MatMulInteger" in ops
+    assert len(report.done["compile"].result["generated_tokens"]) >= 1
+    lines = pipeline.summary_lines(s)
+    assert any(line.startswith("export (int8): verification passed") for line in lines)
 
 
 # ---------------------------------------------------------------- the docker image (no Docker engine here)
