@@ -19,6 +19,7 @@ writes the folder, with ``"ok": false`` in export.json and the reasons in ``"pro
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import shutil
@@ -140,6 +141,11 @@ def export_model(
             refs = [verify.torch_logits(hf_model, ids) for ids in prompts]
             greedy_ref = verify.torch_greedy(hf_model, prompts[0], n_greedy) if n_greedy else []
         timings["torch_reference"] = time.perf_counter() - t
+        # from here on only the engines run, each holding its own copy of the weights: release torch's
+        # so that the export never holds more than one extra copy (7 GB each for a 1.5B model in fp32)
+        model_type = hf_model.config.model_type
+        del hf_model
+        gc.collect()
         logits: dict = {"tolerance": verify.LOGITS_TOLERANCE, "prompts": list(verify.PROMPTS), "engines": {}}
         greedy: dict = {"prompt": verify.PROMPTS[0], "num_tokens": n_greedy, "torch": greedy_ref, "engines": {}}
         engine_refs = None  # int8: the first engine's logits are the reference of the others
@@ -213,9 +219,8 @@ def export_model(
         report = {
             "ok": not problems,
             "problems": problems,
-            "source": str(source),
-            "out": str(out),
-            "model_type": hf_model.config.model_type,
+            "source": str(source),  # no "out": a deployment folder may be moved (the pipeline renames it)
+            "model_type": model_type,
             "sequence_length": sequence_length,
             "max_sequence_length": info["meta"]["max_sequence_length"],
             "prefill_length": prefill,
@@ -267,7 +272,7 @@ def _int8_rewrite(hf_model, tokenizer, cfg: Int8Config, num_threads: int | None)
     if cfg.smooth_alpha is not None:
         absmax = q.smooth_model(hf_model, absmax, cfg.smooth_alpha)
     ranges = {name: float(absmax[name].max()) for name in q.quantize_targets(hf_model, cfg)}
-    return lambda proto, weights: q.quantize_graph(proto, ranges, weights)
+    return lambda proto, weights, base_dir: q.quantize_graph(proto, ranges, weights, base_dir)
 
 
 def _write_side_files(hf_model, tokenizer, source: Path, dest: Path) -> None:

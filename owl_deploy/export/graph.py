@@ -293,13 +293,13 @@ def export_onnx(
     sequence_length: int,
     attention: str = "grouped",
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    rewrite: Callable[[object, dict[str, str]], dict] | None = None,
+    rewrite: Callable[[object, dict[str, str], Path], dict] | None = None,
 ) -> dict:
     """Write ``out_dir/model.onnx`` (+ ``model.data`` above the threshold); return a description.
 
     The returned dict has the spec, the ONNX name of every HF projection weight and whether external
-    data was used.  ``rewrite(proto, weights)`` (e.g. int8) edits the graph before it is saved; what it
-    returns is kept under ``"rewrite"``.
+    data was used.  ``rewrite(proto, weights, base_dir)`` (e.g. int8) edits the graph before it is saved
+    (initializers may still be external data under ``base_dir``); what it returns is kept under ``"rewrite"``.
     """
     import onnx
 
@@ -329,10 +329,12 @@ def export_onnx(
             do_constant_folding=True,
             dynamo=False,
         )
-    proto = onnx.load(str(raw_path), load_external_data=True)
+    # the traced weights stay on disk: only the graph is loaded, and each tensor is read when it is
+    # quantized or copied into model.data (a 1.5B model would otherwise be a second 7 GB in memory)
+    proto = onnx.load(str(raw_path), load_external_data=False)
     names = _rename_initializers(proto, graph.hf_names)
     _set_static_shapes(proto, spec, sequence_length, input_ids_length=1)
-    rewritten = rewrite(proto, names) if rewrite is not None else None
+    rewritten = rewrite(proto, names, raw) if rewrite is not None else None
     proto.producer_name = "owl_deploy"
     meta = {
         **asdict(spec),
@@ -347,15 +349,9 @@ def export_onnx(
     external = weight_bytes > external_data_threshold
     dest = out_dir / MODEL_ONNX
     if external:
-        onnx.save_model(
-            proto,
-            str(dest),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_FILE,
-            size_threshold=1024,
-        )
+        _save_with_external_data(proto, raw, dest, out_dir / EXTERNAL_DATA_FILE)
     else:
+        onnx.load_external_data_for_model(proto, str(raw))
         onnx.save_model(proto, str(dest))
     del proto
     for f in raw.iterdir():
@@ -374,6 +370,35 @@ def export_onnx(
         "contract": contract,
         "rewrite": rewritten,
     }
+
+
+def _save_with_external_data(proto, raw_dir: Path, dest: Path, data_file: Path, min_bytes: int = 1024) -> None:
+    """Save ``proto`` with every initializer of ``min_bytes`` or more in one ``data_file``, streamed one
+    tensor at a time from where it is now (its own bytes, or the tracer's files under ``raw_dir``)."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    with open(data_file, "wb") as out:
+        for t in proto.graph.initializer:
+            if uses_external_data(t):
+                info = ExternalDataInfo(t)
+                with open(raw_dir / info.location, "rb") as src:
+                    src.seek(info.offset or 0)
+                    data = src.read(info.length) if info.length else src.read()
+            elif t.HasField("raw_data") and len(t.raw_data) >= min_bytes:
+                data = t.raw_data
+            else:
+                continue
+            offset = out.tell()
+            out.write(data)
+            del data
+            t.ClearField("raw_data")
+            del t.external_data[:]  # (onnx's set_external_data insists on raw_data being present)
+            for key, value in (("location", data_file.name), ("offset", offset), ("length", out.tell() - offset)):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, str(value)
+            t.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save_model(proto, str(dest))
 
 
 def rope_table_rows(spec: GraphSpec, sequence_length: int) -> int:

@@ -24,6 +24,7 @@ plain arrays; :func:`quantize_graph` rewrites an exported fp32 ONNX graph in pla
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -205,11 +206,12 @@ def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float
 
 
 # ---------------------------------------------------------------- the ONNX rewrite
-def quantize_graph(proto, act_absmax: dict[str, float], weights: dict[str, str]) -> dict:
+def quantize_graph(proto, act_absmax: dict[str, float], weights: dict[str, str], base_dir: str | Path = "") -> dict:
     """Rewrite ``proto`` in place: each MatMul whose weight is listed becomes the MatMulInteger pattern.
 
     ``act_absmax``: HF projection name -> activation range; ``weights``: HF weight name (``...weight``)
-    -> ONNX initializer name (export_onnx's map).  MatMuls sharing an input share one QuantizeLinear.
+    -> ONNX initializer name (export_onnx's map); weights stored as external data are read from ``base_dir``
+    one at a time.  MatMuls sharing an input share one QuantizeLinear.
     Returns {HF name: {"onnx_name", "act_scale", "zero_weights"}} for the report.
     """
     from onnx import TensorProto, helper, numpy_helper
@@ -242,7 +244,7 @@ def quantize_graph(proto, act_absmax: dict[str, float], weights: dict[str, str])
             quantized_inputs[key] = f"{tag}.x_q"
         xq = quantized_inputs[key]
         init = inits[w_name]
-        w = numpy_helper.to_array(init)
+        w = numpy_helper.to_array(init, str(base_dir))
         q, s_w = quantize_weight(w)
         init.CopyFrom(numpy_helper.from_array(q, w_name))
         base = node.name or w_name
