@@ -217,3 +217,33 @@ def test_export_int8_bad_options(tiny_pruned, tmp_path):
         assert res.exit_code != 0
         assert msg in res.output
         assert not out.exists()
+
+
+# ---------------------------------------------------------------- the int8 engine check (pure)
+def _logits(rows: list[list[float]]) -> list[np.ndarray]:
+    return [np.asarray(rows, dtype=np.float32)]
+
+
+@pytest.mark.parametrize(
+    ("engine", "expected"),
+    [
+        # within 0.05 of the first engine on the decode graph: exact enough
+        ([[0.0, 1.02], [5.0, 0.0], [1.0, 0.0], [0.0, 0.5]], (True, None)),
+        # off by more, argmax everywhere the same: accepted by argmax agreement
+        ([[0.0, 1.5], [5.0, 0.0], [1.0, 0.0], [0.0, 0.5]], (True, "argmax_agreement")),
+        # 2 of 4 argmax differ from the first engine, but the gap (0.6) is under half the int8 error (4.0) and
+        # the engine agrees with fp32's argmax as often as the first engine does: within the quantization error
+        ([[0.0, 1.0], [5.0, 0.0], [0.45, 0.55], [0.6, 0.5]], (True, "within_quantization_error")),
+        # a broken graph: far from the first engine and from fp32
+        ([[5.0, 0.0], [0.0, 5.0], [0.0, 5.0], [5.0, 0.0]], (False, None)),
+    ],
+)
+def test_int8_engine_check_accepts_engines_within_the_quantization_error(engine, expected):
+    from owl_deploy.export.verify import int8_engine_check
+
+    torch_fp32 = _logits([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    first = _logits([[0.0, 1.0], [5.0, 0.0], [1.0, 0.0], [0.0, 0.5]])  # int8 in ONNX Runtime: 3/4 argmax of fp32
+    assert int8_engine_check(first, first, torch_fp32, None)["reference"]
+    res = int8_engine_check(_logits(engine), _logits(engine), torch_fp32, (first, first))
+    assert (res["ok"], res.get("accepted_by")) == expected
+    assert res["first_engine_vs_torch_fp32"]["max_abs_diff"] == pytest.approx(4.0)

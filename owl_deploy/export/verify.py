@@ -44,6 +44,12 @@ INT8_ENGINE_TOLERANCE = 5e-2
 #: not bit-exact with ONNX Runtime (measured: up to 1.3 logits at a few positions of a 70% SmolLM2, 52/53
 #: argmax agree), while its dense int8 ones are.
 INT8_ENGINE_MIN_ARGMAX_AGREEMENT = 0.9
+#: ... or, failing both, the engine is within the quantization error: its distance to the first engine is at
+#: most this share of the first engine's distance to fp32 torch, and it agrees with fp32 torch's argmax at
+#: least as often as the first engine does.  (Measured on a 70% Qwen2.5-Coder-1.5B: DeepSparse vs ONNX Runtime
+#: 2.91 logits and 44/51 argmax, while ONNX Runtime vs fp32 is 6.34 and 36/51, DeepSparse vs fp32 38/51.)
+#: A broken int8 graph (a wrong scale or zero point) is far from fp32 and fails this.
+INT8_ENGINE_MAX_SHARE_OF_QUANT_ERROR = 0.5
 
 
 # ---------------------------------------------------------------- zeros
@@ -289,8 +295,16 @@ def int8_engine_check(
     if first is None:
         return res | {"reference": True}
     res |= compare_logits(decode, first[1], INT8_ENGINE_TOLERANCE)
+    quant = compare_logits(first[0], torch_refs)  # the first engine's own distance to fp32: the int8 error
+    res["first_engine_vs_torch_fp32"] = quant
     if not res["ok"] and res["argmax_agreement_fraction"] >= INT8_ENGINE_MIN_ARGMAX_AGREEMENT:
         res["ok"], res["accepted_by"] = True, "argmax_agreement"
+    elif (
+        not res["ok"]
+        and res["max_abs_diff"] <= INT8_ENGINE_MAX_SHARE_OF_QUANT_ERROR * quant["max_abs_diff"]
+        and res["vs_torch_fp32"]["argmax_agreement_fraction"] >= quant["argmax_agreement_fraction"]
+    ):
+        res["ok"], res["accepted_by"] = True, "within_quantization_error"
     res["with_prefill"] = compare_logits(got, first[0], INT8_ENGINE_TOLERANCE)
     return res
 
