@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export NM_DISABLE_ANALYTICS := 1
 
-.PHONY: setup assets main test lint
+.PHONY: setup assets main test test-large lint
 
 $(BIN)/owl-deploy: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "owl_deploy needs Python 3.11 (DeepSparse 1.8.0)")'
@@ -25,6 +25,11 @@ main: assets
 test: assets
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q -ra; rc=$$?; if [ $$rc -eq 5 ]; then exit 0; else exit $$rc; fi
+
+# the Qwen2.5-Coder-1.5B tests (opt-in asset: 1.1 GB download, ≈9 GB RAM, a few minutes)
+test-large: assets
+	$(BIN)/owl-deploy assets fetch qwen2.5-coder-1.5b
+	OWL_DEPLOY_LARGE=1 $(BIN)/pytest -q -ra -m large
 
 lint: setup
 	$(BIN)/ruff check .

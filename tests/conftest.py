@@ -10,6 +10,16 @@ import pytest
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """``large`` tests (the 1.5B model, ≈9 GB RAM, minutes each) run only with OWL_DEPLOY_LARGE=1."""
+    if os.environ.get("OWL_DEPLOY_LARGE") == "1":
+        return
+    skip = pytest.mark.skip(reason="large: set OWL_DEPLOY_LARGE=1 (`make test-large`)")
+    for item in items:
+        if "large" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The prepared fp32 safetensors folder of SmolLM2-135M (fetched on first use)."""
