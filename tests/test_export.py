@@ -480,7 +480,8 @@ def test_smollm2_export_dense(smollm2_dir, tmp_path_factory):
 
 # ---------------------------------------------------------------- weights streamed, never loaded all at once
 def _matmul_model(tmp_path, external: bool):
-    """y = x @ W (W 16x64 fp32, 4 KiB) + b (4 floats, inline); W written to its own file when ``external``."""
+    """y = x @ W + b + c: W (16x64 fp32, 4 KiB) an initializer, c (16x64) a Constant node's attribute (the
+    tracer stores both outside), b (64 floats) small; W and c written to files of their own when ``external``."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -488,11 +489,18 @@ def _matmul_model(tmp_path, external: bool):
     w = rng.standard_normal((16, 64)).astype(np.float32)
     w[:, ::3] = 0.0
     b = np.arange(64, dtype=np.float32)
+    c = rng.standard_normal((16, 64)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["xw"]),
+        helper.make_node("Add", ["xw", "b"], ["xwb"]),
+        helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(c, "c")),
+        helper.make_node("Add", ["xwb", "c"], ["y"]),
+    ]
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["xw"]), helper.make_node("Add", ["xw", "b"], ["y"])],
+        nodes,
         "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [16, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [16, 64])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -502,7 +510,7 @@ def _matmul_model(tmp_path, external: bool):
         onnx.save_model(proto, str(raw / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=False)
     else:
         onnx.save_model(proto, str(raw / "m.onnx"))
-    return onnx.load(str(raw / "m.onnx"), load_external_data=False), raw, w, b
+    return onnx.load(str(raw / "m.onnx"), load_external_data=False), raw, w, b, c
 
 
 @pytest.mark.parametrize("external", [True, False], ids=["from-tracer-files", "from-memory"])
@@ -513,17 +521,18 @@ def test_save_with_external_data_streams_every_large_tensor_into_one_file(tmp_pa
 
     from owl_deploy.export.graph import _save_with_external_data
 
-    proto, raw, w, b = _matmul_model(tmp_path, external)
+    proto, raw, w, b, c = _matmul_model(tmp_path, external)
     out = tmp_path / "out"
     out.mkdir()
     _save_with_external_data(proto, raw, out / "model.onnx", out / "model.data")
-    assert (out / "model.data").stat().st_size == w.nbytes  # W only: b is below 1 KiB and stays inline
+    assert (out / "model.data").stat().st_size == w.nbytes + c.nbytes  # b is below 1 KiB and stays inline
     loaded = onnx.load(str(out / "model.onnx"))  # reads model.data
     arrays = {t.name: numpy_helper.to_array(t) for t in loaded.graph.initializer}
     assert np.array_equal(arrays["W"], w) and np.array_equal(arrays["b"], b)
-    x = np.ones((1, 16), dtype=np.float32)
+    x = np.ones((16, 16), dtype=np.float32)
     y = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    assert np.allclose(y, x @ w + b, atol=1e-5)
+    assert np.allclose(y, x @ w + b + c, atol=1e-5)
+    onnx.checker.check_model(str(out / "model.onnx"))  # every external reference resolves
 
 
 def test_int8_quantize_graph_reads_external_weights_one_at_a_time(tmp_path):
@@ -531,7 +540,7 @@ def test_int8_quantize_graph_reads_external_weights_one_at_a_time(tmp_path):
 
     from owl_deploy.export.int8 import ZERO_POINT, quantize_graph, quantize_weight
 
-    proto, raw, w, _ = _matmul_model(tmp_path, external=True)
+    proto, raw, w, _, _ = _matmul_model(tmp_path, external=True)
     quantize_graph(proto, {"proj": 1.0}, {"proj.weight": "W"}, raw)
     q = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "W"))
     expected, _ = quantize_weight(w)

@@ -378,8 +378,11 @@ def _save_with_external_data(proto, raw_dir: Path, dest: Path, data_file: Path, 
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
+    attribute_tensors = [
+        t for node in proto.graph.node for a in node.attribute for t in ([a.t] if a.HasField("t") else list(a.tensors))
+    ]
     with open(data_file, "wb") as out:
-        for t in proto.graph.initializer:
+        for t in [*proto.graph.initializer, *attribute_tensors]:  # the tracer stores big Constants outside too
             if uses_external_data(t):
                 info = ExternalDataInfo(t)
                 with open(raw_dir / info.location, "rb") as src:
