@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> None:
         "stages": stages,
     }
     stem = a.results / f"int8-{name}{'-quick' if a.quick else ''}"
-    write_json(stem.with_suffix(".json"), res)
-    with atomic_file(stem.with_suffix(".md")) as fh:
+    write_json(stem.parent / f"{stem.name}.json", res)
+    with atomic_file(stem.parent / f"{stem.name}.md") as fh:
         fh.write(markdown(res))
     print(markdown(res))
 

@@ -388,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     a.results.mkdir(parents=True, exist_ok=True)
     stem = a.results / f"sweep-{name}{'-quick' if a.quick else ''}"
-    write_json(stem.with_suffix(".json"), out)
-    with atomic_file(stem.with_suffix(".md")) as fh:
+    write_json(stem.parent / f"{stem.name}.json", out)
+    with atomic_file(stem.parent / f"{stem.name}.md") as fh:
         fh.write(render_md(out))
-    with atomic_file(stem.with_suffix(".png"), "wb") as fh:
+    with atomic_file(stem.parent / f"{stem.name}.png", "wb") as fh:
         render_png(out, fh)
     for p in out["points"]:
         log(
