@@ -5,11 +5,12 @@ Dense; magnitude, Wanda and SparseGPT with uniform and OWL allocation (and OWL-i
 the tuned OWL re-scored on the evaluation text. Evaluation on ``wiki``, calibration on the default
 mix — never the evaluation text. Writes ``benchmarks/results/quality-<model>.{json,md}`` and PNGs.
 
-    .venv/bin/python benchmarks/quality.py                 # the recorded run (SmolLM2-135M)
+    .venv/bin/python benchmarks/quality.py --nsamples 32 --eval-tokens 8192   # the recorded SmolLM2-135M run
     .venv/bin/python benchmarks/quality.py --quick         # a 2-minute smoke run
     .venv/bin/python benchmarks/quality.py --model qwen2.5-coder-1.5b --methods wanda,sparsegpt \
-        --allocations uniform,owl --sparsities 0.5,0.6,0.7 --nm '' --nsamples 8 --eval-tokens 4096 \
-        --tune-ms 3,8 --tune-lambdas 0.04,0.15 --tune-tokens 1024 --tuned-sparsities 0.5,0.6,0.7
+        --only sparsegpt=0.7 --allocations uniform,owl --sparsities 0.5,0.6,0.7 --nm '' --nsamples 8 \
+        --calib-seqlen 256 --eval-tokens 4096 --tune-ms 3,5 --tune-lambdas 0.08,0.15 --tune-tokens 1024 \
+        --tuned-sparsities 0.7 --tuned-methods wanda
                                                            # the recorded Qwen2.5-Coder-1.5B run
 """
 
@@ -51,6 +52,8 @@ def configs(args) -> list[PruneConfig]:
     out = []
     for s in args.sparsities:
         for method in args.methods:
+            if s not in args.only.get(method, [s]):
+                continue
             # OWL-inverse is the paper's ablation; it is run for Wanda only
             allocations = [a for a in args.allocations if a != "owl-inverse" or method == "wanda"]
             out += [replace(base, method=method, allocation=a, sparsity=s) for a in allocations]
@@ -243,6 +246,13 @@ def main() -> None:
     p.add_argument("--methods", type=_names(METHODS), default=list(METHODS))
     p.add_argument("--allocations", type=_names(ALLOCATIONS), default=list(ALLOCATIONS))
     p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="METHOD=S1,S2",
+        help="run METHOD at these sparsities only (e.g. sparsegpt=0.7: its Hessians dominate on a 1.5B model)",
+    )
+    p.add_argument(
         "--nm",
         type=lambda s: [tuple(int(v) for v in x.split(":")) for x in s.split(",") if x],
         default=[(2, 4), (4, 8)],
@@ -251,6 +261,12 @@ def main() -> None:
     p.add_argument("--tune-ms", type=_floats, default=[3.0, 5.0, 8.0])
     p.add_argument("--tune-lambdas", type=_floats, default=[0.04, 0.08, 0.15])
     p.add_argument("--tune-sparsity", type=float, default=0.7, help="Wanda sparsity the grid is scored at")
+    p.add_argument(
+        "--tuned-methods",
+        type=_names(METHODS),
+        default=["wanda", "sparsegpt"],
+        help="methods re-scored with the tuned OWL",
+    )
     p.add_argument(
         "--tuned-sparsities",
         type=_floats,
@@ -261,6 +277,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny calibration/eval, one sparsity, no tuning")
     p.add_argument("--out-stem", default=None, help="file stem under benchmarks/results (default quality-<model>)")
     args = p.parse_args()
+    try:
+        args.only = {m: _floats(v) for m, v in (x.split("=", 1) for x in args.only)}
+    except ValueError:
+        p.error("--only takes METHOD=S1,S2 (e.g. sparsegpt=0.7)")
+    if set(args.only) - set(args.methods):
+        p.error(f"--only names a method not in --methods: {', '.join(sorted(set(args.only) - set(args.methods)))}")
     if "owl" not in args.allocations or "uniform" not in args.allocations:
         p.error("--allocations must include uniform and owl (the table compares them)")
     if args.tuned_sparsities is None:
@@ -305,7 +327,7 @@ def main() -> None:
         }
         best_m, best_lam = grid["best"]["m"], grid["best"]["lambda"]
         if (best_m, best_lam) != (tune_cfg.owl_m, tune_cfg.owl_lambda):
-            for method in (m for m in ("wanda", "sparsegpt") if m in args.methods):
+            for method in (m for m in args.tuned_methods if m in args.methods):
                 for s in args.tuned_sparsities:
                     cfg = replace(tune_cfg, method=method, sparsity=s, owl_m=best_m, owl_lambda=best_lam)
                     row = done.run(study, cfg)

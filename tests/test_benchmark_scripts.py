@@ -68,3 +68,21 @@ def test_quality_method_list_is_checked(text, ok):
     else:
         with pytest.raises(argparse.ArgumentTypeError, match="choose from magnitude, wanda, sparsegpt"):
             parse(text)
+
+
+def test_quality_configs_restrict_a_method_to_some_sparsities():
+    args = argparse.Namespace(
+        nsamples=8,
+        calib_seqlen=256,
+        seed=0,
+        sparsities=[0.5, 0.6, 0.7],
+        methods=["wanda", "sparsegpt"],
+        allocations=["uniform", "owl", "owl-inverse"],
+        only={"sparsegpt": [0.7]},
+        nm=[],
+        nm_lambda=0.25,
+    )
+    got = [(c.method, c.allocation, c.sparsity) for c in quality.configs(args)]
+    wanda = [("wanda", a, s) for s in (0.5, 0.6, 0.7) for a in ("uniform", "owl", "owl-inverse")]
+    assert sorted(got) == sorted([*wanda, ("sparsegpt", "uniform", 0.7), ("sparsegpt", "owl", 0.7)])
+    assert all(c.nsamples == 8 and c.seqlen == 256 for c in quality.configs(args))
