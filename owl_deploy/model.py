@@ -1,7 +1,8 @@
-"""Model loading (asset name, Hugging Face folder or .gguf file) and structure discovery.
+"""Loading a model from a path (a Hugging Face folder or a .gguf file), saving it, and its structure.
 
 Structure is discovered from modules, never guessed from a model's name: the decoder blocks are
 the longest ``nn.ModuleList`` whose entries all share one class and hold ``nn.Linear`` layers.
+(``specs.py`` turns what a user types - an asset name or a path - into the path these functions take.)
 """
 
 from __future__ import annotations
@@ -9,33 +10,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from owl_deploy.errors import OwlError
-
-
-def resolve_model(spec: str | os.PathLike) -> Path:
-    """Turn ``--model`` into a path: an asset name (fetched on first use), a folder or a .gguf file."""
-    from owl_deploy import assets
-
-    text = str(spec)
-    if text in assets.MODELS:
-        return assets.ensure(text)
-    path = Path(text).expanduser()
-    if not path.exists():
-        known = ", ".join(sorted(assets.MODELS))
-        raise OwlError(f"model not found: {text!r} is neither an asset name ({known}) nor an existing path")
-    if path.is_file():
-        if path.suffix != ".gguf":
-            raise OwlError(f"model file {path} is not a .gguf file; pass a Hugging Face folder or a .gguf")
-        return path
-    if not (path / "config.json").is_file():
-        raise OwlError(f"{path} is not a Hugging Face model folder (no config.json)")
-    return path
+from owl_deploy.errors import OwlError, one_line
 
 
 @contextlib.contextmanager
@@ -55,31 +35,24 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def load_tokenizer(spec: str | os.PathLike):
-    """Load the tokenizer that belongs to ``--model``."""
+def load_tokenizer(path: Path):
+    """The tokenizer of a Hugging Face folder or a .gguf file."""
     from transformers import AutoTokenizer
 
-    path = resolve_model(spec)
     try:
         with _quiet_transformers():
             if path.is_file():
                 return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             return AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # transformers raises many types for a bad folder
-        raise OwlError(f"cannot load tokenizer from {path}: {_one_line(exc)}") from exc
+        raise OwlError(f"cannot load tokenizer from {path}: {one_line(exc)}") from exc
 
 
-def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` in eval mode on the CPU, in ``dtype`` (GGUF is dequantized)."""
-    path = resolve_model(spec)
-    return load_causal_lm(path, dtype), load_tokenizer(path)
-
-
-def load_causal_lm(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """Load only the model (eval mode, cache off for calibration and evaluation)."""
+def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32):
+    """The model of a Hugging Face folder or a .gguf file (dequantized), in eval mode, cache off (for
+    calibration and evaluation)."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(spec)
     try:
         with _quiet_transformers():
             if path.is_file():
@@ -90,7 +63,7 @@ def load_causal_lm(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
             else:
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as exc:
-        raise OwlError(f"cannot load model from {path}: {_one_line(exc)}") from exc
+        raise OwlError(f"cannot load model from {path}: {one_line(exc)}") from exc
     model.eval()
     model.config.use_cache = False
     return model
@@ -160,11 +133,6 @@ def named_block_linears(model: nn.Module) -> dict[str, nn.Linear]:
         for i, block in enumerate(decoder_blocks(model))
         for name, lin in block_linears(block).items()
     }
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 logging.getLogger("transformers").setLevel(logging.ERROR)

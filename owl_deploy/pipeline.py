@@ -29,9 +29,8 @@ A stage is complete iff ``DIR/<stage>/<key>/done.json`` exists. A run killed mid
 the stages already complete are reused. Different recipes can share one DIR: a dense evaluation or
 export is computed once for every recipe that prunes the same model.
 
-The stage functions are small adapters over the stage modules' Python APIs (``_fetch``, ``_prune``, ...);
-they receive a :class:`StageContext` (the recipe, a temporary output folder, the upstream stages) and
-return a small JSON-able ``result`` stored in done.json, which downstream stages and the summary read.
+The stages themselves (what each computes, from which keys) are in ``stages.py``; this module plans
+them, keys them, runs what is not cached, and summarises.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ import fcntl
 import hashlib
 import json
 import shutil
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -52,300 +52,13 @@ from typing import Any
 from owl_deploy.errors import OwlError
 from owl_deploy.io import atomic_dir, write_json
 from owl_deploy.recipe import Recipe
+from owl_deploy.stages import DONE, STAGES, Done, Stage, StageContext
+from owl_deploy.versions import package_versions
+
+__all__ = ["STAGES", "Done", "Stage", "StageContext", "plan", "run_recipe"]
 
 SCHEMA = "owl_deploy.pipeline/1"
-DONE = "done.json"
 KEY_CHARS = 16
-
-
-# ---------------------------------------------------------------- stage registry
-@dataclass
-class Done:
-    """A completed stage: its folder and done.json."""
-
-    stage: str
-    key: str
-    path: Path
-    record: dict[str, Any]
-
-    @property
-    def result(self) -> dict[str, Any]:
-        return self.record.get("result", {})
-
-    def file(self, name: str) -> Path:
-        """A path recorded in the result (relative to the stage folder, or absolute for external inputs)."""
-        return self.path / self.result[name]
-
-
-@dataclass
-class StageContext:
-    recipe: Recipe
-    stage: str
-    key: str
-    out: Path  # the temporary folder to write into; renamed to ``final`` on success
-    final: Path
-    upstream: dict[str, Done]
-    log: Callable[[str], None]
-
-
-StageFn = Callable[[StageContext], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    title: str
-    fields: tuple[str, ...]  # dotted recipe keys whose values go into the cache key
-    upstream: tuple[str, ...]
-    version: str  # bump when the stage's output changes for the same inputs
-    run: StageFn
-    fingerprint: Callable[[Recipe], Any] | None = None  # external files the stage reads (model, texts)
-    libraries: tuple[str, ...] = ()  # distributions whose versions shape the output
-    still_valid: Callable[[Done], bool] | None = None  # a complete stage whose output lives elsewhere
-
-
-# ---------------------------------------------------------------- fingerprints of inputs outside the cache
-def _file_stamp(path: Path) -> list[int]:
-    st = path.stat()
-    return [st.st_size, st.st_mtime_ns]
-
-
-def model_fingerprint(spec: str) -> dict[str, Any]:
-    """An asset is pinned by its registry sha256s; a folder or .gguf by its files' sizes and mtimes."""
-    from owl_deploy import assets
-
-    if spec in assets.MODELS:
-        return {"asset": spec, "sha256": [d.sha256 for d in assets.ASSETS[spec].downloads]}
-    path = Path(spec)
-    if path.is_file():
-        return {"file": path.name, "stamp": _file_stamp(path)}
-    if path.is_dir():
-        return {
-            "folder": {str(p.relative_to(path)): _file_stamp(p) for p in sorted(path.rglob("*")) if p.is_file()},
-        }
-    return {"missing": spec}
-
-
-def text_fingerprint(spec: str) -> list[Any]:
-    """Text assets are pinned by their registry sha256s; a file by the sha256 of its content."""
-    from owl_deploy import assets
-
-    out: list[Any] = []
-    for part in (p.strip() for p in spec.split("+")):
-        if part in assets.TEXTS:
-            out.append({"asset": part, "sha256": [d.sha256 for d in assets.ASSETS[part].downloads]})
-        else:
-            path = Path(part)
-            digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-            out.append({"file": path.name, "sha256": digest})
-    return out
-
-
-def _library_versions(names: tuple[str, ...]) -> dict[str, str | None]:
-    from importlib import metadata
-
-    out: dict[str, str | None] = {}
-    for name in names:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-# ---------------------------------------------------------------- stage adapters (one per stage)
-def _fetch(ctx: StageContext) -> dict[str, Any]:
-    """The model as a Hugging Face folder: an asset or a folder is used in place; a .gguf is dequantized."""
-    from owl_deploy import assets
-
-    spec = ctx.recipe.model
-    if spec in assets.MODELS:
-        path = assets.ensure(spec)
-        return {"model": str(path), "source": "asset", "spec": spec}
-    from owl_deploy.model import resolve_model
-
-    path = resolve_model(spec)
-    if path.is_dir():
-        return {"model": str(path), "source": "folder", "spec": spec}
-    from owl_deploy.model import load_model, save_model
-
-    model, tokenizer = load_model(path)
-    model.config.use_cache = True
-    save_model(model, tokenizer, ctx.out / "model")
-    return {"model": "model", "source": "gguf", "spec": spec}
-
-
-def prune_config(recipe: Recipe):
-    """The recipe's ``owl_deploy.prune.PruneConfig`` (validated)."""
-    from owl_deploy.prune import config_from_cli
-
-    r = recipe
-    return config_from_cli(
-        sparsity=r.prune.sparsity,
-        nm=r.prune.nm,
-        method=r.prune.method,
-        allocation=r.prune.allocation,
-        granularity=r.prune.granularity,
-        owl_m=r.owl.m,
-        owl_lambda=r.owl.lambda_,
-        owl_nsamples=r.owl.nsamples,
-        nsamples=r.calibration.nsamples,
-        seqlen=r.calibration.seqlen,
-        seed=r.calibration.seed,
-        batch_size=r.prune.batch_size,
-    )
-
-
-def _prune(ctx: StageContext) -> dict[str, Any]:
-    from owl_deploy.prune import run_prune
-
-    cfg = prune_config(ctx.recipe)
-    report = run_prune(str(ctx.upstream["fetch"].file("model")), ctx.out / "model", cfg, ctx.recipe.calibration.text)
-    keep = ("method", "allocation", "granularity", "target_sparsity", "nm", "global_sparsity", "mean_block_sparsity")
-    return {
-        "model": "model",
-        "sparsity_json": "model/sparsity.json",
-        **{k: report.get(k) for k in keep},
-        "block_sparsity": [b["sparsity"] for b in report.get("blocks", [])],
-        "seconds": report.get("timings", {}).get("total"),
-    }
-
-
-def _evaluate_at(model_dir: Path, ctx: StageContext) -> dict[str, Any]:
-    from owl_deploy.evaluate import evaluate_model
-
-    e = ctx.recipe.evaluate
-    result = evaluate_model(str(model_dir), e.text, e.seqlen, e.max_tokens)
-    write_json(ctx.out / "perplexity.json", {"model": str(model_dir), "text": e.text, **result.to_json(full=True)})
-    return {"perplexity_json": "perplexity.json", "text": e.text, **result.to_json()}
-
-
-def _evaluate_dense(ctx: StageContext) -> dict[str, Any]:
-    return _evaluate_at(ctx.upstream["fetch"].file("model"), ctx)
-
-
-def _evaluate(ctx: StageContext) -> dict[str, Any]:
-    return _evaluate_at(ctx.upstream["prune"].file("model"), ctx)
-
-
-def _export_at(model_dir: Path, ctx: StageContext, quantized: bool = False) -> dict[str, Any]:
-    """``export.export_model``: model.onnx + config/tokenizer + export.json (zeros and logits verified);
-    int8 when ``quantized`` and the recipe's ``quantize.scheme`` asks for it."""
-    from owl_deploy.export import export_model
-    from owl_deploy.export.int8 import Int8Config
-
-    x, q, c = ctx.recipe.export, ctx.recipe.quantize, ctx.recipe.calibration
-    int8 = quantized and q.scheme == "int8"
-    cfg = Int8Config(
-        smooth_alpha=q.smooth_alpha,
-        lm_head=q.lm_head,
-        keep_fp32=tuple(q.keep_fp32),
-        calib=c.text,
-        nsamples=q.nsamples,
-        seqlen=q.seqlen,
-        seed=c.seed,
-    )
-    report = export_model(
-        str(model_dir),
-        ctx.out / "model",
-        sequence_length=x.sequence_length,
-        attention=x.attention,
-        log=ctx.log,
-        quantize="int8" if int8 else None,
-        int8=cfg if int8 else None,
-    )
-    if x.require_ok and not report.get("ok", False):
-        problems = "; ".join(report.get("problems") or ["unknown"])
-        raise OwlError(f"the export's verification failed ({problems}); set export.require_ok: false to keep it")
-    engine_sparsity = report.get("engine_sparsity") or {}
-    return {
-        "model": "model",
-        "export_json": "model/export.json",
-        "ok": report.get("ok"),
-        "problems": report.get("problems"),
-        "zeros_preserved": report.get("zeros_preserved"),
-        "onnx_sparsity": (report.get("zeros") or {}).get("overall_sparsity"),
-        "deepsparse_sparse_kernels": engine_sparsity.get("num_sparse_kernels"),
-        "sequence_length": report.get("sequence_length"),
-        "quantize": "int8" if report.get("int8") else None,
-        "timings_s": report.get("timings_s"),
-    }
-
-
-def _export_dense(ctx: StageContext) -> dict[str, Any]:
-    return _export_at(ctx.upstream["fetch"].file("model"), ctx)
-
-
-def _export(ctx: StageContext) -> dict[str, Any]:
-    return _export_at(ctx.upstream["prune"].file("model"), ctx, quantized=True)
-
-
-def _compile(ctx: StageContext) -> dict[str, Any]:
-    """Compile the deployment folder in the recipe's engine (``runtime.compile``) and generate greedily."""
-    from owl_deploy import runtime
-
-    c = ctx.recipe.compile
-    model_dir = ctx.upstream["export"].file("model")
-    session = runtime.compile(model_dir, engine=c.engine)
-    tokenizer = session.deployment.tokenizer()
-    prompt_ids = tokenizer(c.prompt)["input_ids"]  # as `owl-deploy generate` encodes it
-    t0 = time.perf_counter()
-    tokens = list(session.generate(prompt_ids, c.max_new_tokens, eos_token_id=tokenizer.eos_token_id))
-    seconds = time.perf_counter() - t0
-    record = {
-        "engine": c.engine,
-        "model": str(model_dir),
-        "sequence_length": session.sequence_length,
-        "compile_seconds": round(session.compile_seconds, 3),
-        "prompt": c.prompt,
-        "prompt_tokens": len(prompt_ids),
-        "generated_tokens": tokens,
-        "generated_text": tokenizer.decode(tokens, skip_special_tokens=True),
-        "generate_seconds": round(seconds, 3),
-    }
-    write_json(ctx.out / "compile.json", record)
-    return {"compile_json": "compile.json", **record}
-
-
-def _bench(ctx: StageContext) -> dict[str, Any]:
-    from owl_deploy import bench
-
-    b = ctx.recipe.bench
-    settings = bench.BenchSettings(
-        context=b.context,
-        steps=b.steps,
-        rounds=b.rounds,
-        warmup_rounds=b.warmup_rounds,
-        prefill_chunk=b.prefill_chunk,
-        threads=b.threads,
-    )
-    res = bench.bench_command(
-        ctx.upstream["export"].file("model"),
-        ctx.upstream["export_dense"].file("model"),
-        ctx.out / "bench",
-        engines=b.engines,
-        settings=settings,
-        strict=b.strict,
-        log=ctx.log,
-    )
-    return bench_result(res)
-
-
-def bench_result(res: dict[str, Any]) -> dict[str, Any]:
-    """The few numbers of a bench results.json the summary shows."""
-    head = res.get("headline") or {}
-    return {
-        "results_json": "bench/results.json",
-        "results_md": "bench/results.md",
-        "speedup_vs_dense_ort": head.get("speedup_vs_dense_ort"),
-        "run": head.get("run"),
-        "reference": head.get("reference"),
-        "decode_tokens_per_s": head.get("decode_tokens_per_s"),
-        "reference_decode_tokens_per_s": head.get("reference_decode_tokens_per_s"),
-        "runs": {k: r.get("speedup_vs_dense_ort") for k, r in (res.get("runs") or {}).items()},
-        "noisy": bool((res.get("noise") or {}).get("noisy")),
-        "noise_reasons": (res.get("noise") or {}).get("reasons", []),
-    }
 
 
 def _jsonable(obj: Any) -> Any:
@@ -361,31 +74,6 @@ def _jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (str, int, float, bool)):
         return obj
     return str(obj)
-
-
-_TORCH = ("torch", "transformers")
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in (
-        Stage("fetch", "the model as a Hugging Face folder", ("model",), (), "1", _fetch,
-              fingerprint=lambda r: model_fingerprint(r.model),
-              still_valid=lambda d: (d.file("model") / "config.json").is_file()),  # an asset may be deleted
-        Stage("prune", "prune the model", ("calibration", "prune", "owl"), ("fetch",), "1", _prune,
-              fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=_TORCH),
-        Stage("evaluate_dense", "perplexity of the dense model", ("evaluate",), ("fetch",), "1", _evaluate_dense,
-              fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),
-        Stage("evaluate", "perplexity of the pruned model", ("evaluate",), ("prune",), "1", _evaluate,
-              fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),
-        Stage("export_dense", "ONNX export of the dense model", ("export",), ("fetch",), "1", _export_dense,
-              libraries=(*_TORCH, "onnx")),
-        Stage("export", "ONNX export of the pruned model (int8 if quantize.scheme)", ("export", "quantize"),
-              ("prune",), "1", _export, libraries=(*_TORCH, "onnx")),  # int8 calibration: via prune's key
-        Stage("compile", "compile the pruned export and generate", ("compile",), ("export",), "1", _compile,
-              libraries=("deepsparse", "onnxruntime")),
-        Stage("bench", "decode benchmark vs dense ONNX Runtime", ("bench",), ("export", "export_dense"), "1", _bench,
-              libraries=("deepsparse", "onnxruntime")),
-    )
-}  # fmt: skip
 
 
 # ---------------------------------------------------------------- planning
@@ -405,7 +93,7 @@ def stage_inputs(stage: Stage, recipe: Recipe, upstream_keys: dict[str, str]) ->
         "version": stage.version,
         "config": {f: _portable(f, recipe.value(f)) for f in stage.fields},
         "fingerprint": stage.fingerprint(recipe) if stage.fingerprint else None,
-        "libraries": _library_versions(stage.libraries),
+        "libraries": package_versions(stage.libraries),
         "upstream": {u: upstream_keys[u] for u in stage.upstream},
     }
 
@@ -509,9 +197,7 @@ def _now() -> str:
 
 
 def _stderr(msg: str) -> None:
-    import click
-
-    click.echo(msg, err=True)
+    print(msg, file=sys.stderr, flush=True)
 
 
 def run_recipe(

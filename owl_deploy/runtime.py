@@ -21,10 +21,8 @@ an ``OwlError`` with a one-line message.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import shutil
-import tempfile
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,12 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from owl_deploy.errors import OwlError
-from owl_deploy.export.graph import META_KEY, MODEL_ONNX, GraphSpec, set_input_shapes
+from owl_deploy import contract
+from owl_deploy.configs import ENGINES
+from owl_deploy.contract import MODEL_ONNX, PREFILL_RULE, GraphSpec, valid_prefill_length
+from owl_deploy.errors import OwlError, one_line
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-
-ENGINES = ("deepsparse", "onnxruntime")
 #: tokens per multi-token prefill call (DeepSparse's pipeline default; it must be 1 or a multiple of 4)
 DEFAULT_PREFILL_LENGTH = 16
 
@@ -49,112 +46,64 @@ class Deployment:
 
     folder: Path
     onnx_path: Path
-    spec: GraphSpec
-    sequence_length: int  # the export's static sequence length
-    max_sequence_length: int  # the longest one the graph can be re-declared to (RoPE table rows)
+    contract: contract.Contract
     external_files: list[str] = field(default_factory=list)
-    meta: dict = field(default_factory=dict)
     #: the parsed graph (weights included unless they are external data); compile re-declares its inputs
     proto: object = field(default=None, repr=False)
+
+    @property
+    def spec(self) -> GraphSpec:
+        return self.contract.spec
+
+    @property
+    def sequence_length(self) -> int:
+        """The export's static sequence length."""
+        return self.contract.sequence_length
+
+    @property
+    def max_sequence_length(self) -> int:
+        """The longest sequence length the graph can be re-declared to (RoPE table rows)."""
+        return self.contract.max_sequence_length
 
     def tokenizer(self):
         from transformers import AutoTokenizer
 
+        if not any((self.folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            raise OwlError(f"{self.folder} has no tokenizer files (tokenizer.json, tokenizer_config.json)")
         try:
             return AutoTokenizer.from_pretrained(self.folder)
         except Exception as exc:
-            raise OwlError(f"cannot load the tokenizer in {self.folder}: {_one_line(exc)}") from exc
+            raise OwlError(f"cannot load the tokenizer in {self.folder}: {one_line(exc)}") from exc
 
 
-def open_deployment(folder: str | os.PathLike) -> Deployment:
+def open_deployment(folder: str | os.PathLike | Deployment) -> Deployment:
     """Check a deployment folder against the ONNX contract without compiling anything."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
+    if isinstance(folder, Deployment):
+        return folder
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise OwlError(f"deployment folder not found: {folder}")
     path = folder / MODEL_ONNX
     if not path.is_file():
         raise OwlError(f"{folder} has no {MODEL_ONNX}: export a model there first (owl-deploy export)")
+    proto = contract.load_graph(path)
+    external = contract.external_data_files(proto, folder)
+    return Deployment(folder, path, contract.read_contract(proto, path), external, proto)
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """DeepSparse prints a banner on the process's stdout at its first compile; keep stdout for our output."""
+    sys.stdout.flush()
+    saved = os.dup(1)
     try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError, OSError) as exc:
-        raise OwlError(f"{path} is corrupted: not a readable ONNX model ({_one_line(exc)})") from exc
-    except Exception as exc:  # protobuf raises several types for garbage
-        raise OwlError(f"{path} is corrupted: not a readable ONNX model ({_one_line(exc)})") from exc
-    if not proto.graph.node:
-        raise OwlError(f"{path} is corrupted: the ONNX graph has no nodes")
-    external = sorted(
-        {
-            entry.value
-            for init in proto.graph.initializer
-            if init.data_location == onnx.TensorProto.EXTERNAL
-            for entry in init.external_data
-            if entry.key == "location"
-        }
-    )
-    for name in external:
-        if not (folder / name).is_file():
-            raise OwlError(f"{path} keeps its weights in {name}, which is missing from {folder}")
-    spec, seq_len, max_len, meta = _contract(proto, path)
-    return Deployment(folder, path, spec, seq_len, max_len, external, meta, proto)
-
-
-def _contract(proto, path: Path) -> tuple[GraphSpec, int, int, dict]:
-    """Read the shapes from the graph inputs and our metadata; reject graphs outside the contract."""
-    inputs = {i.name: i for i in proto.graph.input}
-    initializers = {i.name for i in proto.graph.initializer}
-    names = [n for n in inputs if n not in initializers]
-    required = ["input_ids", "attention_mask", "positions", "causal_mask"]
-    missing = [n for n in required if n not in names]
-    past = [n for n in names if n.startswith("past_key_values.")]
-    if missing or not past:
-        what = ", ".join(missing) if missing else "past_key_values.*"
-        raise OwlError(f"{path} does not follow the KV-cache contract: missing input(s) {what}")
-    outputs = [o.name for o in proto.graph.output]
-    if not outputs or outputs[0] != "logits" or not any(o.startswith("present.") for o in outputs):
-        raise OwlError(f"{path} does not follow the KV-cache contract: outputs must be logits, present.*")
-    layers = len([n for n in past if n.endswith(".key")])
-    expected = [f"past_key_values.{i}.{kind}" for i in range(layers) for kind in ("key", "value")]
-    if sorted(past) != sorted(expected):
-        raise OwlError(f"{path} does not follow the KV-cache contract: past_key_values inputs are not 0..{layers - 1}")
-    presents = [o for o in outputs if o.startswith("present.")]
-    if sorted(presents) != sorted(n.replace("past_key_values", "present") for n in expected):
-        raise OwlError(f"{path} does not follow the KV-cache contract: present outputs do not match the past inputs")
-    dims = [d.dim_value for d in inputs[past[0]].type.tensor_type.shape.dim]
-    if len(dims) != 4 or not dims[1] or not dims[3]:
-        raise OwlError(f"{path}: past_key_values inputs must be [batch, kv_heads, past, head_dim], got {dims}")
-    for name in expected:
-        other = [d.dim_value for d in inputs[name].type.tensor_type.shape.dim]
-        if len(other) != 4 or (other[1], other[3]) != (dims[1], dims[3]):
-            raise OwlError(f"{path}: wrong shape {other} for {name} (the other caches are {dims})")
-    meta = {}
-    for prop in proto.metadata_props:
-        if prop.key == META_KEY:
-            with contextlib.suppress(ValueError):
-                meta = json.loads(prop.value)
-    mask_dims = [d.dim_value for d in inputs["attention_mask"].type.tensor_type.shape.dim]
-    declared = mask_dims[1] if len(mask_dims) == 2 else 0
-    if meta and (meta.get("num_kv_heads"), meta.get("head_dim")) != (dims[1], dims[3]):
-        raise OwlError(
-            f"{path}: wrong cache shape {dims}: the export recorded {meta.get('num_kv_heads')} KV heads "
-            f"of {meta.get('head_dim')}"
-        )
-    seq_len = int(meta.get("sequence_length") or declared or 0)
-    if seq_len <= 1:
-        raise OwlError(f"{path}: cannot tell the sequence length (attention_mask has no static length)")
-    spec = GraphSpec(
-        num_layers=layers,
-        num_heads=int(meta.get("num_heads", 0)),
-        num_kv_heads=dims[1],
-        head_dim=dims[3],
-        hidden_size=int(meta.get("hidden_size", 0)),
-        vocab_size=int(meta.get("vocab_size", 0)),
-        max_positions=int(meta.get("max_positions", 0)),
-    )
-    max_len = int(meta.get("max_sequence_length") or seq_len)
-    return spec, seq_len, max_len, meta
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 # ---------------------------------------------------------------- compiled graphs
@@ -169,19 +118,19 @@ class _Graph:
 
 
 class _OrtGraph(_Graph):
-    def __init__(self, model_bytes: bytes, folder: Path, num_threads: int | None):
+    def __init__(self, model_bytes: bytes, folder: Path, threads: int | None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if num_threads:
-            opts.intra_op_num_threads = num_threads
+        if threads:
+            opts.intra_op_num_threads = threads
         # loaded from memory: external data is read from the deployment folder itself
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         try:
             self.sess = ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise OwlError(f"onnxruntime cannot load the graph: {_one_line(exc)}") from exc
+            raise OwlError(f"onnxruntime cannot load the graph: {one_line(exc)}") from exc
         self.input_names = [i.name for i in self.sess.get_inputs()]
         self.n = None
 
@@ -190,18 +139,19 @@ class _OrtGraph(_Graph):
 
 
 class _DeepSparseGraph(_Graph):
-    def __init__(self, path: Path, n: int, num_threads: int | None, internal_cache: bool):
+    def __init__(self, path: Path, n: int, threads: int | None, internal_cache: bool):
         os.environ.setdefault("WAND_OPT_FLAGS", "default,~pyramids")  # what DeepSparse's LLM pipeline sets
         try:
             from deepsparse import Engine
             from deepsparse.utils.onnx import default_cached_outputs
         except Exception as exc:
-            raise OwlError(f"deepsparse is not usable here: {_one_line(exc)}") from exc
+            raise OwlError(f"deepsparse is not usable here: {one_line(exc)}") from exc
         cached = default_cached_outputs(str(path)) if internal_cache else None
         try:
-            self.engine = Engine(str(path), batch_size=1, num_cores=num_threads, cached_outputs=cached)
+            with quiet_stdout():
+                self.engine = Engine(str(path), batch_size=1, num_cores=threads, cached_outputs=cached)
         except Exception as exc:
-            raise OwlError(f"deepsparse cannot compile the graph (input_ids_length {n}): {_one_line(exc)}") from exc
+            raise OwlError(f"deepsparse cannot compile the graph (input_ids_length {n}): {one_line(exc)}") from exc
         self.input_names = list(self.engine.input_names)
         self.n = n
 
@@ -210,67 +160,6 @@ class _DeepSparseGraph(_Graph):
         if kv is not None:
             return self.engine._eng_net.execute_list_out(inputs, [kv])
         return self.engine._eng_net.execute_list_out(inputs)
-
-
-def _declare(dep: Deployment, proto, sequence_length: int, input_ids_length: int | None) -> bytes:
-    """``proto`` with re-declared input shapes, serialised.
-
-    ``input_ids_length=None`` declares n (and the cache length) symbolic, for ONNX Runtime.
-    """
-    if input_ids_length is None:
-        set_input_shapes(proto, dep.spec, sequence_length, 1)
-        for inp in proto.graph.input:
-            dims = inp.type.tensor_type.shape.dim
-            if inp.name in ("input_ids", "positions"):
-                dims[1].dim_param = "n"
-            elif inp.name == "causal_mask":
-                dims[2].dim_param = "n"
-            elif inp.name.startswith("past_key_values."):
-                dims[2].dim_param = "past"
-    else:
-        set_input_shapes(proto, dep.spec, sequence_length, input_ids_length)
-    del proto.graph.value_info[:]
-    return proto.SerializeToString()
-
-
-def _declared(proto) -> list:
-    return [(i.name, [(d.dim_value, d.dim_param) for d in i.type.tensor_type.shape.dim]) for i in proto.graph.input]
-
-
-def _redeclared_inputs(dep: Deployment, proto, sequence_length: int, input_ids_length: int):
-    """A graph holding only a copy of ``proto``'s inputs, re-declared (cheap: no weights)."""
-    import onnx
-
-    shell = onnx.ModelProto()
-    shell.graph.input.extend(proto.graph.input)
-    set_input_shapes(shell, dep.spec, sequence_length, input_ids_length)
-    return shell
-
-
-@contextlib.contextmanager
-def _declared_copy(dep: Deployment, proto, sequence_length: int, input_ids_length: int | None):
-    """Write ``model.onnx`` with re-declared input shapes to a temporary folder (external data linked).
-
-    Yields the deployment's own file when it already declares these shapes (no copy).
-    """
-    if input_ids_length is not None and _declared(proto) == _declared(
-        _redeclared_inputs(dep, proto, sequence_length, input_ids_length)
-    ):
-        yield dep.onnx_path
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="owl-deploy-graph-"))
-    try:
-        for name in dep.external_files:
-            src = (dep.folder / name).resolve()
-            try:
-                os.link(src, tmp / name)
-            except OSError:  # another file system
-                (tmp / name).symlink_to(src)
-        with open(tmp / MODEL_ONNX, "wb") as fh:
-            fh.write(_declare(dep, proto, sequence_length, input_ids_length))
-        yield tmp / MODEL_ONNX
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---------------------------------------------------------------- the session
@@ -382,7 +271,7 @@ class Session:
         n, total, spec = len(ids), self.sequence_length, self.deployment.spec
         capacity = total - n
         cached = self.num_cached
-        feeds = contract_feeds(ids, cached, total)
+        feeds = contract.feeds(ids, cached, total)
         past = self._past(capacity)
         for i in range(spec.num_layers):
             feeds[f"past_key_values.{i}.key"] = past[2 * i]
@@ -409,12 +298,12 @@ class Session:
 
 
 def compile(
-    folder: str | os.PathLike,
+    folder: str | os.PathLike | Deployment,
     engine: str = "deepsparse",
     sequence_length: int | None = None,
     prefill_length: int = DEFAULT_PREFILL_LENGTH,
     kv_cache: str | None = None,
-    num_threads: int | None = None,
+    threads: int | None = None,
 ) -> Session:
     """Compile a deployment folder with ``engine`` (``deepsparse`` or ``onnxruntime``).
 
@@ -430,8 +319,8 @@ def compile(
             f"sequence length {total} does not fit this deployment (2 .. {dep.max_sequence_length}; "
             f"exported at {dep.sequence_length})"
         )
-    if prefill_length < 1 or (prefill_length > 1 and prefill_length % 4):
-        raise OwlError(f"prefill length {prefill_length} must be 1 or a multiple of 4")
+    if not valid_prefill_length(prefill_length):
+        raise OwlError(f"prefill length {prefill_length} must be {PREFILL_RULE}")
     kv_cache = kv_cache or ("internal" if engine == "deepsparse" else "external")
     if kv_cache not in ("internal", "external"):
         raise OwlError(f"unknown kv_cache {kv_cache!r}; choose internal or external")
@@ -447,42 +336,57 @@ def compile(
     if prefill_length >= total:
         prefill_length = 1
     start = time.perf_counter()
+    if dep.proto is None:
+        raise OwlError(f"{dep.folder}: this deployment was compiled already; open it again")
     proto, dep.proto = dep.proto, None  # the session does not keep a second copy of the weights
     graphs: dict[int | None, _Graph] = {}
     if engine == "onnxruntime":
-        graphs[None] = _OrtGraph(_declare(dep, proto, total, None), dep.folder, num_threads)
+        graphs[None] = _OrtGraph(contract.serialized(proto, dep.spec, total, None), dep.folder, threads)
     else:
         for n in sorted({1, prefill_length}):
-            with _declared_copy(dep, proto, total, n) as path:
-                graphs[n] = _DeepSparseGraph(path, n, num_threads, kv_cache == "internal")
+            with contract.declared_copy(dep.folder, proto, dep.spec, total, n) as path:
+                graphs[n] = _DeepSparseGraph(path, n, threads, kv_cache == "internal")
     seconds = time.perf_counter() - start
     return Session(dep, engine, total, prefill_length, kv_cache, graphs, seconds)
 
 
-def _one_line(exc: BaseException) -> str:
-    for line in str(exc).strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__
+def deepsparse_analysis(
+    path: Path,
+    inputs: list[np.ndarray],
+    threads: int | None = None,
+    iterations: int = 1,
+    warmup: int = 0,
+    internal_cache: bool = False,
+) -> dict:
+    """DeepSparse's per-layer kernels, times and detected weight sparsity for one run of ``inputs``
+    (what ``deepsparse.debug_analysis`` prints); ``analysis_layers`` walks its layers."""
+    os.environ.setdefault("WAND_OPT_FLAGS", "default,~pyramids")
+    os.environ.setdefault("NM_BENCHMARK_KV_TOKENS", "1")
+    try:
+        from deepsparse.engine import DebugAnalysisEngine, KVCacheParams
+        from deepsparse.utils.onnx import default_cached_outputs
+
+        params = KVCacheParams(default_cached_outputs(str(path)), 0, 0) if internal_cache else None
+        with quiet_stdout():
+            engine = DebugAnalysisEngine(
+                str(path),
+                batch_size=1,
+                num_cores=threads,
+                num_iterations=iterations,
+                num_warmup_iterations=warmup,
+                kv_cache_params=params,
+            )
+    except Exception as exc:
+        raise OwlError(f"deepsparse cannot compile the graph for analysis: {one_line(exc)}") from exc
+    return engine.analyze(inputs, val_inp=False)
 
 
-def contract_feeds(ids: list[int], num_cached: int, total: int) -> dict[str, np.ndarray]:
-    """The non-cache inputs of the export contract for ``ids`` after ``num_cached`` cached tokens:
-    right-aligned ``attention_mask``, absolute ``positions`` and ``causal_mask`` (``[1, 1, n, total]``)."""
-    n = len(ids)
-    capacity = total - n
-    attention_mask = np.zeros((1, total), dtype=np.int64)
-    attention_mask[:, total - (num_cached + n) :] = 1
-    if n == 1:
-        causal = attention_mask.reshape(1, 1, 1, total).copy()
-    else:
-        causal = np.concatenate(
-            [np.ones((1, 1, n, capacity), np.int64), np.tril(np.ones((1, 1, n, n), np.int64))], axis=-1
-        )
-        causal[..., : capacity - num_cached] = 0
-    return {
-        "input_ids": np.asarray([ids], dtype=np.int64),
-        "attention_mask": attention_mask,
-        "positions": np.arange(num_cached, num_cached + n, dtype=np.int64)[None, :],
-        "causal_mask": causal,
-    }
+def analysis_layers(result: dict) -> Iterator[dict]:
+    """Every layer of a :func:`deepsparse_analysis` result, sub-layers included (depth first)."""
+
+    def walk(layers):
+        for li in layers:
+            yield li
+            yield from walk(li.get("sub_layer_info", []))
+
+    yield from walk(result.get("layer_info", []))

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, replace
 
 import torch
 
+from owl_deploy.configs import OwlConfig, PruneConfig, replace
 from owl_deploy.evaluate import Perplexity, check_seqlen, perplexity, torch_logits_fn
 from owl_deploy.model import block_linears, decoder_blocks
-from owl_deploy.prune import PruneConfig, block_ratios, prune_model
+from owl_deploy.prune import block_ratios, owl_windows, prune_model
 
 
 class Study:
@@ -39,31 +39,32 @@ class Study:
     def score(self, progress: bool = False) -> Perplexity:
         return perplexity(torch_logits_fn(self.model), self.score_tokens, self.seqlen, progress=progress)
 
-    def ratios(self, cfg: PruneConfig) -> tuple:
-        """The dense model's OWL outlier ratios for ``cfg`` (cached per M, granularity, windows)."""
-        key = (cfg.owl_m, cfg.granularity, cfg.owl_windows, cfg.batch_size, cfg.compute_dtype)
+    def ratios(self, prune: PruneConfig, owl: OwlConfig) -> tuple:
+        """The dense model's OWL outlier ratios (cached per M, granularity, windows, batch, dtype)."""
+        windows = owl_windows(owl, len(self.calib_ids))
+        key = (owl.m, prune.granularity, windows, prune.batch_size, prune.compute_dtype)
         if key not in self._ratios:
             self.restore()
             t0 = time.perf_counter()
-            ids = self.calib_ids[: cfg.owl_windows]
-            self._ratios[key] = (*block_ratios(self.model, ids, cfg, progress=False), time.perf_counter() - t0)
+            ids = self.calib_ids[:windows]
+            self._ratios[key] = (*block_ratios(self.model, ids, prune, owl, progress=False), time.perf_counter() - t0)
         return self._ratios[key]
 
-    def run(self, cfg: PruneConfig) -> dict:
-        """Prune a fresh dense copy per ``cfg`` and score it; one row of a results table."""
-        cfg.validate()
+    def run(self, prune: PruneConfig, owl: OwlConfig | None = None) -> dict:
+        """Prune a fresh dense copy and score it; one row of a results table."""
+        owl = owl or OwlConfig()
         precomputed = None
         ratio_seconds = 0.0
-        if cfg.allocation != "uniform":
-            ratios, layer_ratios, ratio_seconds = self.ratios(cfg)
+        if prune.allocation != "uniform":
+            ratios, layer_ratios, ratio_seconds = self.ratios(prune, owl)
             precomputed = (ratios, layer_ratios)
         self.restore()
         t0 = time.perf_counter()
-        report = prune_model(self.model, cfg, self.calib_ids, progress=False, ratios=precomputed)
+        report = prune_model(self.model, prune, owl, self.calib_ids, progress=False, ratios=precomputed)
         prune_seconds = time.perf_counter() - t0
         ppl = self.score()
         return {
-            "config": asdict(cfg) | {"nm": report["nm"]},
+            "config": {**prune.to_json(), "sparsity": prune.target_sparsity, "owl": owl.to_json()},
             "perplexity": ppl.perplexity,
             "mean_nll": ppl.mean_nll,
             "nll_std_err": ppl.nll_std_err,
@@ -78,25 +79,25 @@ class Study:
 def tune_grid(
     study: Study,
     base: PruneConfig,
-    ms: list[float],
-    lambdas: list[float],
-    run: Callable[[PruneConfig], dict] | None = None,
+    grid: list[OwlConfig],
+    run: Callable[[PruneConfig, OwlConfig], dict] | None = None,
 ) -> dict:
-    """Score OWL for every (M, λ) of the grid on ``study``'s tokens; also uniform as the reference point.
+    """Score OWL with every (M, λ) of ``grid`` on ``study``'s tokens; also uniform as the reference point.
 
     ``study`` must score on held-out *calibration* text, never the evaluation text. ``run`` replaces
     ``study.run`` (e.g. to reuse rows of an interrupted run).
     """
     run = run or study.run
-    uniform = run(replace(base, allocation="uniform"))
+    uniform = run(replace(base, allocation="uniform"), grid[0] if grid else OwlConfig())
     rows = []
-    for m in ms:
-        for lam in lambdas:
-            row = run(replace(base, allocation="owl", owl_m=m, owl_lambda=lam))
-            rows.append({"m": m, "lambda": lam, **{k: row[k] for k in ("perplexity", "mean_nll", "nll_std_err")}})
+    for owl in grid:
+        row = run(replace(base, allocation="owl"), owl)
+        rows.append(
+            {"m": owl.m, "lambda": owl.lambda_, **{k: row[k] for k in ("perplexity", "mean_nll", "nll_std_err")}}
+        )
     best = min(rows, key=lambda r: r["mean_nll"])
     return {
-        "base": asdict(base) | {"nm": f"{base.nm[0]}:{base.nm[1]}" if base.nm else None},
+        "base": base.to_json(),
         "uniform": {k: uniform[k] for k in ("perplexity", "mean_nll", "nll_std_err")},
         "grid": rows,
         "best": best,

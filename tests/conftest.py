@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-
 
 def pytest_collection_modifyitems(config, items):
     """``large`` tests (the 1.5B model, ≈9 GB RAM, minutes each) run only with OWL_DEPLOY_LARGE=1."""
@@ -31,6 +29,6 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def smollm2(smollm2_dir):
     """``(model, tokenizer)`` of the real SmolLM2-135M, loaded once per session; do not mutate."""
-    from owl_deploy.model import load_model
+    from owl_deploy.specs import load_model
 
     return load_model(smollm2_dir)

@@ -125,18 +125,11 @@ def test_outlier_ratio_on_wanda_scores_4x8():
     """Ref items 2-3 on a 4x8 layer: A = |W| * sqrt(s), s = [1,4,9,16,1,4,9,16] -> sqrt [1,2,3,4,1,2,3,4].
     Row sums of A: 100, 80, 20, 36 -> mean 236/32 = 7.375. M = 2 (threshold 14.75): 16, 21, 32, 18, 20
     -> 5/32 = 15.625 %. M = 3 (threshold 22.125): only 32 -> 3.125 %."""
+    from tiny_models import S48, W48
+
     from owl_deploy.prune.wanda import wanda_scores
 
-    w = torch.tensor(
-        [
-            [1.0, -2, 3, -4, 5, -6, 7, -8],
-            [8, 7, -6, 5, -4, 3, -2, 1],
-            [1, 1, 1, 1, 1, 1, 1, 1],
-            [-3, 0, 2, -1, 4, -2, 1, 3],
-        ]
-    )
-    s = torch.tensor([1.0, 4, 9, 16, 1, 4, 9, 16], dtype=torch.float64)
-    a = wanda_scores(w, s)
+    a = wanda_scores(W48, S48)
     assert outlier_ratio([a], 2) == 15.625
     assert outlier_ratio([a], 3) == 3.125
     with pytest.raises(OwlError):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-
 from owl_deploy import bench
+from owl_deploy.bench import gate, machine, measure, report, weights
+from owl_deploy.configs import BenchConfig, build
+from owl_deploy.contract import Contract, GraphSpec
 from owl_deploy.errors import OwlError
 
 
@@ -132,28 +132,28 @@ FAST = dict(measure_bandwidth=False, gap_seconds=0.0)
 
 
 def _hardware():
-    hw = bench.hardware_info(measure_bandwidth=False, deepsparse_view=False)
+    hw = machine.hardware_info(measure_bandwidth=False, deepsparse_view=False)
     hw["memory_read_gb_per_s"] = {"1_thread": 10.0, "all_cores": 20.0}
     return hw
 
 
 # ---------------------------------------------------------------- statistics and options
 def test_summarize_median_and_percentiles():
-    s = bench.summarize([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
+    s = measure.summarize([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])
     assert s["median"] == 6 and s["n"] == 11
     assert s["p10"] == pytest.approx(2.0) and s["p90"] == pytest.approx(10.0)
-    assert bench.summarize([])["median"] is None
-    assert bench.summarize([float("nan"), 2.0])["n"] == 1
+    assert measure.summarize([])["median"] is None
+    assert measure.summarize([float("nan"), 2.0])["n"] == 1
 
 
 def test_parse_engines():
-    assert len(bench.parse_engines(None)) == 4
-    assert bench.parse_engines("ds/sparse") == [("onnxruntime", "dense"), ("deepsparse", "sparse")]
-    assert ("onnxruntime", "sparse") in bench.parse_engines("ort")
+    assert len(measure.parse_engines(None)) == 4
+    assert measure.parse_engines("ds/sparse") == [("onnxruntime", "dense"), ("deepsparse", "sparse")]
+    assert ("onnxruntime", "sparse") in measure.parse_engines("ort")
     with pytest.raises(OwlError, match="unknown engine"):
-        bench.parse_engines("tensorrt/sparse")
+        measure.parse_engines("tensorrt/sparse")
     with pytest.raises(OwlError, match="unknown model"):
-        bench.parse_engines("ds/medium")
+        measure.parse_engines("ds/medium")
 
 
 # ---------------------------------------------------------------- the regression gate
@@ -163,7 +163,7 @@ def _synthetic(speedups: dict[str, float], cpu: str = "Test CPU") -> dict:
         # absolute speeds deliberately unrelated to the ratio: the gate must look at ratios only
         runs[key] = {"speedup_vs_dense_ort": sp, "decode_tokens_per_s": {"median": 999.0}}
     return {
-        "schema": bench.SCHEMA,
+        "schema": measure.SCHEMA,
         "runs": runs,
         "headline": {"run": "deepsparse/sparse", "reference": "onnxruntime/dense"},
         "hardware": {"cpu_model": cpu},
@@ -173,35 +173,35 @@ def _synthetic(speedups: dict[str, float], cpu: str = "Test CPU") -> dict:
 
 def test_gate_passes_within_tolerance_and_fails_beyond_it():
     base = _synthetic({"deepsparse/sparse": 1.00, "deepsparse/dense": 0.50, "onnxruntime/sparse": 1.0})
-    ok = bench.gate(
+    ok = gate.compare(
         _synthetic({"deepsparse/sparse": 0.91, "deepsparse/dense": 0.55, "onnxruntime/sparse": 1.0}), base, 0.10
     )
     assert ok["passed"] and not ok["regressed"]
     assert {c["run"] for c in ok["checks"]} == {"deepsparse/sparse", "deepsparse/dense", "onnxruntime/sparse"}
 
-    bad = bench.gate(
+    bad = gate.compare(
         _synthetic({"deepsparse/sparse": 0.89, "deepsparse/dense": 0.50, "onnxruntime/sparse": 1.0}), base, 0.10
     )
     assert not bad["passed"] and bad["regressed"] == ["deepsparse/sparse"]
-    msg = bench.gate_message(bad)
+    msg = gate.gate_message(bad)
     assert "deepsparse/sparse" in msg and "11.0% below" in msg and "deepsparse/dense" not in msg
 
     # a control regressing is named too; the exact boundary is not a regression
-    ctl = bench.gate(
+    ctl = gate.compare(
         _synthetic({"deepsparse/sparse": 0.90, "deepsparse/dense": 0.30, "onnxruntime/sparse": 1.0}), base, 0.10
     )
     assert ctl["regressed"] == ["deepsparse/dense"]
-    assert bench.gate(_synthetic({"deepsparse/sparse": 0.5}), base, 0.6)["passed"]
+    assert gate.compare(_synthetic({"deepsparse/sparse": 0.5}), base, 0.6)["passed"]
 
 
 def test_gate_notes_missing_runs_and_other_hardware():
     base = _synthetic({"deepsparse/sparse": 1.0, "deepsparse/dense": 0.5}, cpu="Other CPU")
-    res = bench.gate(_synthetic({"deepsparse/sparse": 1.2}), base, 0.1)
+    res = gate.compare(_synthetic({"deepsparse/sparse": 1.2}), base, 0.1)
     assert res["passed"]
     assert any("deepsparse/dense" in n for n in res["notes"])
     assert any("different CPU" in n for n in res["notes"])
     with pytest.raises(OwlError, match="tolerance"):
-        bench.gate(res, base, 1.5)
+        gate.compare(res, base, 1.5)
 
 
 def test_cli_gate_exit_status_names_the_engine(tmp_path, monkeypatch):
@@ -256,14 +256,14 @@ def _full_synthetic(speedups: dict[str, float], noisy: bool = False) -> dict:
     weights = {"sparsity": 0.7}
     bpt = {"dense": 100, "bitmask": 40}
     return {
-        "schema": bench.SCHEMA,
+        "schema": measure.SCHEMA,
         "settings": {
             "context": 8,
             "steps": 4,
             "rounds": 1,
             "warmup_rounds": 1,
             "sequence_length": 16,
-            "prefill_chunk": 4,
+            "prefill_length": 4,
         },
         "models": {m: {"path": m, "weights": weights, "bytes_per_token": bpt} for m in ("sparse", "dense")},
         "runs": runs,
@@ -300,7 +300,7 @@ def _full_synthetic(speedups: dict[str, float], noisy: bool = False) -> dict:
 
 # ---------------------------------------------------------------- noise
 def test_noise_verdict_thresholds():
-    policy = bench.NoisePolicy()
+    policy = machine.NoisePolicy()
     quiet = {
         "loadavg_before": [0.3, 0.2, 0.1],
         "other_cpu_before": 0.05,
@@ -309,13 +309,13 @@ def test_noise_verdict_thresholds():
         "round_seconds": [2.0, 0.1],
         "steal_mean": 0.0,
     }
-    assert bench.noise_verdict(quiet, policy, cpus=2) == []  # a burst in a too-short round is not judged
+    assert machine.noise_verdict(quiet, policy, cpus=2) == []  # a burst in a too-short round is not judged
     busy = {**quiet, "other_cpu_mean": 0.9, "top_other_during": [{"pid": 7, "command": "cc1plus", "cores": 0.9}]}
-    reasons = bench.noise_verdict(busy, policy, cpus=2)
+    reasons = machine.noise_verdict(busy, policy, cpus=2)
     assert len(reasons) == 1 and "0.90 cores" in reasons[0] and "cc1plus (pid 7)" in reasons[0]
-    assert bench.noise_verdict({**quiet, "loadavg_before": [2.5, 1, 1]}, policy, cpus=2)
-    assert bench.noise_verdict({**quiet, "other_cpu_rounds": [0.03, 0.7], "round_seconds": [2, 2]}, policy, 2)
-    assert bench.noise_verdict({**quiet, "steal_mean": 0.3}, policy, cpus=2)
+    assert machine.noise_verdict({**quiet, "loadavg_before": [2.5, 1, 1]}, policy, cpus=2)
+    assert machine.noise_verdict({**quiet, "other_cpu_rounds": [0.03, 0.7], "round_seconds": [2, 2]}, policy, 2)
+    assert machine.noise_verdict({**quiet, "steal_mean": 0.3}, policy, cpus=2)
 
 
 def test_noisy_machine_detected_with_a_busy_loop(tmp_path_factory):
@@ -326,27 +326,22 @@ def test_noisy_machine_detected_with_a_busy_loop(tmp_path_factory):
     """
     root = tmp_path_factory.mktemp("bench_busy")
     model = export_tiny(root / "m", seq_len=160, hidden_heads=4, head_dim=64, mlp=1024, vocab=2048)
-    policy = bench.NoisePolicy(before_sample_seconds=0.3)
+    policy = machine.NoisePolicy(before_sample_seconds=0.3)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
-        settings = bench.BenchSettings(context=8, steps=150, rounds=3, warmup_rounds=1, **FAST)
+        cfg = BenchConfig(context=8, steps=150, rounds=3, warmup_rounds=1, **FAST)
         res = bench.run_benchmark(
-            {"dense": model},
-            [("onnxruntime", "dense")],
-            settings,
-            policy,
-            headline=None,
-            log=None,
-            hardware=_hardware(),
+            {"dense": model}, [("onnxruntime", "dense")], cfg, policy, headline=None, log=None, hardware=_hardware()
         )
         noise = res["noise"]
         assert noise["noisy"], noise
         assert noise["other_cpu_mean"] > policy.other_cpu_mean
         assert busy.pid in [p["pid"] for p in noise["top_other_during"]]
         assert any("during the timed sessions" in r for r in noise["reasons"])
+        strict = BenchConfig(context=8, steps=150, rounds=3, warmup_rounds=1, strict=True, **FAST)
         with pytest.raises(bench.NoisyMachine, match="busy"):
-            bench.bench_command(model, model, root / "never", settings=settings, strict=True, log=None)
+            bench.bench_command({"dense": model}, root / "never", strict, log=None, policy=policy)
         assert not (root / "never").exists()
     finally:
         busy.kill()
@@ -389,30 +384,21 @@ def test_bytes_per_token_ceiling_math(tmp_path):
         inits,
     )
     proto = helper.make_model(graph)
-    info = bench.ModelInfo(
-        label="t",
-        folder=tmp_path,
-        onnx_path=tmp_path / "model.onnx",
-        input_names=[],
-        output_names=[],
-        sequence_length=10,
-        num_layers=1,
-        num_kv_heads=2,
-        head_dim=4,
-        kv_dtype="float32",
-        vocab_size=None,
+    spec = GraphSpec(
+        num_layers=1, num_heads=2, num_kv_heads=2, head_dim=4, hidden_size=8, vocab_size=4, max_positions=0
     )
-    weights, bpt = bench.weight_statistics(proto, tmp_path, info)
+    contract = Contract(spec, 10, 10, 1, 9, "float32", [], [])
+    stats, bpt = weights.weight_statistics(proto, tmp_path, contract)
     kv = 2 * 1 * 2 * 10 * 4 * 4  # key+value x layers x kv heads x L x head_dim x fp32
     small = 16 * 4 + 1 + 1 + 16 * 4  # norm, two zero points, one embedding row
     assert bpt["kv_cache"] == kv
     assert bpt["weights_dense"] == 128 * 4 + 32 * 1 + small
     assert bpt["weights_bitmask"] == (32 * 4 + 128 // 8) + (8 * 1 + 32 // 8) + small
     assert bpt["dense"] == bpt["weights_dense"] + kv and bpt["bitmask"] == bpt["weights_bitmask"] + kv
-    assert weights["nnz"] == 40 and weights["numel"] == 160
-    assert weights["sparsity_excluding_lm_head"] == pytest.approx(0.75)
-    assert weights["lm_head_sparsity"] == pytest.approx(0.75)
-    assert weights["sparsity_by_role"] == {"lm_head": pytest.approx(0.75), "up_proj": pytest.approx(0.75)}
+    assert stats["nnz"] == 40 and stats["numel"] == 160
+    assert stats["sparsity_excluding_lm_head"] == pytest.approx(0.75)
+    assert stats["lm_head_sparsity"] == pytest.approx(0.75)
+    assert stats["sparsity_by_role"] == {"lm_head": pytest.approx(0.75), "up_proj": pytest.approx(0.75)}
     # the model-level numbers the reference quotes: 70% sparse fp32 with a bitmask ~ 1.325 B/weight vs 4
     dense_w = np.ones((1000, 1000), np.float32)
     dense_w.flat[:700_000] = 0
@@ -423,7 +409,7 @@ def test_bytes_per_token_ceiling_math(tmp_path):
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1000])],
         [numpy_helper.from_array(dense_w, "W")],
     )
-    _, b2 = bench.weight_statistics(helper.make_model(g2), tmp_path, info)
+    _, b2 = weights.weight_statistics(helper.make_model(g2), tmp_path, contract)
     assert b2["weights_bitmask"] / 1e6 == pytest.approx(1.325) and b2["weights_dense"] == 4_000_000
     onnx.checker.check_model(proto)
 
@@ -431,59 +417,121 @@ def test_bytes_per_token_ceiling_math(tmp_path):
 # ---------------------------------------------------------------- inputs and the contract
 def test_bad_inputs_are_one_line_errors(tiny, tmp_path):
     with pytest.raises(OwlError, match="no such folder"):
-        bench.load_model_info(tmp_path / "missing", "sparse")
-    with pytest.raises(OwlError, match="not an export folder"):
-        bench.load_model_info(tmp_path, "sparse")
+        weights.load_model_info(tmp_path / "missing", "sparse")
+    with pytest.raises(OwlError, match="not a deployment folder"):
+        weights.load_model_info(tmp_path, "sparse")
     (tmp_path / "model.onnx").write_bytes(b"not onnx")
     with pytest.raises(OwlError, match="not a readable ONNX"):
-        bench.load_model_info(tmp_path, "dense")
-    settings = bench.BenchSettings(context=40, steps=32, **FAST)
-    with pytest.raises(OwlError, match="exceeds the export's sequence length 64"):
-        bench.run_benchmark(tiny, bench.parse_engines(None), settings, log=None, hardware=_hardware())
-    with pytest.raises(OwlError, match="--context must be at least 1"):
-        bench.run_benchmark(tiny, bench.parse_engines(None), bench.BenchSettings(context=0), log=None)
+        weights.load_model_info(tmp_path, "dense")
+    cfg = BenchConfig(context=40, steps=32, **FAST)
+    with pytest.raises(OwlError, match="exceeds the deployment's sequence length 64"):
+        bench.run_benchmark(tiny, measure.parse_engines(None), cfg, log=None, hardware=_hardware())
+    with pytest.raises(OwlError, match="context: must be >= 1"):
+        build(BenchConfig, {"context": 0})
+    with pytest.raises(OwlError, match="prefill_length: must be 1 or a multiple of 4"):
+        build(BenchConfig, {"prefill_length": 6})
+    with pytest.raises(OwlError, match="the reference run onnxruntime/dense is missing"):
+        bench.run_benchmark({"sparse": tiny["sparse"]}, [("deepsparse", "sparse")], cfg, log=None)
 
 
-def test_contract_driver_matches_the_runtime(tiny, tmp_path):
-    """This module's own feeding (chunked or token by token) and owl_deploy.runtime decode the same tokens."""
-    info = bench.load_model_info(tiny["dense"], "dense")
+def _contract_greedy(folder: Path, prompt: list[int], steps: int) -> list[int]:
+    """Greedy decoding that feeds ONNX Runtime through the export contract alone (numpy KV cache, one
+    token per call): an implementation independent of owl_deploy.runtime to check the benchmark's sessions."""
+    import onnxruntime as ort
+
+    from owl_deploy import contract
+
+    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    past = {i.name: np.zeros(i.shape, np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
+    total = sess.get_inputs()[1].shape[1]
+    out_names = [o.name for o in sess.get_outputs()]
+    tokens, token = [], None
+    for pos, t in enumerate([*prompt, *([None] * steps)]):
+        token = t if t is not None else token
+        res = dict(zip(out_names, sess.run(None, {**contract.feeds([token], pos, total), **past}), strict=True))
+        past = {n: res[n.replace("past_key_values", "present")][:, :, 1:, :] for n in past}
+        if pos >= len(prompt) - 1:
+            token = int(np.argmax(res["logits"][0, -1]))
+            tokens.append(token)
+    return tokens[:steps]
+
+
+def test_sessions_decode_what_the_contract_alone_decodes(tiny):
+    """The benchmark's sessions (DeepSparse internal cache, prefill in chunks of 4; ONNX Runtime one
+    token at a time) produce the greedy tokens of a direct, contract-only feeding of the graph."""
+    info = weights.load_model_info(tiny["dense"], "dense")
     prompt = [5, 9, 17, 3, 11, 2, 40, 8, 1, 99]
-    chunked = bench.ContractSession(
-        "onnxruntime", info, bench.BenchSettings(prefill_chunk=4, driver="contract"), tmp_path
+    want = _contract_greedy(tiny["dense"], prompt, 6)
+    for engine, chunk in (("deepsparse", 4), ("onnxruntime", 1)):
+        session = measure.RuntimeSession(engine, info, BenchConfig(prefill_length=chunk))
+        first, seconds = session.prefill(prompt)
+        times, tokens, logits = session.decode(first, 5)
+        assert [first, *tokens] == want, engine
+        assert seconds > 0 and len(times) == 5 and logits.shape == (128,)
+
+
+# ---------------------------------------------------------------- statistics from samples (pure)
+def _samples(steps_ms: list[float], rounds: list[float]) -> measure.Samples:
+    return measure.Samples(steps=[ms / 1e3 for ms in steps_ms], rounds=rounds, prefill=[100.0, 120.0])
+
+
+def test_run_stats_speedups_and_ceilings_from_hand_numbers():
+    """Speedup = ratio of median decode tok/s; per round, the paired ratio; ceiling = bandwidth / bytes."""
+    samples = {
+        "onnxruntime/dense": _samples([50, 50, 40], [20.0, 25.0]),  # median step 50 ms: 20 tok/s
+        "deepsparse/sparse": _samples([20, 25, 20], [50.0, 40.0]),  # median step 20 ms: 50 tok/s
+    }
+    bpt = {"onnxruntime/dense": {"dense": 400, "bitmask": 400}, "deepsparse/sparse": {"dense": 400, "bitmask": 100}}
+    runs = measure.run_stats(samples, bpt, "onnxruntime/dense", bandwidth_gb_per_s=1e-6)  # 1000 bytes/s
+    ds, ort = runs["deepsparse/sparse"], runs["onnxruntime/dense"]
+    assert ds["decode_tokens_per_s"]["median"] == pytest.approx(50.0)
+    assert ds["speedup_vs_dense_ort"] == pytest.approx(2.5) and ort["speedup_vs_dense_ort"] == pytest.approx(1.0)
+    assert ds["speedup_by_round"]["median"] == pytest.approx((50 / 20 + 40 / 25) / 2)  # rounds paired
+    assert ds["decode_throughput_tokens_per_s"] == pytest.approx(3 / 0.065, rel=1e-3)  # outliers included
+    assert ds["bytes_per_token_encoding"] == "bitmask" and ds["ceiling_tokens_per_s"] == pytest.approx(10.0)
+    assert ort["ceiling_tokens_per_s"] == pytest.approx(2.5) and ds["fraction_of_ceiling"] == pytest.approx(5.0)
+    head = measure.headline_of(runs, bpt, "onnxruntime/dense", "deepsparse/sparse")
+    assert head["speedup_vs_dense_ort"] == pytest.approx(2.5) and head["ceiling_speedup_bytes"] == pytest.approx(4.0)
+    assert "second_reference" not in head
+    assert measure.headline_of(runs, bpt, "onnxruntime/dense", "deepsparse/dense") is None
+
+
+def test_headline_second_reference_is_the_dense_int8_peer():
+    samples = {
+        "onnxruntime/dense": _samples([100], [10.0, 10.0]),
+        "onnxruntime/dense-int8": _samples([40], [30.0, 20.0]),
+        "deepsparse/sparse": _samples([20], [60.0, 40.0]),
+    }
+    bpt = {k: {"dense": 1000, "bitmask": 1000} for k in samples} | {
+        "deepsparse/sparse": {"dense": 1000, "bitmask": 200}
+    }
+    bpt["onnxruntime/dense-int8"] = {"dense": 300, "bitmask": 300}
+    runs = measure.run_stats(samples, bpt, "onnxruntime/dense", None)
+    head = measure.headline_of(runs, bpt, "onnxruntime/dense", "deepsparse/sparse")
+    assert head["second_reference"] == "onnxruntime/dense-int8"
+    assert head["speedup_vs_second_reference"] == pytest.approx(50 / 25)  # medians: 50 tok/s vs 25 tok/s
+    assert head["speedup_vs_second_reference_by_round"]["median"] == pytest.approx(2.0)  # 60/30 and 40/20
+    assert head["ceiling_speedup_bytes_vs_second_reference"] == pytest.approx(1.5)
+    assert runs["deepsparse/sparse"]["ceiling_tokens_per_s"] is None  # no bandwidth measured
+    assert "strongest dense peer" in report.render_markdown(
+        _full_synthetic({"deepsparse/sparse": 2.0}) | {"headline": head}
     )
-    single = bench.ContractSession(
-        "onnxruntime", info, bench.BenchSettings(prefill_chunk=1, driver="contract"), tmp_path
-    )
-    product = bench.RuntimeSession("deepsparse", info, bench.BenchSettings(prefill_chunk=4))
-    assert chunked.chunk_runner is not None and single.chunk_runner is None and product.kv_cache == "internal"
-    firsts = [sess.prefill(prompt)[0] for sess in (chunked, single, product)]
-    assert len(set(firsts)) == 1
-    for a, b in zip(chunked.cache, single.cache, strict=True):
-        np.testing.assert_allclose(a[:, :, -10:], b[:, :, -10:], atol=1e-5)
-    decoded = [sess.decode(firsts[0], 5) for sess in (chunked, single, product)]
-    assert decoded[0][1] == decoded[1][1] == decoded[2][1] and len(decoded[0][0]) == 5
-    np.testing.assert_allclose(decoded[0][2], decoded[1][2], atol=1e-4)
-    np.testing.assert_allclose(decoded[0][2], decoded[2][2], atol=1e-3)
-    with pytest.raises(OwlError, match="multiple of 4"):
-        bench.BenchSettings(prefill_chunk=6).validate()
 
 
 # ---------------------------------------------------------------- end to end, both engines
-@pytest.mark.parametrize("driver", ["runtime", "contract"])
-def test_end_to_end_tiny_both_engines(tiny, tmp_path, driver):
-    settings = bench.BenchSettings(
-        context=8, steps=4, rounds=2, warmup_rounds=1, prefill_chunk=4, driver=driver, **FAST
-    )
-    policy = bench.NoisePolicy(before_sample_seconds=0.3)
-    res = bench.run_benchmark(tiny, bench.parse_engines(None), settings, policy, log=None, hardware=_hardware())
+def test_end_to_end_tiny_both_engines(tiny, tmp_path):
+    cfg = BenchConfig(context=8, steps=4, rounds=2, warmup_rounds=1, prefill_length=4, **FAST)
+    policy = machine.NoisePolicy(before_sample_seconds=0.3)
+    res = bench.run_benchmark(tiny, measure.parse_engines(None), cfg, policy, log=None, hardware=_hardware())
     assert set(res["runs"]) == {"deepsparse/sparse", "deepsparse/dense", "onnxruntime/sparse", "onnxruntime/dense"}
     for run in res["runs"].values():
         d = run["decode_tokens_per_s"]
-        assert d["n"] == 8 and d["p10"] <= d["median"] <= d["p90"]
+        assert d["n"] == 8 and d["p10"] <= d["median"] <= d["p90"]  # steps x rounds, warm-up excluded
         assert run["prefill_tokens_per_s"]["n"] == 2
         assert len(run["decode_tokens_per_s_by_round"]) == 2
         assert run["ceiling_tokens_per_s"] > 0
-    assert res["runs"]["onnxruntime/dense"]["speedup_vs_dense_ort"] == 1.0
+    assert res["runs"]["deepsparse/sparse"]["kv_cache"] == "internal"
+    assert res["runs"]["onnxruntime/sparse"]["kv_cache"] == "external"
     head = res["headline"]
     assert head["run"] == "deepsparse/sparse" and head["speedup_vs_dense_ort"] > 0
     assert head["ceiling_speedup_bytes"] > 1.0  # 70% zeros read fewer bytes with a bitmask
@@ -493,38 +541,26 @@ def test_end_to_end_tiny_both_engines(tiny, tmp_path, driver):
         assert res["agreement"][label]["same_greedy_tokens"]
         assert res["agreement"][label]["first_step_max_abs_logit_diff"] < 1e-3
     assert {"loadavg_before", "loadavg_after", "other_cpu_mean", "reasons"} <= set(res["noise"])
-    assert res["hardware"]["flags"]["avx2"] in (True, False) and res["versions"]["deepsparse"]
+    assert res["settings"]["prefill_length"] == 4 and res["settings"]["sequence_length"] == 64
+    assert res["versions"]["deepsparse"] == "1.8.0"
 
-    out = bench.write_results(res, tmp_path / "bdir")
-    loaded = bench.load_results(out)
-    assert loaded["runs"]["deepsparse/sparse"]["decode_tokens_per_s"]["median"] > 0
+    out = report.write_results(res, tmp_path / "bdir")
+    loaded = gate.load_results(out)
+    assert (
+        loaded["runs"]["deepsparse/sparse"]["decode_tokens_per_s"]
+        == res["runs"]["deepsparse/sparse"]["decode_tokens_per_s"]
+    )
     assert "Headline" in (out / "results.md").read_text()
     assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
-    assert bench.gate(loaded, loaded, 0.10)["passed"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bdir")]  # nothing half-written left
 
 
 def test_reports_render_a_noisy_run(tmp_path):
     res = _full_synthetic({"deepsparse/sparse": 1.3, "deepsparse/dense": 0.6}, noisy=True)
-    md = bench.render_markdown(res)
+    md = report.render_markdown(res)
     assert "NOISY RUN" in md and "1.300x" in md
-    bench.render_png(res, tmp_path / "x.png")
+    report.render_png(res, tmp_path / "x.png")
     assert (tmp_path / "x.png").stat().st_size > 1000
-
-
-def test_second_reference_dense_int8_in_headline(tiny):
-    """A third export labelled dense-int8 (here: any export) is the headline's second reference."""
-    models = {**tiny, "dense-int8": tiny["dense"]}
-    runs = [("onnxruntime", "dense"), ("onnxruntime", "dense-int8"), ("deepsparse", "sparse")]
-    settings = bench.BenchSettings(context=8, steps=4, rounds=2, warmup_rounds=1, prefill_chunk=4, **FAST)
-    res = bench.run_benchmark(models, runs, settings, log=None, hardware=_hardware())
-    head = res["headline"]
-    assert head["second_reference"] == "onnxruntime/dense-int8"
-    ds, peer = res["runs"]["deepsparse/sparse"], res["runs"]["onnxruntime/dense-int8"]
-    want = ds["decode_tokens_per_s"]["median"] / peer["decode_tokens_per_s"]["median"]
-    assert head["speedup_vs_second_reference"] == pytest.approx(want, rel=1e-3, abs=5e-5)  # reported to 4 decimals
-    assert head["speedup_vs_second_reference_by_round"]["n"] == 2
-    assert "strongest dense peer" in bench.render_markdown(res)
 
 
 def test_cli_extra_model_label_errors(tiny, tmp_path):

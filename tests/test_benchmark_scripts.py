@@ -12,18 +12,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import quality
 
-from owl_deploy.prune import PruneConfig
+from owl_deploy.configs import OwlConfig, PruneConfig
 
 
 class CountingStudy:
     """Stands in for owl_deploy.study.Study: counts the configurations it is asked to prune and score."""
 
     def __init__(self):
-        self.calls: list[PruneConfig] = []
+        self.calls: list[tuple[PruneConfig, OwlConfig]] = []
 
-    def run(self, cfg: PruneConfig) -> dict:
-        self.calls.append(cfg)
-        return {"config": {"sparsity": cfg.sparsity}, "perplexity": 10.0 + len(self.calls)}
+    def run(self, prune: PruneConfig, owl: OwlConfig) -> dict:
+        self.calls.append((prune, owl))
+        return {"config": {"sparsity": prune.sparsity}, "perplexity": 10.0 + len(self.calls)}
 
 
 def _args(**changes) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def _args(**changes) -> argparse.Namespace:
 
 def test_quality_checkpoint_resumes_only_for_the_same_arguments(tmp_path):
     path = tmp_path / ".quality-m.partial.json"
-    a, b = PruneConfig(sparsity=0.5), PruneConfig(sparsity=0.6)
+    a, b = (PruneConfig(sparsity=0.5), OwlConfig()), (PruneConfig(sparsity=0.6), OwlConfig())
     study = CountingStudy()
     first = quality.Checkpoint(path, _args())
     row_a = first.run(study, a)
@@ -82,7 +82,7 @@ def test_quality_configs_restrict_a_method_to_some_sparsities():
         nm=[],
         nm_lambda=0.25,
     )
-    got = [(c.method, c.allocation, c.sparsity) for c in quality.configs(args)]
+    got = [(p.method, p.allocation, p.sparsity) for p, _ in quality.configs(args)]
     wanda = [("wanda", a, s) for s in (0.5, 0.6, 0.7) for a in ("uniform", "owl", "owl-inverse")]
     assert sorted(got) == sorted([*wanda, ("sparsegpt", "uniform", 0.7), ("sparsegpt", "owl", 0.7)])
-    assert all(c.nsamples == 8 and c.seqlen == 256 for c in quality.configs(args))
+    assert all(owl == OwlConfig() for _, owl in quality.configs(args))  # the paper's M, λ unless tuned

@@ -8,7 +8,6 @@ real SmolLM2-135M.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import types
@@ -22,14 +21,13 @@ from tiny_models import save_tiny
 
 from owl_deploy.errors import OwlError
 
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
-
 SEQ = 64
 
 
 def _prune_folder(src: Path, dest: Path, fraction: float) -> Path:
     """Copy of a HF folder with the ``fraction`` smallest |w| of every block linear set to exactly 0."""
-    from owl_deploy.model import block_linears, decoder_blocks, load_model, save_model
+    from owl_deploy.model import block_linears, decoder_blocks, save_model
+    from owl_deploy.specs import load_model
 
     model, tok = load_model(src)
     with torch.no_grad():
@@ -53,15 +51,16 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def exported(tiny_dir, tmp_path_factory) -> tuple[Path, dict]:
+    from owl_deploy.configs import ExportConfig
     from owl_deploy.export import export_model
 
     out = tmp_path_factory.mktemp("tiny_odir") / "odir"
-    report = export_model(tiny_dir, out, sequence_length=SEQ, prefill_length=4, greedy_tokens=12)
+    report = export_model(tiny_dir, out, ExportConfig(sequence_length=SEQ, prefill_length=4, greedy_tokens=12))
     return out, report
 
 
 def _torch_model(folder: Path):
-    from owl_deploy.model import load_model
+    from owl_deploy.specs import load_model
 
     return load_model(folder)[0]
 
@@ -184,43 +183,25 @@ def _deepsparse_text_generation():
 # ---------------------------------------------------------------- external data
 def test_external_data_forced_by_low_threshold(tiny_dir, tmp_path):
     from owl_deploy import runtime
+    from owl_deploy.configs import ExportConfig
     from owl_deploy.export import export_model
 
     out = tmp_path / "ext"
-    report = export_model(
-        tiny_dir, out, sequence_length=32, external_data_threshold=1, greedy_tokens=4, engines=("onnxruntime",)
-    )
+    cfg = ExportConfig(sequence_length=32, external_data_threshold=1, greedy_tokens=4)
+    report = export_model(tiny_dir, out, cfg, engines=("onnxruntime",))
     assert report["external_data"] is True and report["ok"]
     assert (out / "model.data").is_file()
     assert (out / "model.onnx").stat().st_size < 100_000 < (out / "model.data").stat().st_size
     assert report["zeros_preserved"] is True
     assert all(t["onnx_zeros"] == t["torch_zeros"] for t in report["zeros"]["tensors"].values())
     # DeepSparse compiles the external-data folder too, and agrees with ONNX Runtime
-    ds = runtime.compile(out, "deepsparse", prefill_length=4, num_threads=1)
-    ort = runtime.compile(out, "onnxruntime", prefill_length=4, num_threads=1)
+    ds = runtime.compile(out, "deepsparse", prefill_length=4, threads=1)
+    ort = runtime.compile(out, "onnxruntime", prefill_length=4, threads=1)
     ids = [5, 70, 71, 72, 99, 100, 101]
     assert np.abs(ds.forward(ids) - ort.forward(ids)).max() < 1e-4
 
 
 # ---------------------------------------------------------------- graph variants
-def _tiny_qwen3():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    cfg = tf.Qwen3Config(
-        vocab_size=260,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    return tf.AutoModelForCausalLM.from_config(cfg).eval()
-
-
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
 def test_other_families_match_torch(family, tmp_path):
     """Mistral, Qwen2 (q/k/v bias) and Qwen3 (q/k norms, tied embeddings) rebuild exactly (ONNX Runtime)."""
@@ -229,7 +210,7 @@ def test_other_families_match_torch(family, tmp_path):
     from owl_deploy import runtime
     from owl_deploy.export.graph import export_onnx
 
-    model = _tiny_qwen3() if family == "qwen3" else tiny_model(family, layers=2)
+    model = tiny_model(family, layers=2)
     out = tmp_path / family
     out.mkdir()
     export_onnx(model, out, 16)
@@ -300,7 +281,7 @@ def test_export_sequence_length_too_long_leaves_existing_folder(tiny_dir, tmp_pa
     assert (out / "keep.txt").read_text() == "previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odir"]
     line = _error_line(_cli("export", "--model", str(tiny_dir), "--out", str(out), "--sequence-length", "1"))
-    assert "sequence length" in line
+    assert "--sequence-length: must be >= 2 (got 1)" in line
 
 
 def test_export_corrupted_weights(tiny_dir, tmp_path):
@@ -316,6 +297,7 @@ def test_export_corrupted_weights(tiny_dir, tmp_path):
 
 def test_failure_midway_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
     """An engine error after model.onnx was written: the half-made folder is removed, the old one kept."""
+    from owl_deploy.configs import ExportConfig
     from owl_deploy.export import export_model, verify
 
     out = tmp_path / "odir"
@@ -327,7 +309,7 @@ def test_failure_midway_leaves_nothing(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(verify, "engine_sparsity", boom)
     with pytest.raises(OwlError, match="simulated"):
-        export_model(tiny_dir, out, sequence_length=16, greedy_tokens=2)
+        export_model(tiny_dir, out, ExportConfig(sequence_length=16, greedy_tokens=2))
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["odir"]
 
@@ -383,7 +365,7 @@ def test_unsupported_op_and_wrong_shapes(exported, tmp_path):
     onnx.save(proto, str(bad / "model.onnx"))
     for engine in ("onnxruntime", "deepsparse"):
         with pytest.raises(OwlError, match="NotARealOp") as err:
-            runtime.compile(bad, engine, num_threads=1)
+            runtime.compile(bad, engine, threads=1)
         assert "\n" not in str(err.value) and f"{engine} cannot" in str(err.value)
 
     shapes = tmp_path / "shapes"
@@ -419,7 +401,7 @@ def test_graph_outside_the_contract(tmp_path):
 def test_generate_cli_streams_torch_tokens(exported):
     out, report = exported
     prompt = report["logits"]["prompts"][0]
-    from owl_deploy.model import load_tokenizer
+    from owl_deploy.specs import load_tokenizer
 
     tok = load_tokenizer(out)
     want = tok.decode(report["greedy"]["torch"][:12], skip_special_tokens=True)
@@ -454,10 +436,11 @@ def test_export_cli_summary(tiny_dir, tmp_path):
 def test_smollm2_export_dense(smollm2_dir, tmp_path_factory):
     """Real SmolLM2-135M: zeros, logits within 1e-3 in both engines, 32 identical greedy tokens,
     and DeepSparse's own TextGeneration pipeline on the exported folder gives torch's tokens."""
+    from owl_deploy.configs import ExportConfig
     from owl_deploy.export import export_model
 
     out = tmp_path_factory.mktemp("smol") / "odir"
-    report = export_model(smollm2_dir, out, sequence_length=256, greedy_tokens=32)
+    report = export_model(smollm2_dir, out, ExportConfig(sequence_length=256, greedy_tokens=32))
     assert report["ok"], report["problems"]
     assert report["zeros_preserved"] is True
     for engine in ("onnxruntime", "deepsparse"):

@@ -60,16 +60,19 @@ def test_smoothing_scales_balance_ranges():
 
 
 def test_int8_config_validation():
-    with pytest.raises(OwlError, match="smooth-alpha"):
-        q.Int8Config(smooth_alpha=1.5).validate()
-    with pytest.raises(OwlError, match="keep-fp32"):
-        q.Int8Config(keep_fp32=("attention",)).validate()
+    from owl_deploy.configs import QuantizeConfig, build
+
+    with pytest.raises(OwlError, match="smooth_alpha: must be <= 1"):
+        build(QuantizeConfig, {"smooth_alpha": 1.5})
+    with pytest.raises(OwlError, match="attention is not a projection"):
+        build(QuantizeConfig, {"keep_fp32": ["attention"]})
 
 
 # ---------------------------------------------------------------- smoothing on a real (tiny) model
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_smooth_model_keeps_function_and_zeros(family, tmp_path):
-    from owl_deploy.model import block_linears, decoder_blocks, load_model
+    from owl_deploy.model import block_linears, decoder_blocks
+    from owl_deploy.specs import load_model
 
     folder = _prune_folder(save_tiny(family, tmp_path / "dense"), tmp_path / "pruned", 0.5)
     model, _ = load_model(folder)
@@ -99,12 +102,16 @@ def tiny_pruned(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def int8_export(tiny_pruned, tmp_path_factory, tiny_text) -> tuple[Path, dict]:
+    from owl_deploy.configs import CalibrationConfig, ExportConfig, QuantizeConfig
     from owl_deploy.export import export_model
 
     out = tmp_path_factory.mktemp("tiny_int8_odir") / "odir"
-    cfg = q.Int8Config(calib=str(tiny_text), nsamples=4, seqlen=32)
     report = export_model(
-        tiny_pruned, out, sequence_length=SEQ, prefill_length=4, greedy_tokens=8, quantize="int8", int8=cfg
+        tiny_pruned,
+        out,
+        ExportConfig(sequence_length=SEQ, prefill_length=4, greedy_tokens=8),
+        QuantizeConfig(scheme="int8", nsamples=4, seqlen=32),
+        CalibrationConfig(text=str(tiny_text)),
     )
     return out, report
 
@@ -166,21 +173,25 @@ def test_int8_engines_agree_and_error_is_small(int8_export):
 
 def test_eval_of_deployment_matches_torch(tiny_pruned, tiny_text, tmp_path):
     """fp32 export scored on its ONNX graph = the torch perplexity; the int8 one is close to it."""
+    from owl_deploy.configs import EvalConfig, ExportConfig
     from owl_deploy.evaluate import evaluate_model
     from owl_deploy.export import export_model
 
     out = tmp_path / "fp32"
-    export_model(tiny_pruned, out, sequence_length=SEQ, prefill_length=4, greedy_tokens=0, engines=("onnxruntime",))
-    ref = evaluate_model(str(tiny_pruned), str(tiny_text), 32, 256)
-    got = evaluate_model(str(out), str(tiny_text), 32, 256)
+    export_model(
+        tiny_pruned, out, ExportConfig(sequence_length=SEQ, prefill_length=4, greedy_tokens=0), engines=("onnxruntime",)
+    )
+    ref = evaluate_model(str(tiny_pruned), EvalConfig(text=str(tiny_text), seqlen=32, max_tokens=256))
+    got = evaluate_model(str(out), EvalConfig(text=str(tiny_text), seqlen=32, max_tokens=256))
     assert got.windows == ref.windows == 8
     assert got.perplexity == pytest.approx(ref.perplexity, rel=1e-4)
-    ds = evaluate_model(str(out), str(tiny_text), 32, 256, engine="deepsparse")
+    ds = evaluate_model(str(out), EvalConfig(text=str(tiny_text), seqlen=32, max_tokens=256), engine="deepsparse")
     assert ds.perplexity == pytest.approx(ref.perplexity, rel=1e-3)
 
 
 def test_eval_cli_on_int8_deployment(int8_export, tiny_pruned, tiny_text):
     from owl_deploy.cli import main
+    from owl_deploy.configs import EvalConfig
     from owl_deploy.evaluate import evaluate_model
 
     out, _ = int8_export
@@ -190,17 +201,18 @@ def test_eval_cli_on_int8_deployment(int8_export, tiny_pruned, tiny_text):
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
     assert got["engine"] == "onnxruntime" and got["windows"] == 8
-    fp32 = evaluate_model(str(tiny_pruned), str(tiny_text), 32, 256).perplexity
+    fp32 = evaluate_model(str(tiny_pruned), EvalConfig(text=str(tiny_text), seqlen=32, max_tokens=256)).perplexity
     assert math.isfinite(got["perplexity"])
     assert abs(got["perplexity"] / fp32 - 1) < 0.2  # a random tiny model: int8 stays in the same place
 
 
 def test_eval_deployment_seqlen_too_long(int8_export, tiny_text):
+    from owl_deploy.configs import EvalConfig
     from owl_deploy.evaluate import evaluate_model
 
     out, _ = int8_export
     with pytest.raises(OwlError, match="seqlen"):
-        evaluate_model(str(out), str(tiny_text), 100_000, None)
+        evaluate_model(str(out), EvalConfig(text=str(tiny_text), seqlen=100_000, max_tokens=None))
 
 
 def test_export_int8_bad_options(tiny_pruned, tmp_path):

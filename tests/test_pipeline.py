@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from owl_deploy import pipeline
+from owl_deploy import pipeline, stages
 from owl_deploy.errors import OwlError
 from owl_deploy.recipe import RecipeError, load_recipe, parse_recipe
 
@@ -93,7 +93,7 @@ def _fake_bench(ctx):
         "runs": {},
         "noise": {"noisy": False, "reasons": []},
     }
-    return pipeline.bench_result(res)
+    return stages.bench_result(res)
 
 
 FAKES = {
@@ -137,7 +137,7 @@ def write_recipe(folder: Path, model: Path, **changes: dict) -> Path:
         "evaluate": {"text": "eval.txt", "seqlen": 32, "max_tokens": 256},
         "export": {"sequence_length": 64},
         "compile": {"engine": "onnxruntime", "max_new_tokens": 4},
-        "bench": {"rounds": 1, "warmup_rounds": 0, "steps": 4, "context": 8, "prefill_chunk": 4},
+        "bench": {"rounds": 1, "warmup_rounds": 0, "steps": 4, "context": 8, "prefill_length": 4},
     }
     for section, values in changes.items():
         sections[section] = {**sections.get(section, {}), **values}
@@ -172,20 +172,17 @@ def test_the_int8_recipe_differs_from_the_main_one_only_in_quantize():
     assert [n for n in keys if keys[n] != keys8[n]] == ["export", "compile", "bench"]
 
 
-def test_recipe_schema_matches_the_stage_modules():
-    from typing import get_args
+def test_recipe_sections_are_the_stage_configs():
+    """One source of truth: a recipe section is the stage's own config model (same keys, defaults, checks)."""
+    from owl_deploy import configs, recipe
 
-    from owl_deploy import data, export, prune, recipe, runtime
-
-    assert set(get_args(recipe.Prune.model_fields["method"].annotation)) == set(prune.METHODS)
-    assert set(get_args(recipe.Prune.model_fields["allocation"].annotation)) == set(prune.ALLOCATIONS)
-    assert set(get_args(recipe.Prune.model_fields["granularity"].annotation)) == set(prune.GRANULARITIES)
-    assert (recipe.DEFAULT_CALIB, recipe.DEFAULT_EVAL) == (data.DEFAULT_CALIB, data.DEFAULT_EVAL)
-    assert set(get_args(recipe.Export.model_fields["attention"].annotation)) == set(export.ATTENTION_KINDS)
-    assert set(get_args(recipe.Compile.model_fields["engine"].annotation)) == set(runtime.ENGINES)
-    # the recipe's prune settings become a valid PruneConfig (sparsity filled in from N:M)
-    cfg = pipeline.prune_config(parse_recipe("model: smollm2-135m\nprune: {nm: 2:4, allocation: uniform}\n"))
-    assert cfg.nm == (2, 4) and cfg.sparsity == 0.5
+    sections = {n: f.annotation for n, f in recipe.Recipe.model_fields.items()}
+    assert sections["calibration"] is configs.CalibrationConfig and sections["prune"] is configs.PruneConfig
+    assert sections["owl"] is configs.OwlConfig and sections["export"] is configs.ExportConfig
+    assert sections["quantize"] is configs.QuantizeConfig and sections["bench"] is configs.BenchConfig
+    r = parse_recipe("model: smollm2-135m\nprune: {nm: 2:4, allocation: uniform}\nbench: {prefill_chunk: 0}\n")
+    assert r.prune.nm_pair == (2, 4) and r.target_sparsity == 0.5
+    assert r.bench.prefill_length == 1  # the old key is still read; 0 means one token per call
 
 
 BAD = """\
@@ -211,7 +208,7 @@ def test_recipe_errors_name_the_key_and_line():
         "recipe.yaml:5: owl.lambda: must be < 0.5 (got 0.6)",
         "recipe.yaml:7: prune.sparsity: must be < 1 (got 1.5)",
         "recipe.yaml:8: prune.methd: unknown key (did you mean 'method'? allowed: "
-        "method, allocation, granularity, sparsity, nm, batch_size)",
+        "method, allocation, granularity, sparsity, nm, batch_size, compute_dtype)",
         "recipe.yaml:9: prune.allocation: must be one of 'uniform', 'owl' or 'owl-inverse' (got 'owl-wide')",
         "recipe.yaml:11: bench.strict: must be true or false (got 'yes')",
     ]
@@ -226,19 +223,19 @@ MP = M + "prune: {sparsity: 0.5}\n"
     [
         ("prune: {sparsity: 0.5}\n", "recipe.yaml:1: model: required key is missing"),
         (M, "recipe.yaml:1: prune: required key is missing"),
-        (M + "prune: {}\n", "recipe.yaml:2: prune: give prune.sparsity"),
-        (M + "prune:\n  sparsity: 0.7\n  nm: 2:4\n", "recipe.yaml:3: prune.sparsity: 0.7 contradicts nm 2:4"),
-        (M + "prune: {nm: 4:2}\n", "recipe.yaml:2: prune.nm: N:M needs 1 <= N < M"),
+        (M + "prune: {}\n", "recipe.yaml:2: prune: give a sparsity in (0, 1) or an N:M pattern"),
+        (M + "prune:\n  sparsity: 0.7\n  nm: 2:4\n", "recipe.yaml:2: prune: sparsity 0.7 contradicts nm 2:4"),
+        (M + "prune: {nm: 4:2}\n", "recipe.yaml:2: prune.nm: N:M sparsity needs 1 <= N < M"),
         (M + "prune: {nm: two-four}\n", 'recipe.yaml:2: prune.nm: must be an N:M pattern such as "2:4"'),
         (MP + "prune: {sparsity: 0.6}\n", "recipe.yaml:3: prune: duplicate key (first on line 2)"),
         ("model: nope\nprune: {sparsity: 0.5}\n", "recipe.yaml:1: model: 'nope' is neither a model asset"),
         (MP + "evaluate:\n  text: wiki+missing.txt\n", "recipe.yaml:4: evaluate.text: 'missing.txt' is neither"),
         (MP + "bench:\n  context: 500\n", "recipe.yaml:4: bench.context: context 500 + steps 32 = 532 decode"),
-        (MP + "bench: {prefill_chunk: 6}\n", "recipe.yaml:3: bench.prefill_chunk: must be 0 or 1 (one token"),
+        (MP + "bench: {prefill_chunk: 6}\n", "recipe.yaml:3: bench.prefill_chunk: must be 1 or a multiple of 4"),
         (MP + "quantize: {scheme: int8, keep_fp32: [mlp]}\n", "recipe.yaml:3: quantize.keep_fp32: mlp is not"),
         (MP + "quantize: {keep_fp32: [down_proj]}\n", "recipe.yaml:3: quantize.keep_fp32: has no effect without"),
         (MP + "quantize: {scheme: int4}\n", "recipe.yaml:3: quantize.scheme: must be"),
-        (MP + "bench: {engines: gpu}\n", "recipe.yaml:3: bench.engines: unknown engine 'gpu' in bench.engines"),
+        (MP + "bench: {engines: gpu}\n", "recipe.yaml:3: bench.engines: unknown engine 'gpu'; use ds|deepsparse"),
         (MP + "owl: 5\n", "recipe.yaml:3: owl: must be a mapping of keys (got 5)"),
         (MP + "name: my recipe\n", "recipe.yaml:3: name: must be letters, digits"),
         (MP + "evaluate: {max_tokens: 0}\n", "recipe.yaml:3: evaluate.max_tokens: must be >= 1 (got 0)"),
@@ -489,7 +486,7 @@ def test_real_int8_export_stage_on_a_tiny_model(tmp_path, tiny_dir):
     assert s["export"]["quantize"] == "int8" and s["export"]["ok"] and s["export"]["zeros_preserved"]
     deployment = Path(s["paths"]["deployment"])
     exported = json.loads((deployment / "export.json").read_text())
-    assert exported["int8"]["calibration"]["nsamples"] == 2 and "out" not in exported
+    assert exported["int8"]["nsamples"] == 2 and "out" not in exported
     ops = {n.op_type for n in onnx.load(deployment / "model.onnx", load_external_data=False).graph.node}
     assert "MatMulInteger" in ops
     assert len(report.done["compile"].result["generated_tokens"]) >= 1

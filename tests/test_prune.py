@@ -13,19 +13,21 @@ import torch
 from click.testing import CliRunner
 from tiny_models import FAMILIES, calib_ids, save_tiny, tiny_model
 
-from owl_deploy.allocation import outlier_ratio, owl_nm, owl_sparsities
+from owl_deploy.allocation import allocate, outlier_ratio, owl_nm, owl_sparsities
 from owl_deploy.cli import main
+from owl_deploy.configs import OwlConfig, PruneConfig
 from owl_deploy.errors import OwlError
 from owl_deploy.model import block_linears, decoder_blocks
-from owl_deploy.prune import PruneConfig, allocate, config_from_cli, prune_model
+from owl_deploy.prune import owl_windows, prune_model
 from owl_deploy.prune.wanda import wanda_scores
 
 NS, SL = 8, 32  # tiny calibration: 8 windows of 32 tokens
 
 
-def _cfg(**kw) -> PruneConfig:
-    base = dict(method="wanda", allocation="owl", sparsity=0.6, nsamples=NS, seqlen=SL, batch_size=4, owl_lambda=0.1)
-    return PruneConfig(**{**base, **kw})
+def _cfg(owl_m: float = 5.0, owl_lambda: float = 0.1, owl_nsamples: int | None = 8, **kw):
+    """(PruneConfig, OwlConfig) for prune_model(model, *_cfg(...), ids)."""
+    prune = PruneConfig(**{"method": "wanda", "allocation": "owl", "sparsity": 0.6, "batch_size": 4, **kw})
+    return prune, OwlConfig(m=owl_m, lambda_=owl_lambda, nsamples=owl_nsamples)
 
 
 def _masks(model) -> list[torch.Tensor]:
@@ -41,7 +43,7 @@ def test_every_linear_carries_its_blocks_sparsity(family, method):
     Wanda so its per-row int(in_features * s) truncation stays below 1/256 (magnitude and SparseGPT
     count per matrix / per 128-column block, exact to a few weights)."""
     model = tiny_model(family, hidden=256 if method == "wanda" else 128, layers=3)
-    report = prune_model(model, _cfg(method=method), calib_ids(NS, SL), progress=False)
+    report = prune_model(model, *_cfg(method=method), calib_ids(NS, SL), progress=False)
     linears = [block_linears(b) for b in decoder_blocks(model)]
     sparsities = [b["sparsity"] for b in report["blocks"]]
     assert len(set(sparsities)) == len(sparsities) > 1  # OWL made the blocks differ
@@ -84,7 +86,7 @@ def test_ratios_come_from_the_dense_model():
             x = acts[(i, n)].reshape(-1, lin.in_features)
             scores.append(wanda_scores(lin.weight, x.square().sum(0) / NS))
         expected.append(outlier_ratio(scores, 5.0))
-    report = prune_model(model, _cfg(owl_m=5.0), ids, progress=False)
+    report = prune_model(model, *_cfg(owl_m=5.0), ids, progress=False)
     got = [b["outlier_ratio"] for b in report["blocks"]]
     assert got == pytest.approx(expected, abs=1e-9)
     assert [b["sparsity"] for b in report["blocks"]] == pytest.approx(owl_sparsities(expected, 0.6, 0.1))
@@ -93,9 +95,9 @@ def test_ratios_come_from_the_dense_model():
 def test_owl_direction_inverse_and_uniform():
     """More outliers -> lower sparsity (OWL); the inverse ablation flips it; uniform is flat."""
     ids = calib_ids(NS, SL)
-    owl = prune_model(tiny_model("llama", layers=4), _cfg(), ids, progress=False)["blocks"]
-    inv = prune_model(tiny_model("llama", layers=4), _cfg(allocation="owl-inverse"), ids, progress=False)["blocks"]
-    uni = prune_model(tiny_model("llama", layers=4), _cfg(allocation="uniform"), ids, progress=False)["blocks"]
+    owl = prune_model(tiny_model("llama", layers=4), *_cfg(), ids, progress=False)["blocks"]
+    inv = prune_model(tiny_model("llama", layers=4), *_cfg(allocation="owl-inverse"), ids, progress=False)["blocks"]
+    uni = prune_model(tiny_model("llama", layers=4), *_cfg(allocation="uniform"), ids, progress=False)["blocks"]
     most = max(range(4), key=lambda i: owl[i]["outlier_ratio"])
     least = min(range(4), key=lambda i: owl[i]["outlier_ratio"])
     assert owl[most]["sparsity"] < 0.6 < owl[least]["sparsity"]
@@ -106,21 +108,21 @@ def test_owl_direction_inverse_and_uniform():
 
 def test_owl_nsamples_uses_the_first_windows_only():
     ids = calib_ids(NS, SL)
-    sub = prune_model(tiny_model("llama"), _cfg(owl_nsamples=2), ids, progress=False)
-    ref = prune_model(tiny_model("llama"), _cfg(nsamples=2), ids[:2], progress=False)
+    sub = prune_model(tiny_model("llama"), *_cfg(owl_nsamples=2), ids, progress=False)
+    ref = prune_model(tiny_model("llama"), *_cfg(), ids[:2], progress=False)
     assert [b["outlier_ratio"] for b in sub["blocks"]] == [b["outlier_ratio"] for b in ref["blocks"]]
     assert sub["owl"]["nsamples"] == 2
-    every = prune_model(tiny_model("llama"), _cfg(owl_nsamples=None), ids, progress=False)
+    every = prune_model(tiny_model("llama"), *_cfg(owl_nsamples=None), ids, progress=False)
     assert every["owl"]["nsamples"] == NS  # None = every window, as the reference
-    assert config_from_cli(sparsity=0.5, nm=None, owl_nsamples="all").owl_windows == 128
-    assert config_from_cli(sparsity=0.5, nm=None, owl_nsamples="500").owl_windows == 128  # capped
+    assert owl_windows(OwlConfig(nsamples=None), 128) == 128
+    assert owl_windows(OwlConfig(nsamples=500), 128) == 128  # capped
 
 
 def test_clamp_keeps_the_global_mean():
     """A bound outside [0, 0.99] is clipped there and the other blocks re-centred (allocation.py):
     S = 0.95 with lambda = 0.45 pushes the low-outlier blocks past 0.99."""
     model = tiny_model("llama", hidden=256, layers=4)
-    report = prune_model(model, _cfg(sparsity=0.95, owl_lambda=0.45), calib_ids(NS, SL), progress=False)
+    report = prune_model(model, *_cfg(sparsity=0.95, owl_lambda=0.45), calib_ids(NS, SL), progress=False)
     sp = [b["sparsity"] for b in report["blocks"]]
     assert max(sp) == pytest.approx(0.99) and report["owl"]["clamped"]
     assert sum(sp) / len(sp) == pytest.approx(0.95, abs=1e-9)
@@ -137,7 +139,7 @@ def _check_nm(weight: torch.Tensor, n: int, m: int) -> None:
 def test_uniform_nm(method):
     model = tiny_model("qwen2")
     report = prune_model(
-        model, _cfg(method=method, allocation="uniform", sparsity=0.5, nm=(2, 4)), calib_ids(NS, SL), progress=False
+        model, *_cfg(method=method, allocation="uniform", sparsity=0.5, nm="2:4"), calib_ids(NS, SL), progress=False
     )
     for b in decoder_blocks(model):
         for lin in block_linears(b).values():
@@ -148,8 +150,7 @@ def test_uniform_nm(method):
 def test_owl_nm_varies_n_per_block():
     """Ref item 7: per-block N = base N - round(r - mean r), r spread over [0, lambda * M] (allocation.owl_nm)."""
     model = tiny_model("llama", layers=4)
-    cfg = _cfg(sparsity=0.5, nm=(4, 8), owl_lambda=0.3)
-    report = prune_model(model, cfg, calib_ids(NS, SL), progress=False)
+    report = prune_model(model, *_cfg(sparsity=0.5, nm="4:8", owl_lambda=0.3), calib_ids(NS, SL), progress=False)
     ns = owl_nm([b["outlier_ratio"] for b in report["blocks"]], 4, 8, 0.3)
     assert len(set(ns)) > 1
     for n, entry, block in zip(ns, report["blocks"], decoder_blocks(model), strict=True):
@@ -161,7 +162,7 @@ def test_owl_nm_varies_n_per_block():
 def test_layer_granularity_ablation():
     """One ratio per linear, allocated over all linears; the parameter-weighted mean stays the target."""
     model = tiny_model("llama", hidden=256, layers=3)
-    report = prune_model(model, _cfg(granularity="layer"), calib_ids(NS, SL), progress=False)
+    report = prune_model(model, *_cfg(granularity="layer"), calib_ids(NS, SL), progress=False)
     targets, sizes = [], []
     for entry, block in zip(report["blocks"], decoder_blocks(model), strict=True):
         assert set(entry["layer_targets"]) == set(entry["layer_outlier_ratios"]) == set(entry["layers"])
@@ -176,8 +177,8 @@ def test_layer_granularity_ablation():
 
 
 def test_allocate_all_equal_ratios_is_uniform():
-    linears = [block_linears(b) for b in decoder_blocks(tiny_model("llama"))]
-    targets = allocate(_cfg(), linears, [1.0, 1.0, 1.0], None)
+    names = [["q", "k"], ["q", "k"], ["q", "k"]]
+    targets = allocate(names, [[8, 8]] * 3, 0.6, None, "owl", 0.1, block_ratios=[1.0, 1.0, 1.0])
     assert {t.sparsity for d in targets for t in d.values()} == {0.6}
 
 
@@ -194,7 +195,7 @@ def test_same_seed_same_masks():
     for seed in (0, 0, 1):
         ids = calibration_windows(tok, str(text), NS, SL, seed)
         model = tiny_model("gemma")
-        r = prune_model(model, _cfg(), ids, progress=False)
+        r = prune_model(model, *_cfg(), ids, progress=False)
         r.pop("timings")
         reports.append(r)
         masks.append(_masks(model))
@@ -225,6 +226,9 @@ def tiny_dir(tmp_path_factory):
 
 def _prune(*args):
     return CliRunner().invoke(main, ["prune", *args], catch_exceptions=False)
+
+
+MAGNITUDE_UNIFORM = ("--method", "magnitude", "--allocation", "uniform", "--sparsity", "0.5")
 
 
 def test_cli_prune_writes_a_loadable_folder(tiny_dir, tmp_path):
@@ -268,6 +272,7 @@ def test_cli_prune_writes_a_loadable_folder(tiny_dir, tmp_path):
         assert key in report
     assert report["owl"]["m"] == 5.0 and report["owl"]["lambda"] == 0.1
     assert report["calibration"] == {"text": str(_text_file()), "nsamples": 6, "seqlen": 32, "seed": 0, "used": True}
+    assert report["config"]["prune"]["sparsity"] == 0.5 and report["config"]["owl"]["lambda"] == 0.1
     assert {"load_model", "calibration_data", "owl_ratios", "prune", "save", "total"} <= set(report["timings"])
     assert [b["index"] for b in report["blocks"]] == [0, 1, 2]
     assert all({"outlier_ratio", "sparsity", "layers"} <= set(b) for b in report["blocks"])
@@ -311,23 +316,23 @@ def test_cli_magnitude_uniform_needs_no_calibration(tiny_dir, tmp_path):
 
 
 BAD = [
-    (["--sparsity", "1.5"], "sparsity must be in (0, 1)"),
-    (["--sparsity", "0"], "sparsity must be in (0, 1)"),
-    (["--sparsity", "1"], "sparsity must be in (0, 1)"),
-    (["--sparsity", "nan"], "sparsity must be"),
-    (["--sparsity", "0.5", "--owl-lambda", "0.6"], "lambda must be in [0, 0.5)"),
-    (["--sparsity", "0.5", "--owl-lambda", "-0.1"], "lambda must be in [0, 0.5)"),
-    (["--sparsity", "0.5", "--owl-m", "0"], "threshold M must be > 0"),
-    (["--nm", "2-4"], "must look like '2:4'"),
+    (["--sparsity", "1.5"], "--sparsity: must be < 1 (got 1.5)"),
+    (["--sparsity", "0"], "--sparsity: must be > 0 (got 0.0)"),
+    (["--sparsity", "1"], "--sparsity: must be < 1 (got 1.0)"),
+    (["--sparsity", "nan"], "--sparsity: must be a finite number"),
+    (["--sparsity", "0.5", "--owl-lambda", "0.6"], "--owl-lambda: must be < 0.5 (got 0.6)"),
+    (["--sparsity", "0.5", "--owl-lambda", "-0.1"], "--owl-lambda: must be >= 0 (got -0.1)"),
+    (["--sparsity", "0.5", "--owl-m", "0"], "--owl-m: must be > 0 (got 0.0)"),
+    (["--nm", "2-4"], '--nm: must be an N:M pattern such as "2:4"'),
     (["--nm", "4:2"], "1 <= N < M"),
-    (["--nm", "2:4", "--sparsity", "0.7"], "contradicts --nm"),
-    ([], "give --sparsity"),
-    (["--sparsity", "0.5", "--nsamples", "0"], "nsamples must be a positive integer"),
+    (["--nm", "2:4", "--sparsity", "0.7"], "sparsity 0.7 contradicts nm 2:4"),
+    ([], "give a sparsity"),
+    (["--sparsity", "0.5", "--nsamples", "0"], "--nsamples: must be >= 1 (got 0)"),
     (["--sparsity", "0.5", "--owl-nsamples", "some"], "positive integer or 'all'"),
-    (["--sparsity", "0.5", "--owl-nsamples", "0"], "owl_nsamples must be a positive integer"),
+    (["--sparsity", "0.5", "--owl-nsamples", "0"], "--owl-nsamples: must be >= 1 (got 0)"),
     (["--sparsity", "0.5", "--nsamples", "5000"], "larger than the text"),
     (["--sparsity", "0.5", "--seqlen", "4096"], "exceeds the model's max_position_embeddings"),
-    (["--sparsity", "0.5", "--nm", "3:5"], None),  # 3:5 != 0.5 -> contradiction message
+    (["--sparsity", "0.5", "--nm", "3:5"], "contradicts nm 3:5"),
 ]
 
 
@@ -381,22 +386,7 @@ def test_failure_during_save_leaves_no_folder(tiny_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(model_mod, "save_model", boom)
     out = tmp_path / "out"
-    res = CliRunner().invoke(
-        main,
-        [
-            "prune",
-            "--model",
-            str(tiny_dir),
-            "--method",
-            "magnitude",
-            "--allocation",
-            "uniform",
-            "--sparsity",
-            "0.5",
-            "--out",
-            str(out),
-        ],
-    )
+    res = _prune(*MAGNITUDE_UNIFORM, "--model", str(tiny_dir), "--out", str(out))
     assert res.exit_code == 1 and "disk full" in res.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -405,22 +395,7 @@ def test_cli_refuses_to_replace_an_unrelated_folder(tiny_dir, tmp_path):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    res = CliRunner().invoke(
-        main,
-        [
-            "prune",
-            "--model",
-            str(tiny_dir),
-            "--method",
-            "magnitude",
-            "--allocation",
-            "uniform",
-            "--sparsity",
-            "0.5",
-            "--out",
-            str(out),
-        ],
-    )
+    res = _prune(*MAGNITUDE_UNIFORM, "--model", str(tiny_dir), "--out", str(out))
     assert res.exit_code == 1 and "not an earlier prune output" in res.stderr
     assert (out / "notes.txt").read_text() == "keep me"
     assert (
@@ -431,11 +406,12 @@ def test_cli_refuses_to_replace_an_unrelated_folder(tiny_dir, tmp_path):
     )
 
 
-def test_config_from_cli_nm_sets_sparsity():
-    assert config_from_cli(sparsity=None, nm="2:4").sparsity == 0.5
-    with pytest.raises(OwlError):
-        config_from_cli(sparsity=None, nm=None)
-    assert math.isclose(config_from_cli(sparsity=0.7, nm=None).sparsity, 0.7)
+def test_prune_config_target_from_sparsity_or_nm():
+    assert PruneConfig(nm="2:4").target_sparsity == 0.5 and PruneConfig(nm=" 2 : 4 ").nm == "2:4"
+    assert PruneConfig(nm="2:4").nm_pair == (2, 4)
+    assert math.isclose(PruneConfig(sparsity=0.7).target_sparsity, 0.7)
+    with pytest.raises(ValueError, match="give a sparsity"):
+        PruneConfig()
 
 
 # ------------------------------------------------------------------ the real model

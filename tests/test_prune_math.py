@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import S48, W48
 
+from owl_deploy.configs import parse_nm
 from owl_deploy.errors import OwlError
 from owl_deploy.prune.magnitude import magnitude_mask
-from owl_deploy.prune.masks import matrix_mask, nm_mask, parse_nm, row_mask
+from owl_deploy.prune.masks import matrix_mask, nm_mask, row_mask
 from owl_deploy.prune.sparsegpt import sparsegpt_prune
 from owl_deploy.prune.wanda import wanda_mask, wanda_scores
-
-# 4x8 layer; input norms^2 s = [1,4,9,16,1,4,9,16] so sqrt(s) = [1,2,3,4,1,2,3,4] exactly.
-W48 = torch.tensor(
-    [
-        [1.0, -2, 3, -4, 5, -6, 7, -8],
-        [8, 7, -6, 5, -4, 3, -2, 1],
-        [1, 1, 1, 1, 1, 1, 1, 1],
-        [-3, 0, 2, -1, 4, -2, 1, 3],
-    ]
-)
-S48 = torch.tensor([1.0, 4, 9, 16, 1, 4, 9, 16], dtype=torch.float64)
 
 
 def _t(rows: list[list[int]]) -> torch.Tensor:

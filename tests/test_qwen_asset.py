@@ -49,9 +49,8 @@ def test_qwen_is_not_in_the_default_fetch(monkeypatch):
     assert prepared == [QWEN]
 
 
-def test_assets_list_shows_qwen_as_opt_in(capsys):
-    assets.print_list()
-    out = capsys.readouterr().out
+def test_assets_list_shows_qwen_as_opt_in():
+    out = "\n".join(assets.list_lines())
     assert QWEN in out and f"owl-deploy assets fetch {QWEN}" in out
 
 
@@ -128,13 +127,14 @@ def test_prepare_qwen_deletes_the_gguf_before_saving(tmp_path, monkeypatch):
         path = Path(path)
         assert path.read_bytes() == JOINED
         seen["gguf"] = path
-        return nn.Linear(2, 3), object()
+        return nn.Linear(2, 3)
 
     def fake_save(model, tokenizer, out):
         assert not seen["gguf"].exists() and not seen["gguf"].parent.exists()
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(model_mod, "load_model", fake_load)
+    monkeypatch.setattr(model_mod, "load_causal_lm", fake_load)
+    monkeypatch.setattr(model_mod, "load_tokenizer", lambda path: object())
     monkeypatch.setattr(model_mod, "save_model", fake_save)
     out = tmp_path / "models" / ".qwen.tmp"
     out.mkdir(parents=True)
@@ -156,7 +156,8 @@ def test_prepare_qwen_deletes_the_gguf_before_saving(tmp_path, monkeypatch):
 def test_real_qwen_coder_loads_as_fp32_qwen2():
     import torch
 
-    from owl_deploy.model import decoder_blocks, load_model
+    from owl_deploy.model import decoder_blocks
+    from owl_deploy.specs import load_model
 
     path = assets.asset_path(QWEN)
     info = json.loads((path / "asset.json").read_text())

@@ -6,7 +6,6 @@ A tiny random LLaMA (4 heads / 2 KV heads) is exported once per module with ``ex
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -15,8 +14,6 @@ import pytest
 import torch
 
 from owl_deploy.errors import OwlError
-
-os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 SEQ = 48
 IDS = [5, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 99]  # 21 tokens
@@ -67,7 +64,7 @@ def sessions(tiny):
     out, _, _ = tiny
     # one thread: DeepSparse pins its threads to cores; on a busy shared machine two pinned threads
     # can stall each other for a second per step, which would only make these tests slow
-    return {cfg: runtime.compile(out, cfg[0], prefill_length=cfg[2], kv_cache=cfg[1], num_threads=1) for cfg in CONFIGS}
+    return {cfg: runtime.compile(out, cfg[0], prefill_length=cfg[2], kv_cache=cfg[1], threads=1) for cfg in CONFIGS}
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[0]}-{c[1]}-p{c[2]}")
@@ -116,7 +113,7 @@ def test_internal_cache_needs_more_slots_than_prefill_tokens(tiny):
     from owl_deploy import runtime
 
     out, model, _ = tiny
-    s = runtime.compile(out, "deepsparse", sequence_length=32, prefill_length=16, num_threads=1)
+    s = runtime.compile(out, "deepsparse", sequence_length=32, prefill_length=16, threads=1)
     assert s.prefill_length == 12 and s.kv_cache == "internal"
     ids = IDS[:20]
     assert np.abs(s.forward(ids) - _ref(model, ids)).max() < 1e-4
@@ -135,7 +132,7 @@ def test_deployment_after_deepsparse_rewrote_it_in_place(tiny, tmp_path):
     dep = runtime.open_deployment(copy)
     assert dep.sequence_length == SEQ and dep.spec.num_kv_heads == 2
     for engine in ("onnxruntime", "deepsparse"):
-        s = runtime.compile(copy, engine, prefill_length=4, num_threads=1)
+        s = runtime.compile(copy, engine, prefill_length=4, threads=1)
         assert np.abs(s.forward(IDS) - _ref(model, IDS)).max() < 1e-4
 
 
@@ -188,6 +185,9 @@ def test_tokenizer_from_the_folder(tiny, tmp_path):
     shutil.copytree(out, broken)
     for f in broken.glob("tokenizer*"):
         f.unlink()
+    with pytest.raises(OwlError, match="has no tokenizer files"):
+        runtime.open_deployment(broken).tokenizer()
+    (broken / "tokenizer.json").write_text("{not json")
     with pytest.raises(OwlError, match="cannot load the tokenizer"):
         runtime.open_deployment(broken).tokenizer()
 

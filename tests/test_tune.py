@@ -25,4 +25,4 @@ def test_tune_reports_the_grid_and_its_minimum(smollm2_dir):
 def test_tune_rejects_out_of_range_lambda():
     res = CliRunner().invoke(main, ["tune", "--model", "smollm2-135m", "--sparsity", "0.7", "--grid-lambda", "0.6"])
     assert res.exit_code == 1
-    assert "lambda must be in [0, 0.5)" in res.output
+    assert "error: --grid-lambda: must be < 0.5 (got 0.6)" in res.output

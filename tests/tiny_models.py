@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "opt", "gemma")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gemma")
 VOCAB = 260  # 256 byte-level symbols + 4 specials
 
 
@@ -45,6 +45,9 @@ def tiny_config(family: str, hidden: int = 64, layers: int = 3, vocab: int = VOC
             max_window_layers=1,
             **common,
         )
+    if family == "qwen3":  # q/k norms, tied embeddings
+        common["tie_word_embeddings"] = True
+        return tf.Qwen3Config(intermediate_size=2 * hidden, num_key_value_heads=2, head_dim=hidden // 4, **common)
     if family == "opt":
         common.pop("max_position_embeddings")
         return tf.OPTConfig(
@@ -91,6 +94,19 @@ def save_tiny(family: str, out: Path, seed: int = 0, hidden: int = 64, layers: i
     model.save_pretrained(out, safe_serialization=True)
     tiny_tokenizer().save_pretrained(out)
     return Path(out)
+
+
+#: a 4x8 layer and its input norms^2 s = [1,4,9,16,1,4,9,16] (so sqrt(s) = [1,2,3,4,1,2,3,4] exactly): pure
+#: maths is checked on it by hand
+W48 = torch.tensor(
+    [
+        [1.0, -2, 3, -4, 5, -6, 7, -8],
+        [8, 7, -6, 5, -4, 3, -2, 1],
+        [1, 1, 1, 1, 1, 1, 1, 1],
+        [-3, 0, 2, -1, 4, -2, 1, 3],
+    ]
+)
+S48 = torch.tensor([1.0, 4, 9, 16, 1, 4, 9, 16], dtype=torch.float64)
 
 
 def calib_ids(nsamples: int = 8, seqlen: int = 32, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:

@@ -21,84 +21,61 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from owl_deploy.data import DEFAULT_CALIB
+from owl_deploy.configs import CalibrationConfig, ExportConfig, QuantizeConfig
+from owl_deploy.contract import MODEL_ONNX
 from owl_deploy.errors import OwlError
-from owl_deploy.export.graph import (
-    ATTENTION_KINDS,
-    EXTERNAL_DATA_THRESHOLD,
-    MODEL_ONNX,
-    OPSET,
-    check_sequence_length,
-    export_onnx,
-    graph_spec,
-)
-from owl_deploy.export.int8 import Int8Config
+from owl_deploy.export.graph import OPSET, check_sequence_length, export_onnx, graph_spec
+from owl_deploy.versions import package_versions, python_version
 
-__all__ = ["ATTENTION_KINDS", "DEFAULT_SEQUENCE_LENGTH", "EXTERNAL_DATA_THRESHOLD", "export_model"]
-
-DEFAULT_SEQUENCE_LENGTH = 512
-#: --quantize values: None = fp32 weights (the default until int8 is proven on the model at hand)
-QUANTIZE_CHOICES = (None, "int8")
-#: greedy tokens compared across torch / ONNX Runtime / DeepSparse in export.json
-DEFAULT_GREEDY_TOKENS = 32
+__all__ = ["export_model"]
 
 
 def export_model(
     model: str | os.PathLike,
     out: str | os.PathLike,
-    sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
-    attention: str = "grouped",
-    prefill_length: int = 16,
-    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD,
-    greedy_tokens: int = DEFAULT_GREEDY_TOKENS,
+    cfg: ExportConfig | None = None,
+    quantize: QuantizeConfig | None = None,
+    calibration: CalibrationConfig | None = None,
     engines: tuple[str, ...] = ("onnxruntime", "deepsparse"),
-    num_threads: int | None = 1,
     log: Callable[[str], None] | None = None,
-    quantize: str | None = None,
-    int8: Int8Config | None = None,
 ) -> dict:
     """Export ``model`` (asset name, HF folder or .gguf) to the deployment folder ``out``; return export.json.
 
-    The verification runs torch and the engines with ``num_threads`` threads (default 1): correctness
+    The verification runs torch and the engines with ``cfg.threads`` threads (default 1): correctness
     does not depend on it, and on a shared 2-core machine two threads that synchronise at every op
     (DeepSparse pins them to cores; OpenMP spins) stall for up to seconds per token while another
     process holds a core.
 
-    ``quantize="int8"`` (see export/int8.py): activation ranges from calibration text, SmoothQuant folded
-    into the torch model (same function), projections rewritten to the MatMulInteger pattern.  The
-    engines are then checked against each other on the same int8 graph (DeepSparse vs ONNX Runtime);
-    their distance to the fp32 torch model is the quantization error, recorded, not a failure.
+    ``quantize.scheme="int8"`` (see export/int8.py): activation ranges from ``calibration.text`` (seed
+    ``calibration.seed``), SmoothQuant folded into the torch model (same function), projections rewritten
+    to the MatMulInteger pattern.  The engines are then checked against each other on the same int8 graph
+    (DeepSparse vs ONNX Runtime); their distance to the fp32 torch model is the quantization error,
+    recorded, not a failure.
     """
     from owl_deploy import runtime
+    from owl_deploy.configs import ENGINES
     from owl_deploy.export import verify
     from owl_deploy.io import atomic_dir, write_json
-    from owl_deploy.model import load_model, resolve_model
+    from owl_deploy.specs import load_model, resolve_model
 
+    cfg = cfg or ExportConfig()
+    quantize = quantize or QuantizeConfig()
+    calibration = calibration or CalibrationConfig()
+    int8 = quantize.scheme == "int8"
     say = log or (lambda _msg: None)
-    if not isinstance(sequence_length, int) or sequence_length < 2:
-        raise OwlError(f"sequence length must be an integer >= 2, got {sequence_length!r}")
-    if attention not in ATTENTION_KINDS:
-        raise OwlError(f"unknown attention layout {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
-    if prefill_length < 1 or (prefill_length > 1 and prefill_length % 4):
-        raise OwlError(f"prefill length {prefill_length} must be 1 or a multiple of 4")
-    if quantize not in QUANTIZE_CHOICES:
-        raise OwlError(f"unknown --quantize {quantize!r}; choose {' or '.join(str(q) for q in QUANTIZE_CHOICES)}")
-    int8_cfg = (int8 or Int8Config()) if quantize == "int8" else None
-    if int8_cfg is not None:
-        int8_cfg.validate()
-    unknown = [e for e in engines if e not in runtime.ENGINES]
+    unknown = [e for e in engines if e not in ENGINES]
     if unknown:
-        raise OwlError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(runtime.ENGINES)}")
+        raise OwlError(f"unknown engine(s) {', '.join(unknown)}; choose from {', '.join(ENGINES)}")
     out = Path(out).expanduser()
     source = resolve_model(model)
     if out.resolve() == Path(source).resolve() or Path(source).resolve() in out.resolve().parents:
         raise OwlError(f"--out {out} must not be the model folder or inside it")
+    sequence_length, threads = cfg.sequence_length, cfg.threads
 
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -106,18 +83,18 @@ def export_model(
     timings["load_model"] = time.perf_counter() - start
     spec, _ = graph_spec(hf_model)
     check_sequence_length(spec, sequence_length)
-    prefill = prefill_length if prefill_length < sequence_length else 1
+    prefill = cfg.prefill_length if cfg.prefill_length < sequence_length else 1
     rewrite = None
-    if int8_cfg is not None:
+    if int8:
         t = time.perf_counter()
-        say(f"int8: calibrating activation ranges on {int8_cfg.nsamples}x{int8_cfg.seqlen} tokens")
-        rewrite = _int8_rewrite(hf_model, tokenizer, int8_cfg, num_threads)
+        say(f"int8: calibrating activation ranges on {quantize.nsamples}x{quantize.seqlen} tokens")
+        rewrite = _int8_rewrite(hf_model, tokenizer, quantize, calibration)
         timings["int8_calibration"] = time.perf_counter() - t
 
     with atomic_dir(out) as tmp:
-        say(f"exporting {source} → {out} (sequence length {sequence_length}, {attention} attention)")
+        say(f"exporting {source} → {out} (sequence length {sequence_length}, {cfg.attention} attention)")
         t = time.perf_counter()
-        info = export_onnx(hf_model, tmp, sequence_length, attention, external_data_threshold, rewrite=rewrite)
+        info = export_onnx(hf_model, tmp, sequence_length, cfg.attention, cfg.external_data_threshold, rewrite=rewrite)
         timings["export_onnx"] = time.perf_counter() - t
         t = time.perf_counter()
         _write_side_files(hf_model, tokenizer, source, tmp)
@@ -136,8 +113,8 @@ def export_model(
         t = time.perf_counter()
         prompts = [_encode(tokenizer, p, sequence_length) for p in verify.PROMPTS]
         prompts = [p for p in prompts if p]
-        n_greedy = max(0, min(greedy_tokens, sequence_length - len(prompts[0]) - 1))
-        with verify.torch_threads(num_threads):
+        n_greedy = max(0, min(cfg.greedy_tokens, sequence_length - len(prompts[0]) - 1))
+        with verify.torch_threads(threads):
             refs = [verify.torch_logits(hf_model, ids) for ids in prompts]
             greedy_ref = verify.torch_greedy(hf_model, prompts[0], n_greedy) if n_greedy else []
         timings["torch_reference"] = time.perf_counter() - t
@@ -152,11 +129,11 @@ def export_model(
         for engine in engines:
             t = time.perf_counter()
             session = runtime.compile(
-                tmp, engine, sequence_length=sequence_length, prefill_length=prefill, num_threads=num_threads
+                tmp, engine, sequence_length=sequence_length, prefill_length=prefill, threads=threads
             )
             timings[f"compile_{engine}"] = session.compile_seconds
             got = verify.engine_prompt_logits(session, prompts)
-            if int8_cfg is None:
+            if not int8:
                 res = verify.compare_logits(got, refs)
             else:
                 decode = verify.engine_prompt_logits(session, prompts, decode_only=True)
@@ -172,12 +149,12 @@ def export_model(
             timings[f"verify_{engine}"] = time.perf_counter() - t
             diff = res["max_abs_diff"] if "max_abs_diff" in res else res["vs_torch_fp32"]["max_abs_diff"]
             vs_fp32 = ""
-            if int8_cfg is not None and "with_prefill" in res:
+            if int8 and "with_prefill" in res:
                 vs_fp32 = (
                     f" (decode graph vs the first engine; with prefill {res['with_prefill']['max_abs_diff']:.2e}; "
                     f"vs fp32 torch {res['vs_torch_fp32']['max_abs_diff']:.2e})"
                 )
-            elif int8_cfg is not None:
+            elif int8:
                 vs_fp32 = " (vs fp32 torch: the quantization error)"
             say(
                 f"  {engine}: compiled in {timings[f'compile_{engine}']:.1f} s, max |Δlogits| {diff:.2e}"
@@ -186,7 +163,7 @@ def export_model(
             )
         logits["ok"] = all(e["ok"] for e in logits["engines"].values())
         greedy["identical"] = all(toks == greedy_ref for toks in greedy["engines"].values())
-        if int8_cfg is not None:
+        if int8:
             runs = list(greedy["engines"].values())
             greedy["engines_identical"] = all(toks == runs[0] for toks in runs)
             greedy["matching_prefix_vs_torch"] = {
@@ -197,7 +174,7 @@ def export_model(
         sparsity = None
         if "deepsparse" in engines:
             t = time.perf_counter()
-            sparsity = verify.engine_sparsity(tmp, sequence_length, num_threads=num_threads)
+            sparsity = verify.engine_sparsity(tmp, sequence_length, threads=threads)
             timings["engine_sparsity"] = time.perf_counter() - t
             say(
                 f"  deepsparse kernels: {sparsity['num_sparse_kernels']}/{sparsity['num_layers_reported']} "
@@ -213,9 +190,9 @@ def export_model(
             problems.append(f"zeros not preserved in {len(bad)} linears (e.g. {bad[0]})")
         for engine, res in logits["engines"].items():
             if not res["ok"]:
-                what = "the first engine (same int8 graph)" if int8_cfg else "torch"
+                what = "the first engine (same int8 graph)" if int8 else "torch"
                 problems.append(f"{engine} logits differ from {what} by {res['max_abs_diff']:.2e}")
-        if not greedy["identical"] and int8_cfg is None:
+        if not greedy["identical"] and not int8:
             problems.append("greedy tokens differ between torch and an engine")
         report = {
             "ok": not problems,
@@ -225,26 +202,19 @@ def export_model(
             "sequence_length": sequence_length,
             "max_sequence_length": info["meta"]["max_sequence_length"],
             "prefill_length": prefill,
-            "verify_threads": num_threads,
-            "attention": attention,
-            "quantize": quantize,
+            "verify_threads": threads,
+            "attention": cfg.attention,
+            "quantize": quantize.scheme,
             "int8": None
-            if int8_cfg is None
+            if not int8
             else {
-                "smooth_alpha": int8_cfg.smooth_alpha,
-                "lm_head": int8_cfg.lm_head,
-                "keep_fp32": list(int8_cfg.keep_fp32),
-                "calibration": {
-                    "text": int8_cfg.calib or DEFAULT_CALIB,
-                    "nsamples": int8_cfg.nsamples,
-                    "seqlen": int8_cfg.seqlen,
-                    "seed": int8_cfg.seed,
-                },
+                **quantize.to_json(),
+                "calibration": {"text": calibration.text, "seed": calibration.seed},
                 "layers": info["rewrite"],
             },
             "opset": OPSET,
             "external_data": info["external_data"],
-            "external_data_threshold": external_data_threshold,
+            "external_data_threshold": cfg.external_data_threshold,
             "weight_bytes": info["weight_bytes"],
             "files": sorted([*(p.name for p in tmp.iterdir()), "export.json"]),
             "contract": info["contract"],
@@ -255,19 +225,22 @@ def export_model(
             "logits": logits,
             "greedy": greedy,
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
-            "versions": _versions(),
+            "versions": {"python": python_version(), **package_versions(_VERSIONED)},
         }
         write_json(tmp / "export.json", report)
     return report
 
 
-def _int8_rewrite(hf_model, tokenizer, cfg: Int8Config, num_threads: int | None) -> Callable:
+_VERSIONED = ("torch", "transformers", "onnx", "onnxruntime", "deepsparse")
+
+
+def _int8_rewrite(hf_model, tokenizer, cfg: QuantizeConfig, calibration: CalibrationConfig) -> Callable:
     """Calibrate activation ranges, smooth ``hf_model`` in place, return the graph rewrite for export_onnx."""
     from owl_deploy.data import calibration_windows
     from owl_deploy.export import int8 as q
     from owl_deploy.export import verify
 
-    windows = calibration_windows(tokenizer, cfg.calib or DEFAULT_CALIB, cfg.nsamples, cfg.seqlen, cfg.seed)
+    windows = calibration_windows(tokenizer, calibration.text, cfg.nsamples, cfg.seqlen, calibration.seed)
     with verify.torch_threads(None):
         absmax = q.activation_absmax(hf_model, windows)
     if cfg.smooth_alpha is not None:
@@ -304,15 +277,3 @@ def _write_side_files(hf_model, tokenizer, source: Path, dest: Path) -> None:
 def _encode(tokenizer, text: str, sequence_length: int) -> list[int]:
     ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])
     return ids[: max(1, sequence_length // 2)]
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "deepsparse"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = None
-    return out

@@ -7,20 +7,9 @@ the HF code.  Every projection is a plain ``MatMul`` with a ``[in, out]`` fp32 i
 named after the HF weight (``model.layers.0.self_attn.q_proj.weight.T``), so pruned zeros are copied
 bit for bit and can be counted by name.
 
-ONNX contract (the one ``deepsparse.TextGeneration`` and ``deepsparse.benchmark`` expect):
-
-inputs, in this order (the pipeline relies on the order of the first four)
-    ``input_ids``                 int64 [1, n]
-    ``attention_mask``            int64 [1, L]          1 = attend (right-aligned: cache then new tokens)
-    ``positions``                 int64 [1, n]          absolute positions of the n new tokens
-    ``causal_mask``               int64 [1, 1, n, L]
-    ``past_key_values.{i}.key``   fp32  [1, kv_heads, L - n, head_dim]   (then ``.value``), per layer
-outputs
-    ``logits``                    fp32  [1, n, vocab]
-    ``present.{i}.key|value``     fp32  [1, kv_heads, L, head_dim]  = concat(past, new) on axis 2
-
-``n`` (``input_ids_length``) and ``L`` (``sequence_length``) are declared static (n = 1, L = the export's
-sequence length) but every internal shape is computed from the inputs, so DeepSparse's own
+The graph follows DeepSparse's KV-cache contract (``owl_deploy.contract``): ``n`` (the input_ids
+length) and ``L`` (the sequence length) are declared static (n = 1, L = the export's sequence length)
+but every internal shape is computed from the inputs, so DeepSparse's own
 ``overwrite_onnx_model_inputs_for_kv_cache_models`` can re-declare the same file for its multi-token
 prefill engine (n = 16) — exactly what its pipeline does.
 """
@@ -30,62 +19,38 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from owl_deploy.errors import OwlError
+from owl_deploy.configs import ATTENTION_KINDS
+from owl_deploy.contract import (
+    EXTERNAL_DATA_FILE,
+    META_KEY,
+    MODEL_ONNX,
+    PROJECTION_KINDS,
+    GraphSpec,
+    describe,
+    set_input_shapes,
+    set_output_shapes,
+    tensor_nbytes,
+)
+from owl_deploy.errors import OwlError, one_line
 from owl_deploy.model import blocks_prefix
 
 #: model_type values whose decoder blocks this module knows how to rebuild.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-#: attention layouts: "grouped" reshapes queries to [kv_heads, group, n, head_dim] and broadcasts K/V over
-#: the group (no K/V copies); "repeat" expands K/V to every query head like the HF code (for comparison;
-#: DeepSparse's internal KV cache cannot compile it).
-ATTENTION_KINDS = ("grouped", "repeat")
 #: ONNX opset; DeepSparse 1.8 and ORT both take it.
 OPSET = 14
 #: Models whose weights pass this size are written with ONNX external data (protobuf caps at 2 GiB).
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 MAX_ROPE_ROWS = 32768
-MODEL_ONNX = "model.onnx"
-#: key of the JSON metadata_props entry (spec, sequence lengths, attention layout)
-META_KEY = "owl_deploy"
-EXTERNAL_DATA_FILE = "model.data"
 #: additive mask value for blocked positions; exp() of it underflows to exactly 0 like HF's finfo.min.
 _NEG = -1.0e9
-
-
-@dataclass(frozen=True)
-class GraphSpec:
-    """The shapes the graph is built for (everything DeepSparse and our runtime need to feed it)."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-    vocab_size: int
-    max_positions: int
-    #: attention window of sliding-window layers (0: none); the graph is exact up to this length
-    sliding_window: int = 0
-
-    def input_names(self) -> list[str]:
-        names = ["input_ids", "attention_mask", "positions", "causal_mask"]
-        for i in range(self.num_layers):
-            names += [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        return names
-
-    def output_names(self) -> list[str]:
-        names = ["logits"]
-        for i in range(self.num_layers):
-            names += [f"present.{i}.key", f"present.{i}.value"]
-        return names
 
 
 # ---------------------------------------------------------------- the decoder module
@@ -237,14 +202,9 @@ class DecoderGraph(nn.Module):
         return (logits, *presents)
 
 
+#: our projection -> its Hugging Face module inside a block (LLaMA-family naming)
 _PROJ_NAMES = {
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj",
-    "gate_proj": "mlp.gate_proj",
-    "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
+    k: ("mlp." if k in ("gate_proj", "up_proj", "down_proj") else "self_attn.") + k for k in PROJECTION_KINDS
 }
 
 
@@ -333,7 +293,8 @@ def export_onnx(
     # quantized or copied into model.data (a 1.5B model would otherwise be a second 7 GB in memory)
     proto = onnx.load(str(raw_path), load_external_data=False)
     names = _rename_initializers(proto, graph.hf_names)
-    _set_static_shapes(proto, spec, sequence_length, input_ids_length=1)
+    set_input_shapes(proto, spec, sequence_length, input_ids_length=1)
+    set_output_shapes(proto, spec)
     rewritten = rewrite(proto, names, raw) if rewrite is not None else None
     proto.producer_name = "owl_deploy"
     meta = {
@@ -344,8 +305,8 @@ def export_onnx(
     }
     del proto.metadata_props[:]
     proto.metadata_props.add(key=META_KEY, value=json.dumps(meta, sort_keys=True))
-    contract = describe_contract(proto)
-    weight_bytes = sum(_tensor_nbytes(t) for t in proto.graph.initializer)
+    contract = describe(proto)
+    weight_bytes = sum(tensor_nbytes(t) for t in proto.graph.initializer)
     external = weight_bytes > external_data_threshold
     dest = out_dir / MODEL_ONNX
     if external:
@@ -360,7 +321,7 @@ def export_onnx(
     try:
         onnx.checker.check_model(str(dest))
     except Exception as exc:  # a bug, but report it in one line
-        raise OwlError(f"the exported graph fails the ONNX checker: {_one_line(exc)}") from exc
+        raise OwlError(f"the exported graph fails the ONNX checker: {one_line(exc)}") from exc
     return {
         "spec": spec,
         "weights": names,
@@ -456,80 +417,3 @@ def _rename_initializers(proto, hf_names: dict[str, str]) -> dict[str, str]:
             if name in mapping:
                 node.input[i] = mapping[name]
     return {v[: -len(".T")]: v for v in mapping.values() if v.endswith(".weight.T")}
-
-
-def set_input_shapes(proto, spec: GraphSpec, sequence_length: int, input_ids_length: int, batch_size: int = 1):
-    """Declare static input shapes (the same rewrite DeepSparse's pipeline applies in place)."""
-    n, total = input_ids_length, sequence_length
-    shapes = {
-        "input_ids": [batch_size, n],
-        "positions": [batch_size, n],
-        "attention_mask": [batch_size, total],
-        "causal_mask": [batch_size, 1, n, total],
-    }
-    for inp in proto.graph.input:
-        if inp.name.startswith("past_key_values"):
-            dims = [batch_size, spec.num_kv_heads, total - n, spec.head_dim]
-        elif inp.name in shapes:
-            dims = shapes[inp.name]
-        else:
-            continue
-        shape = inp.type.tensor_type.shape
-        del shape.dim[:]
-        for d in dims:
-            shape.dim.add().dim_value = int(d)
-
-
-def _set_static_shapes(proto, spec: GraphSpec, sequence_length: int, input_ids_length: int) -> None:
-    set_input_shapes(proto, spec, sequence_length, input_ids_length)
-    # Outputs stay symbolic in n and L (they follow whatever the inputs are re-declared to).
-    for out in proto.graph.output:
-        if out.name == "logits":
-            dims = [1, "input_ids_length", spec.vocab_size]
-        else:
-            dims = [1, spec.num_kv_heads, "sequence_length", spec.head_dim]
-        shape = out.type.tensor_type.shape
-        del shape.dim[:]
-        for d in dims:
-            if isinstance(d, str):
-                shape.dim.add().dim_param = d
-            else:
-                shape.dim.add().dim_value = d
-    # intermediate shapes recorded at trace time would contradict a later re-declaration
-    del proto.graph.value_info[:]
-
-
-def describe_contract(proto) -> dict:
-    """Names, dtypes and declared shapes of the graph inputs and outputs (the first few of each kind)."""
-    import onnx
-
-    def dims(vi):
-        return [d.dim_value if d.dim_value else d.dim_param for d in vi.type.tensor_type.shape.dim]
-
-    def describe(values):
-        items = list(values)
-        shown = items[:6] if len(items) > 8 else items
-        desc = {
-            v.name: {"dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type), "shape": dims(v)}
-            for v in shown
-        }
-        if len(items) > len(shown):
-            desc["..."] = f"{len(items) - len(shown)} more past_key_values / present tensors"
-        return desc
-
-    return {"inputs": describe(proto.graph.input), "outputs": describe(proto.graph.output)}
-
-
-def _tensor_nbytes(t) -> int:
-    import numpy as np
-    from onnx import mapping
-
-    if t.raw_data:
-        return len(t.raw_data)
-    itemsize = np.dtype(mapping.TENSOR_TYPE_TO_NP_TYPE[t.data_type]).itemsize
-    return int(math.prod(t.dims)) * itemsize
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__

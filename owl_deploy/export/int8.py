@@ -7,7 +7,7 @@ The pattern (``cpu-runtime.md``, "What makes DeepSparse fast here"), per project
 
 * Weights: symmetric, one scale per output column (``s_w = max|W[:, n]| / 127``), stored as uint8
   with zero point 128, so a pruned weight is exactly 128 (zero) and stays one.  A DequantizeLinear on
-  weights feeding a float MatMul is 25x slower in DeepSparse: never emit it.
+  weights feeding a float MatMul is not recognised by DeepSparse (it runs far slower): never emit it.
 * Activations: static, per tensor (one scalar per projection input, shared by q/k/v and by gate/up),
   symmetric around zero point 128, from the absolute maximum seen on *calibration* text.
 * LLM activations have outlier channels, which make a per-tensor scale coarse for every other
@@ -23,47 +23,18 @@ plain arrays; :func:`quantize_graph` rewrites an exported fp32 ONNX graph in pla
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from owl_deploy.configs import QuantizeConfig
 from owl_deploy.errors import OwlError
 
 #: uint8 zero point of weights and activations (symmetric: the stored zero)
 ZERO_POINT = 128
 QMAX = 127
-
-
-@dataclass(frozen=True)
-class Int8Config:
-    """How to quantize an export (recorded in export.json)."""
-
-    smooth_alpha: float | None = 0.7  # SmoothQuant migration strength; None = no smoothing (see README)
-    lm_head: bool = True  # lm_head in int8 too (saves ~2 of 15 ms per token at 135M)
-    #: projections left in fp32: a kind ("down_proj", "lm_head") or a glob of HF names ("model.layers.11.mlp.*")
-    keep_fp32: tuple[str, ...] = ()
-    calib: str | None = None  # calibration text spec (None: the default mix)
-    nsamples: int = 16
-    seqlen: int = 512
-    seed: int = 0
-    kinds: tuple[str, ...] = field(
-        default=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), repr=False
-    )
-
-    def validate(self) -> None:
-        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
-            raise OwlError(f"--smooth-alpha must be in [0, 1], got {self.smooth_alpha}")
-        unknown = {k for k in self.keep_fp32 if k not in (*self.kinds, "lm_head") and "." not in k and "*" not in k}
-        if unknown:
-            raise OwlError(
-                f"--keep-fp32 {', '.join(sorted(unknown))} is not a projection; use {', '.join(self.kinds)}, lm_head "
-                "or a glob of module names such as 'model.layers.11.mlp.down_proj'"
-            )
-        if self.nsamples < 1 or self.seqlen < 2:
-            raise OwlError("int8 calibration needs nsamples >= 1 and seqlen >= 2")
 
 
 # ---------------------------------------------------------------- pure maths
@@ -265,7 +236,7 @@ def quantize_graph(proto, act_absmax: dict[str, float], weights: dict[str, str],
     return report
 
 
-def quantize_targets(model: nn.Module, cfg: Int8Config) -> list[str]:
+def quantize_targets(model: nn.Module, cfg: QuantizeConfig) -> list[str]:
     """The HF projection names that go int8 under ``cfg`` (everything not matched by ``keep_fp32``)."""
     import fnmatch
 

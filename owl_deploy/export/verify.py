@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import contextlib
-import io
-import os
 import re
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from owl_deploy.errors import OwlError
+from owl_deploy.contract import initializer_array
 
 #: Real prompts for the logits check; the long one exercises the multi-token prefill graph.
 PROMPTS = (
@@ -38,17 +36,15 @@ PROMPTS = (
 LOGITS_TOLERANCE = 1e-3
 #: int8: max |logits(DeepSparse) - logits(ONNX Runtime)| of the decode graph on the same int8 graph.
 #: Integer products are exact in both, but an fp32 difference of 1 ulp before a QuantizeLinear can flip
-#: one rounding.  (DeepSparse's *sparse* int8 multi-token kernels are not exact: measured, not checked.)
+#: one rounding.  (DeepSparse's *sparse* int8 multi-token kernels are not exact: recorded, not checked.)
 INT8_ENGINE_TOLERANCE = 5e-2
 #: ... or, failing that, the share of positions whose argmax agrees.  DeepSparse's *sparse* int8 kernels are
-#: not bit-exact with ONNX Runtime (measured: up to 1.3 logits at a few positions of a 70% SmolLM2, 52/53
-#: argmax agree), while its dense int8 ones are.
+#: not bit-exact with ONNX Runtime (a few positions differ by about a logit; README, "int8"), while its dense
+#: int8 ones are.
 INT8_ENGINE_MIN_ARGMAX_AGREEMENT = 0.9
 #: ... or, failing both, the engine is within the quantization error: its distance to the first engine is at
 #: most this share of the first engine's distance to fp32 torch, and it agrees with fp32 torch's argmax at
-#: least as often as the first engine does.  (Measured on a 70% Qwen2.5-Coder-1.5B: DeepSparse vs ONNX Runtime
-#: 2.91 logits and 44/51 argmax, while ONNX Runtime vs fp32 is 6.34 and 36/51, DeepSparse vs fp32 38/51.)
-#: A broken int8 graph (a wrong scale or zero point) is far from fp32 and fails this.
+#: least as often as the first engine does (the case of a 70% 1.5B model; README, "Qwen2.5-Coder-1.5B").
 INT8_ENGINE_MAX_SHARE_OF_QUANT_ERROR = 0.5
 
 
@@ -81,7 +77,7 @@ def zeros_report(model: nn.Module, onnx_file: Path, weights: dict[str, str]) -> 
         }
         entry["preserved"] = False
         if onnx_name in inits:
-            arr = _initializer_array(inits[onnx_name], onnx_file.parent)
+            arr = initializer_array(inits[onnx_name], onnx_file.parent)
             stored_zero = _stored_zero(arr)
             entry["onnx_dtype"] = str(arr.dtype)
             entry["onnx_zeros"] = int(np.count_nonzero(stored_zero))
@@ -115,55 +111,27 @@ def _stored_zero(arr: np.ndarray) -> np.ndarray:
     return arr == (ZERO_POINT if arr.dtype == np.uint8 else 0)
 
 
-def _initializer_array(init, folder: Path) -> np.ndarray:
-    """One initializer as numpy, reading only its bytes when it lives in external data."""
-    import onnx
-    from onnx import numpy_helper
-
-    if init.data_location != onnx.TensorProto.EXTERNAL:
-        return numpy_helper.to_array(init)
-    info = {e.key: e.value for e in init.external_data}
-    dtype = np.dtype(onnx.mapping.TENSOR_TYPE_TO_NP_TYPE[init.data_type])
-    count = int(np.prod(init.dims)) if init.dims else 1
-    offset = int(info.get("offset", 0))
-    arr = np.fromfile(folder / info["location"], dtype=dtype, count=count, offset=offset)
-    return arr.reshape(tuple(init.dims))
-
-
 # ---------------------------------------------------------------- engine sparsity
 _KERNEL = re.compile(r"^(?P<kernel>.+?)(?:-(?P<pct>[\d.]+)%)?_(?P<idx>\d+)$")
 
 
-def engine_sparsity(folder: Path, sequence_length: int, num_threads: int | None = None) -> dict:
-    """Kernel and detected weight sparsity per projection, from DeepSparse's debug analysis."""
-    from owl_deploy.runtime import _declared_copy, open_deployment
+def engine_sparsity(folder: Path, sequence_length: int, threads: int | None = None) -> dict:
+    """Kernel and detected weight sparsity per projection, from DeepSparse's debug analysis of the
+    single-token graph with its internal KV cache (as ``deepsparse.debug_analysis`` runs it)."""
+    from deepsparse.utils.onnx import generate_random_inputs
 
-    os.environ.setdefault("WAND_OPT_FLAGS", "default,~pyramids")
-    os.environ.setdefault("NM_BENCHMARK_KV_TOKENS", "1")
-    from deepsparse.engine import DebugAnalysisEngine, KVCacheParams
-    from deepsparse.utils.onnx import default_cached_outputs, generate_random_inputs
+    from owl_deploy import contract
+    from owl_deploy.runtime import analysis_layers, deepsparse_analysis, open_deployment
 
     dep = open_deployment(folder)
     proto = dep.proto
     weight_of = _matmul_weights(proto)
     start = time.perf_counter()
-    with _declared_copy(dep, proto, sequence_length, 1) as path, _quiet_logs():
-        try:
-            inputs = generate_random_inputs(str(path), 1)
-            engine = DebugAnalysisEngine(
-                str(path),
-                batch_size=1,
-                num_cores=num_threads,
-                num_iterations=1,
-                num_warmup_iterations=0,
-                kv_cache_params=KVCacheParams(default_cached_outputs(str(path)), 0, 0),
-            )
-        except Exception as exc:
-            raise OwlError(f"deepsparse cannot compile the graph for analysis: {_one_line(exc)}") from exc
-        compile_s = time.perf_counter() - start
-        result = engine.analyze(inputs)
+    with contract.declared_copy(dep.folder, proto, dep.spec, sequence_length, 1) as path:
+        result = deepsparse_analysis(path, generate_random_inputs(str(path), 1), threads, internal_cache=True)
+    seconds = time.perf_counter() - start
     layers = {}
-    for li in _walk(result.get("layer_info", [])):
+    for li in analysis_layers(result):
         weight = weight_of.get(li.get("canonical_name", ""))
         if weight is None:
             continue
@@ -177,7 +145,7 @@ def engine_sparsity(folder: Path, sequence_length: int, num_threads: int | None 
     return {
         "source": "deepsparse DebugAnalysisEngine (as deepsparse.debug_analysis), input_ids_length 1",
         "sequence_length": sequence_length,
-        "compile_seconds": round(compile_s, 2),
+        "compile_seconds": round(seconds, 2),
         "num_layers_reported": len(layers),
         "num_sparse_kernels": len(sparse),
         "mean_detected_sparsity": round(float(np.mean([v["detected_sparsity"] for v in layers.values()])), 4)
@@ -196,12 +164,6 @@ def _matmul_weights(proto) -> dict[str, str]:
             name = node.input[1]
             out[node.output[0]] = name[: -len(".T")] if name.endswith(".T") else name
     return out
-
-
-def _walk(layers):
-    for li in layers:
-        yield li
-        yield from _walk(li.get("sub_layer_info", []))
 
 
 # ---------------------------------------------------------------- logits and greedy tokens
@@ -307,24 +269,3 @@ def int8_engine_check(
         res["ok"], res["accepted_by"] = True, "within_quantization_error"
     res["with_prefill"] = compare_logits(got, first[0], INT8_ENGINE_TOLERANCE)
     return res
-
-
-@contextlib.contextmanager
-def _quiet_logs():
-    import logging
-
-    logger = logging.getLogger("deepsparse")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
-
-
-def _one_line(exc: BaseException) -> str:
-    for line in str(exc).strip().splitlines():
-        if line.strip():
-            return line.strip()
-    return type(exc).__name__

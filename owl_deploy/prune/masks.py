@@ -7,7 +7,6 @@ same scores always give the same mask. "ref" means /work/shared/reference/owl-me
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
@@ -67,14 +66,3 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if n > 0:
         mask.scatter_(2, torch.sort(groups, dim=2, stable=True).indices[..., :n], True)
     return mask.view(rows, cols)
-
-
-def parse_nm(text: str) -> tuple[int, int]:
-    """Parse "2:4" -> (2, 4): prune 2 of every 4 consecutive weights. Requires 1 <= N < M."""
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(text))
-    if not match:
-        raise OwlError(f"N:M sparsity must look like '2:4', got {text!r}")
-    n, m = int(match.group(1)), int(match.group(2))
-    if not 1 <= n < m:
-        raise OwlError(f"N:M sparsity needs 1 <= N < M, got {text!r}")
-    return n, m

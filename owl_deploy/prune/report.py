@@ -1,0 +1,71 @@
+"""The sparsity report (``sparsity.json`` without its I/O parts): what was pruned, where, and how much."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from owl_deploy.allocation import MAX_BLOCK_SPARSITY, MIN_BLOCK_SPARSITY, Target
+from owl_deploy.configs import OwlConfig, PruneConfig
+
+
+def sparsity_report(
+    prune: PruneConfig,
+    owl: OwlConfig,
+    linears: list[dict[str, nn.Linear]],
+    targets: list[dict[str, Target]],
+    ratios: list[float] | None,
+    layer_ratios: list[dict[str, float]] | None,
+    owl_windows: int,
+) -> dict:
+    """Measured zeros per linear and block, the allocated targets, OWL's ratios and whether any was clipped."""
+    total_zero = total = 0
+    blocks = []
+    for i, block in enumerate(linears):
+        layers = {}
+        for name, lin in block.items():
+            zeros = int((lin.weight == 0).sum())
+            layers[name] = zeros / lin.weight.numel()
+            total_zero += zeros
+            total += lin.weight.numel()
+        sizes = {n: lin.weight.numel() for n, lin in block.items()}
+        distinct = {t.sparsity for t in targets[i].values()}
+        # one value per block, except in the per-layer ablation: then its parameter-weighted mean
+        block_target = (
+            distinct.pop()
+            if len(distinct) == 1
+            else (sum(targets[i][n].sparsity * sizes[n] for n in block) / sum(sizes.values()))
+        )
+        entry = {
+            "index": i,
+            "outlier_ratio": ratios[i] if ratios is not None else None,
+            "sparsity": block_target,
+            "layers": layers,
+        }
+        if prune.nm is not None:
+            entry["nm"] = sorted({f"{t.nm[0]}:{t.nm[1]}" for t in targets[i].values() if t.nm})
+        if prune.granularity == "layer" and prune.allocation != "uniform":
+            entry["layer_targets"] = {n: t.sparsity for n, t in targets[i].items()}
+            entry["layer_outlier_ratios"] = layer_ratios[i] if layer_ratios else {}
+        blocks.append(entry)
+    block_sparsities = [b["sparsity"] for b in blocks]
+    all_targets = [t.sparsity for d in targets for t in d.values()]
+    return {
+        "method": prune.method,
+        "allocation": prune.allocation,
+        "granularity": prune.granularity,
+        "target_sparsity": prune.target_sparsity,
+        "nm": prune.nm,
+        "global_sparsity": total_zero / total,
+        "mean_block_sparsity": sum(block_sparsities) / len(block_sparsities),
+        "pruned_weights": total,
+        "owl": {
+            "m": owl.m,
+            "lambda": owl.lambda_,
+            "used": prune.allocation != "uniform",
+            "nsamples": owl_windows,
+            "inverse": prune.allocation == "owl-inverse",
+            "clamped": any(s <= MIN_BLOCK_SPARSITY or s >= MAX_BLOCK_SPARSITY for s in all_targets),
+        },
+        "blocks": blocks,
+        "batch_size": prune.batch_size,
+    }
