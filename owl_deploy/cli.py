@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from owl_deploy import configs
-from owl_deploy.errors import OwlError
+from owl_deploy.errors import OwlError, writing
 
 
 class _Group(click.Group):
@@ -28,6 +28,10 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except OwlError as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except OSError as exc:  # an I/O fault no command turned into an OwlError: still one line
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
@@ -96,7 +100,8 @@ class Options:
         spec = self.names[name]
         kw: dict[str, Any] = {"help": f.description, "hidden": name in self.hidden, "show_default": default is not None}
         if name in self.parsers:
-            kw.update(type=str, default="all" if default is None else str(default), show_default=True)
+            text = ",".join(f"{x:g}" for x in default) if isinstance(default, list) else str(default)
+            kw.update(type=str, default="all" if default is None else text, show_default=True)
         elif kind is bool:
             if "/" not in spec and not default:
                 kw["is_flag"] = True
@@ -134,6 +139,7 @@ OWL = Options(
     configs.OwlConfig,
     "owl",
     names={"m": "--owl-m", "lambda_": "--owl-lambda", "nsamples": "--owl-nsamples"},
+    skip=("tune",),  # a pipeline stage; `owl-deploy tune` is the command
     parsers={"nsamples": _int_or_all},
 )
 PRUNE = Options(configs.PruneConfig, "prune")
@@ -177,7 +183,8 @@ def assets_fetch(names: tuple[str, ...]) -> None:
     """Download, verify (sha256) and prepare assets; the default ones (not the large opt-in models) without NAME."""
     from owl_deploy import assets as assets_mod
 
-    assets_mod.fetch(list(names) or None)
+    with writing(assets_mod.home()):
+        assets_mod.fetch(list(names) or None)
 
 
 @assets.command("list")
@@ -238,13 +245,27 @@ def prune_cmd(model_spec: str, out: str, **kw) -> None:
     from owl_deploy.prune import run_prune
 
     prune, owl, calibration = PRUNE.build(kw), OWL.build(kw), CALIBRATION.build(kw)
-    report = run_prune(model_spec, Path(out), prune, owl, calibration)
+    with writing(out):
+        report = run_prune(model_spec, Path(out), prune, owl, calibration)
     t = report["timings"]
     click.echo(
         f"{prune.method} + {prune.allocation}: global sparsity {report['global_sparsity']:.4f} "
         f"(target {prune.target_sparsity:.4f}) over {len(report['blocks'])} blocks in {t['total']:.1f} s, "
         f"peak RSS {report['peak_rss_mb']:.0f} MB -> {out}"
     )
+    if prune.allocation == "owl" and (owl.m, owl.lambda_) == (configs.OwlConfig().m, configs.OwlConfig().lambda_):
+        click.echo(
+            f"hint: M={owl.m:g}, λ={owl.lambda_:g} are the paper's untuned defaults; `owl-deploy tune` chooses them "
+            "for this model on held-out calibration text (or shows that uniform is as good)",
+            err=True,
+        )
+    clipped = report["owl"]["clipped_blocks"]
+    if clipped:
+        click.echo(
+            f"note: OWL pushed {len(clipped)} block(s) past the bounds [0, 0.99] and they were held there "
+            f"(blocks {', '.join(map(str, clipped))}); the others were shifted to keep the mean at the target",
+            err=True,
+        )
 
 
 @main.command("bench")
@@ -285,7 +306,8 @@ def bench_cmd(sparse, dense, extra_models, baseline, tolerance, out, **kw) -> No
     if not models:
         raise OwlError("give at least one deployment: --sparse, --dense or --model LABEL=ODIR")
     try:
-        bench.bench_command(models, Path(out), cfg, baseline=Path(baseline) if baseline else None, tolerance=tolerance)
+        with writing(out):
+            bench.bench_command(models, Path(out), cfg, Path(baseline) if baseline else None, tolerance)
     except bench.GateFailed as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(bench.EXIT_REGRESSION)
@@ -322,7 +344,8 @@ def run_cmd(recipe: str, out: str, rerun: tuple[str, ...], dry_run: bool) -> Non
             click.echo(line)
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the stage's partial output is removed
-    report = pipeline.run_recipe(rec, Path(out), name, rerun=rerun)
+    with writing(out):
+        report = pipeline.run_recipe(rec, Path(out), name, rerun=rerun)
     for line in pipeline.summary_lines(report.summary):
         click.echo(line)
 
@@ -341,7 +364,8 @@ def export_cmd(model_spec: str, out: str, no_smooth: bool, **kw) -> None:
     cfg = EXPORT.build(kw)
     quantize = QUANTIZE.build(kw, **({"smooth_alpha": None} if no_smooth else {}))
     calibration = EXPORT_CALIBRATION.build(kw)
-    report = export_model(model_spec, out, cfg, quantize, calibration, log=lambda msg: click.echo(msg, err=True))
+    with writing(out):
+        report = export_model(model_spec, out, cfg, quantize, calibration, log=lambda msg: click.echo(msg, err=True))
     t = report["timings_s"]
     click.echo(
         f"{out}: zeros_preserved={str(report['zeros_preserved']).lower()} "
@@ -393,56 +417,59 @@ def generate_cmd(folder: str, stats: bool, **kw) -> None:
         )
 
 
-def _floats(ctx: click.Context, param: click.Parameter, value: str) -> list[float]:
+def _floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in value.split(",") if x.strip()]
-    except ValueError as exc:
-        raise click.BadParameter(f"expected comma-separated numbers, got {value!r}") from exc
+        return [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise OwlError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-TUNE_PRUNE = Options(configs.PruneConfig, "prune", only=("method", "sparsity"))
-TUNE_CALIBRATION = Options(
-    configs.CalibrationConfig, "calibration", names={"text": "--calib"}, defaults={"nsamples": 32}
+TUNE_PRUNE = Options(configs.PruneConfig, "prune", only=("method", "sparsity", "nm"))
+TUNE = Options(
+    configs.TuneConfig,
+    "tune",
+    names={"m": "--grid-m", "lambda_": "--grid-lambda", "seqlen": "--heldout-seqlen", "nsamples": "--tune-nsamples"},
+    parsers={"m": _floats, "lambda_": _floats},
 )
 
 
 @main.command("tune")
 @_MODEL
 @TUNE_PRUNE
-@click.option("--grid-m", default="3,5,8", show_default=True, callback=_floats, help="Outlier thresholds M.")
-@click.option("--grid-lambda", default="0.04,0.08,0.15", show_default=True, callback=_floats, help="Ranges λ.")
-@TUNE_CALIBRATION
-@click.option("--heldout-tokens", default=8192, show_default=True, type=click.IntRange(min=2))
-@click.option("--json", "as_json", is_flag=True, help="Print the whole grid as one JSON object.")
-def tune_cmd(model_spec, grid_m, grid_lambda, heldout_tokens, as_json, **kw):
-    """Choose OWL's (M, λ) by a grid search scored on held-out *calibration* text (never the evaluation
-    text). Reports the grid; prune with --owl-m/--owl-lambda to use the result (defaults stay 5, 0.08)."""
+@TUNE
+@CALIBRATION
+@click.option("--json", "as_json", is_flag=True, help="Print the whole result as one JSON object.")
+def tune_cmd(model_spec, as_json, **kw):
+    """Choose OWL's (M, λ) on held-out *calibration* text (never the evaluation text), or show that no
+    setting beats uniform: what the pipeline's tune stage does. Prune with the printed options."""
     import json
 
-    from owl_deploy.data import calibration_windows
-    from owl_deploy.data import heldout_tokens as heldout
+    from owl_deploy.data import calibration_windows, heldout_tokens
     from owl_deploy.specs import load_model
-    from owl_deploy.study import Study, tune_grid
+    from owl_deploy.tune import tune_owl
 
-    prune, calib = TUNE_PRUNE.build(kw), TUNE_CALIBRATION.build(kw)
-    if not grid_m or not grid_lambda:
-        raise OwlError("--grid-m and --grid-lambda need at least one value each")
-    names = {"m": "--grid-m", "lambda_": "--grid-lambda"}
-    grid = [configs.build(configs.OwlConfig, {"m": m, "lambda_": lam}, names) for m in grid_m for lam in grid_lambda]
+    prune, cfg, calib = TUNE_PRUNE.build(kw, allocation="owl"), TUNE.build(kw), CALIBRATION.build(kw)
     model, tokenizer = load_model(model_spec)
     ids = calibration_windows(tokenizer, calib.text, calib.nsamples, calib.seqlen, calib.seed)
-    study = Study(model, tokenizer, ids, heldout(tokenizer, calib.text, heldout_tokens), calib.seqlen)
-    result = tune_grid(study, prune, grid)
+    held = heldout_tokens(tokenizer, calib.text, cfg.heldout_tokens)
+    result = tune_owl(model, ids, held, prune, configs.OwlConfig(), cfg)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return
     click.echo(
-        f"held-out perplexity ({calib.text}, {len(study.score_tokens)} tokens), {prune.method} at {prune.sparsity:.0%}:"
+        f"held-out NLL ({calib.text}, {result['heldout_tokens']} tokens, {result['windows']} windows), "
+        f"{prune.method} at {prune.target_sparsity:.0%}: uniform {result['uniform']['mean_nll']:.4f}"
     )
-    click.echo(f"  uniform: {result['uniform']['perplexity']:.3f}")
     for row in result["grid"]:
         click.echo(
-            f"  OWL M={row['m']:g} λ={row['lambda']:g}: {row['perplexity']:.3f} (± {row['nll_std_err']:.4f} NLL)"
+            f"  OWL M={row['m']:g} λ={row['lambda']:g}: {row['mean_nll']:.4f} "
+            f"(vs uniform {row['delta_nll_vs_uniform']:+.4f} ± {row['delta_se']:.4f})"
         )
-    best = result["best"]
-    click.echo(f"best: --owl-m {best['m']:g} --owl-lambda {best['lambda']:g}")
+    c = result["choice"]
+    click.echo(result["reason"])
+    choice = (
+        f"--allocation owl --owl-m {c['m']:g} --owl-lambda {c['lambda']:g}"
+        if result["owl_wins"]
+        else "--allocation uniform"
+    )
+    click.echo(f"prune with: {choice}   ({result['seconds']['total']:.0f} s)")

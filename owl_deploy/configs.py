@@ -13,6 +13,7 @@ or torch uses; OWL's ``m`` and ``lambda`` are ``--owl-m`` / ``--owl-lambda`` on 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -77,6 +78,35 @@ class OwlConfig(Config):
         ge=1,
         description="Calibration windows of the dense OWL-ratio pass; null/'all' = every window (the reference).",
     )
+    tune: bool = Field(
+        True, description="In a pipeline: choose M and lambda on held-out calibration text first (the tune stage)."
+    )
+
+
+class TuneConfig(Config):
+    """The grid ``owl-deploy tune`` (and the pipeline's tune stage) scores, and its held-out text."""
+
+    m: list[float] = Field([3.0, 5.0, 8.0], min_length=1, description="Outlier thresholds M to try.")
+    lambda_: list[float] = Field(
+        [0.04, 0.08, 0.15, 0.25], min_length=1, alias="lambda", description="OWL ranges lambda to try."
+    )
+    heldout_tokens: int = Field(8192, ge=2, description="Held-out calibration tokens each candidate is scored on.")
+    seqlen: int = Field(512, ge=2, description="Window length of that scoring.")
+    nsamples: int | None = Field(16, ge=1, description="Calibration windows of the dense statistics; null = all.")
+
+    @field_validator("m")
+    @classmethod
+    def _ms(cls, value: list[float]) -> list[float]:
+        if not all(math.isfinite(m) and m > 0 for m in value):
+            raise ValueError(f"every M must be > 0 (got {value})")
+        return value
+
+    @field_validator("lambda_")
+    @classmethod
+    def _lambdas(cls, value: list[float]) -> list[float]:
+        if not all(math.isfinite(x) and 0 <= x < 0.5 for x in value):
+            raise ValueError(f"every lambda must be in [0, 0.5) (got {value})")
+        return value
 
 
 class PruneConfig(Config):

@@ -54,13 +54,27 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 
 def eval_tokens(tokenizer, spec: str = DEFAULT_EVAL, max_tokens: int | None = None) -> torch.Tensor:
-    """The evaluation stream: the text's documents joined with "\\n\\n", tokenized once, optionally cut."""
-    tokens = tokenize(tokenizer, load_text(spec))
-    if max_tokens is not None:
-        if max_tokens <= 0:
-            raise OwlError(f"max tokens must be positive, got {max_tokens}")
-        tokens = tokens[:max_tokens]
-    return tokens
+    """The evaluation stream: the text's documents joined with "\\n\\n", tokenized once, optionally cut.
+
+    With ``max_tokens`` only a prefix of the text is tokenized, doubled until it yields a margin of
+    tokens past the cut (a token can only change near the end of the prefix), so the first
+    ``max_tokens`` are those of the whole text while a huge text costs what its prefix costs.
+    """
+    text = load_text(spec)
+    if max_tokens is None:
+        return tokenize(tokenizer, text)
+    if max_tokens <= 0:
+        raise OwlError(f"max tokens must be positive, got {max_tokens}")
+    chars = 8 * max_tokens + 4096
+    while True:
+        tokens = tokenize(tokenizer, text[:chars])
+        if chars >= len(text) or len(tokens) >= max_tokens + _PREFIX_MARGIN:
+            return tokens[:max_tokens]
+        chars *= 2
+
+
+#: tokens past the cut that a prefix must yield before its first ``max_tokens`` are trusted
+_PREFIX_MARGIN = 64
 
 
 #: The last tenth of every calibration source is held out: ``owl-deploy tune`` scores (M, λ) on it,

@@ -1,4 +1,10 @@
-"""Atomic file and folder writes: a killed or failed step never leaves a half-written artifact."""
+"""Atomic file and folder writes: a killed or failed step never leaves a half-written artifact.
+
+An artifact is written into a hidden sibling named after it and the writing process
+(``.NAME.tmp-<pid>-<random>``) and renamed into place at the end. A failure removes the sibling; a
+process killed outright cannot, so the next write of the same ``NAME`` removes the siblings whose
+writer is no longer alive (and only those: a concurrent live writer keeps its own).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +18,41 @@ from pathlib import Path
 from typing import Any
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale(dest: Path) -> list[Path]:
+    """Remove the temporary siblings of ``dest`` left by writers that were killed; returns them."""
+    dest = Path(dest)
+    removed = []
+    if not dest.parent.is_dir():
+        return removed
+    for kind in ("tmp", "old"):
+        for leftover in dest.parent.glob(f".{dest.name}.{kind}-*"):
+            pid_text = leftover.name.rsplit(f".{kind}-", 1)[1].split("-", 1)[0]
+            if pid_text.isdigit() and int(pid_text) != os.getpid() and not _alive(int(pid_text)):
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+                removed.append(leftover)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``dest``, on error it is removed."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    remove_stale(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)
@@ -40,7 +75,8 @@ def atomic_file(dest: Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling file for writing; it is renamed onto ``dest`` only on success."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
+    remove_stale(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent)
     try:
         with os.fdopen(fd, mode) as fh:
             yield fh

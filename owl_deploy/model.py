@@ -58,15 +58,35 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32):
             if path.is_file():
                 # GGUF dequantization shows its own progress bar: it takes tens of seconds
                 hf_logging_bars(True)
-                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+                model, info = AutoModelForCausalLM.from_pretrained(
+                    path.parent, gguf_file=path.name, dtype=dtype, output_loading_info=True
+                )
                 forget_gguf_quantization(model)
             else:
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except Exception as exc:
         raise OwlError(f"cannot load model from {path}: {one_line(exc)}") from exc
+    check_loading(path, type(model).__name__, info)
     model.eval()
     model.config.use_cache = False
     return model
+
+
+def check_loading(path: Path, model_class: str, info: dict) -> None:
+    """Refuse a load that left weights freshly initialised or ignored checkpoint tensors (e.g. a folder
+    whose config names another architecture than its weights): the model would be random, not the user's."""
+    problems = []
+    for key, what in (
+        ("missing_keys", "freshly initialised (not in the checkpoint)"),
+        ("unexpected_keys", "in the checkpoint but not used by the model"),
+        ("mismatched_keys", "of a different shape in the checkpoint"),
+    ):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or [])
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            problems.append(f"{len(names)} weights {what}: {shown}")
+    if problems:
+        raise OwlError(f"cannot load {path} as {model_class}: " + "; ".join(problems))
 
 
 def hf_logging_bars(on: bool) -> None:

@@ -3,7 +3,8 @@
 Stages (run in this order; each names the recipe keys and the upstream stages it depends on)::
 
     fetch           model                                   the model as a Hugging Face folder
-    prune           calibration, prune, owl   <- fetch      pruned HF folder + sparsity.json
+    tune            calibration, prune, owl, tune <- fetch  OWL's (M, λ) on held-out calibration text, or uniform
+    prune           calibration, prune, owl   <- fetch, tune   pruned HF folder + sparsity.json
     evaluate_dense  evaluate                  <- fetch      perplexity of the dense model
     evaluate        evaluate                  <- prune      perplexity of the pruned model
     export_dense    export                    <- fetch      ONNX (KV cache) of the dense model: the reference
@@ -41,7 +42,6 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from owl_deploy.errors import OwlError
-from owl_deploy.io import atomic_dir, write_json
+from owl_deploy.io import atomic_dir, remove_stale, write_json
 from owl_deploy.recipe import Recipe
 from owl_deploy.stages import DONE, STAGES, Done, Stage, StageContext
 from owl_deploy.versions import package_versions
@@ -184,12 +184,10 @@ def _stage_lock(stage_dir: Path, key: str, log: Callable[[str], None]) -> Iterat
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _remove_partials(stage_dir: Path, key: str, log: Callable[[str], None]) -> None:
-    """Leftovers of a killed run (we hold the key's lock, so no live run owns them)."""
-    for pattern in (f".{key}.tmp-*", f".{key}.old-*"):
-        for leftover in stage_dir.glob(pattern):
-            log(f"  removing the partial output of an interrupted run: {leftover.name}")
-            shutil.rmtree(leftover, ignore_errors=True)
+def _remove_partials(path: Path, log: Callable[[str], None]) -> None:
+    """Leftovers of a killed run of this stage (we hold the key's lock, so no live run owns any)."""
+    for leftover in remove_stale(path):
+        log(f"  removed the partial output of an interrupted run: {leftover.name}")
 
 
 def _now() -> str:
@@ -241,7 +239,7 @@ def run_recipe(
                 report.stages.append(StageRun(stage.name, step.key, step.path, "cached", 0.0))
                 report.done[stage.name] = Done(stage.name, step.key, step.path, record)
                 continue
-            _remove_partials(step.path.parent, step.key, log)
+            _remove_partials(step.path, log)
             log(f"{tag}  running: {stage.title}")
             started, t0 = _now(), time.perf_counter()
             with atomic_dir(step.path) as tmp:
@@ -290,6 +288,7 @@ def summarize(recipe: Recipe, name: str, report: RunReport) -> dict[str, Any]:
         return str(d[stage].file(item)) if stage in d and item in d[stage].result else None
 
     dense, pruned, prune, bench = res("evaluate_dense"), res("evaluate"), res("prune"), res("bench")
+    tune = res("tune")
     export, comp = res("export"), res("compile")
     return {
         "schema": SCHEMA,
@@ -314,9 +313,13 @@ def summarize(recipe: Recipe, name: str, report: RunReport) -> dict[str, Any]:
             "global": prune.get("global_sparsity"),
             "target": recipe.target_sparsity,
             "method": recipe.prune.method,
-            "allocation": recipe.prune.allocation,
+            "allocation": prune.get("allocation") or recipe.prune.allocation,  # uniform when the tune guard chose it
             "nm": recipe.prune.nm,
+            "clipped_blocks": prune.get("clipped_blocks") or [],
+            "owl_m": prune.get("owl_m"),
+            "owl_lambda": prune.get("owl_lambda"),
         },
+        "tune": {k: tune.get(k) for k in ("tuned", "choice", "owl_wins", "reason", "seconds")},
         "export": {k: export.get(k) for k in ("ok", "zeros_preserved", "onnx_sparsity", "deepsparse_sparse_kernels",
                                               "quantize")},
         "compile": {k: comp.get(k) for k in ("engine", "compile_seconds", "prompt", "generated_text")},
@@ -356,7 +359,11 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     target = f"nm {sp['nm']}" if sp["nm"] else f"target {_num(sp['target'], '.2f')}"
     lines.append(
         f"global sparsity {_num(sp['global'], '.4f')} ({target}, {sp['method']} + {sp['allocation']} allocation)"
+        + (f"; blocks {sp['clipped_blocks']} held at the bounds [0, 0.99]" if sp.get("clipped_blocks") else "")
     )
+    t = s.get("tune") or {}
+    if t.get("reason"):
+        lines.append(f"allocation: {t['reason']}")
     x, c = s.get("export") or {}, s.get("compile") or {}
     if x.get("ok") is not None:
         kernels = x.get("deepsparse_sparse_kernels")

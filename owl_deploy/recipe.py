@@ -8,7 +8,8 @@ are required::
     model: smollm2-135m                 # asset name, Hugging Face folder or .gguf file
     calibration: {text: news+austen+jargon, nsamples: 128, seqlen: 512, seed: 0}     # CalibrationConfig
     prune: {method: wanda, allocation: owl, sparsity: 0.7, ...}                      # PruneConfig
-    owl: {m: 5, lambda: 0.08, nsamples: 8}                                           # OwlConfig
+    owl: {m: 5, lambda: 0.08, nsamples: 8, tune: true}                               # OwlConfig
+    tune: {m: [3, 5, 8], lambda: [0.04, 0.08, 0.15, 0.25], heldout_tokens: 8192}     # TuneConfig
     evaluate: {text: wiki, seqlen: 512, max_tokens: 16384}                           # EvalConfig
     export: {sequence_length: 512, attention: grouped, require_ok: true, ...}        # ExportConfig
     quantize: {scheme: null, smooth_alpha: 0.7, lm_head: true, keep_fp32: [], ...}  # QuantizeConfig
@@ -47,6 +48,7 @@ from owl_deploy.configs import (
     OwlConfig,
     PruneConfig,
     QuantizeConfig,
+    TuneConfig,
     field_names,
     reason,
 )
@@ -70,6 +72,7 @@ class Recipe(Config):
     calibration: CalibrationConfig = CalibrationConfig()
     prune: PruneConfig
     owl: OwlConfig = OwlConfig()
+    tune: TuneConfig = TuneConfig()
     evaluate: EvalConfig = EvalConfig()
     export: ExportConfig = ExportConfig()
     quantize: QuantizeConfig = QuantizeConfig()

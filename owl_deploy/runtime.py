@@ -93,7 +93,13 @@ def open_deployment(folder: str | os.PathLike | Deployment) -> Deployment:
 
 @contextlib.contextmanager
 def quiet_stdout() -> Iterator[None]:
-    """DeepSparse prints a banner on the process's stdout at its first compile; keep stdout for our output."""
+    """DeepSparse prints a banner on the process's stdout at its first compile and logs every input it
+    generates at INFO; keep stdout (and stderr) for our own output."""
+    import logging
+
+    logger = logging.getLogger("deepsparse")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
     sys.stdout.flush()
     saved = os.dup(1)
     try:
@@ -104,6 +110,7 @@ def quiet_stdout() -> Iterator[None]:
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+        logger.setLevel(level)
 
 
 # ---------------------------------------------------------------- compiled graphs
@@ -361,7 +368,26 @@ def deepsparse_analysis(
     """DeepSparse's per-layer kernels, times and detected weight sparsity for one run of ``inputs``
     (what ``deepsparse.debug_analysis`` prints); ``analysis_layers`` walks its layers."""
     os.environ.setdefault("WAND_OPT_FLAGS", "default,~pyramids")
-    os.environ.setdefault("NM_BENCHMARK_KV_TOKENS", "1")
+    with _environ(NM_BENCHMARK_KV_TOKENS="1"):  # as deepsparse.debug_analysis runs; never left set for later engines
+        return _analyze(path, inputs, threads, iterations, warmup, internal_cache)
+
+
+@contextlib.contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block only (engines read them when they compile)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _analyze(path, inputs, threads, iterations, warmup, internal_cache) -> dict:
     try:
         from deepsparse.engine import DebugAnalysisEngine, KVCacheParams
         from deepsparse.utils.onnx import default_cached_outputs

@@ -60,6 +60,8 @@ def load_causal_lm(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
 
 
 def load_model(spec: str | os.PathLike, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` in eval mode on the CPU, in ``dtype`` (GGUF is dequantized)."""
+    """``(model, tokenizer)`` in eval mode on the CPU, in ``dtype`` (GGUF is dequantized); the tokenizer
+    first, since it is the cheap one to find missing."""
     path = resolve_model(spec)
-    return _load_causal_lm(path, dtype), _load_tokenizer(path)
+    tokenizer = _load_tokenizer(path)
+    return _load_causal_lm(path, dtype), tokenizer

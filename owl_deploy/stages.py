@@ -126,17 +126,45 @@ def _fetch(ctx: StageContext) -> dict[str, Any]:
     return {"model": "model", "source": "gguf", "spec": spec}
 
 
+def _tune(ctx: StageContext) -> dict[str, Any]:
+    """OWL's (M, λ) chosen on held-out calibration text, or uniform when no OWL setting beats it (tune.py);
+    skipped (the recipe's own settings) with ``owl.tune: false`` or an allocation other than OWL."""
+    r = ctx.recipe
+    if not (r.owl.tune and r.prune.allocation == "owl"):
+        why = "owl.tune is false" if not r.owl.tune else f"allocation is {r.prune.allocation}"
+        choice = {"allocation": r.prune.allocation, "m": r.owl.m, "lambda": r.owl.lambda_}
+        return {"tuned": False, "reason": f"not tuned: {why}", "choice": choice}
+    from owl_deploy.data import calibration_windows, heldout_tokens
+    from owl_deploy.specs import load_model
+    from owl_deploy.tune import tune_owl
+
+    c = r.calibration
+    model, tokenizer = load_model(ctx.upstream["fetch"].file("model"))
+    ids = calibration_windows(tokenizer, c.text, c.nsamples, c.seqlen, c.seed)
+    held = heldout_tokens(tokenizer, c.text, r.tune.heldout_tokens)
+    result = tune_owl(model, ids, held, r.prune, r.owl, r.tune)
+    write_json(ctx.out / "tune.json", result)
+    ctx.log(f"  {result['reason']} ({result['seconds']['total']:.0f} s)")
+    keep = ("choice", "owl_wins", "reason", "seconds")
+    return {"tuned": True, "tune_json": "tune.json", **{k: result[k] for k in keep}}
+
+
 def _prune(ctx: StageContext) -> dict[str, Any]:
     from owl_deploy.prune import run_prune
+    from owl_deploy.tune import chosen
 
     r = ctx.recipe
-    report = run_prune(str(ctx.upstream["fetch"].file("model")), ctx.out / "model", r.prune, r.owl, r.calibration)
+    prune, owl = chosen(r.prune, r.owl, ctx.upstream["tune"].result)
+    report = run_prune(str(ctx.upstream["fetch"].file("model")), ctx.out / "model", prune, owl, r.calibration)
     keep = ("method", "allocation", "granularity", "target_sparsity", "nm", "global_sparsity", "mean_block_sparsity")
     return {
         "model": "model",
         "sparsity_json": "model/sparsity.json",
         **{k: report.get(k) for k in keep},
         "block_sparsity": [b["sparsity"] for b in report.get("blocks", [])],
+        "clipped_blocks": report.get("owl", {}).get("clipped_blocks", []),
+        "owl_m": owl.m,
+        "owl_lambda": owl.lambda_,
         "seconds": report.get("timings", {}).get("total"),
     }
 
@@ -262,7 +290,9 @@ STAGES: dict[str, Stage] = {
         Stage("fetch", "the model as a Hugging Face folder", ("model",), (), "1", _fetch,
               fingerprint=lambda r: model_fingerprint(r.model),
               still_valid=lambda d: (d.file("model") / "config.json").is_file()),  # an asset may be deleted
-        Stage("prune", "prune the model", ("calibration", "prune", "owl"), ("fetch",), "1", _prune,
+        Stage("tune", "choose OWL's M and lambda on held-out calibration text", ("calibration", "prune", "owl", "tune"),
+              ("fetch",), "1", _tune, fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=_TORCH),
+        Stage("prune", "prune the model", ("calibration", "prune", "owl"), ("fetch", "tune"), "1", _prune,
               fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=_TORCH),
         Stage("evaluate_dense", "perplexity of the dense model", ("evaluate",), ("fetch",), "1", _evaluate_dense,
               fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),

@@ -229,3 +229,14 @@ def test_heldout_tail_is_disjoint_from_calibration(smollm2):
     calib = ",".join(map(str, stream[:cut].tolist()))
     for row in windows:
         assert ",".join(map(str, row.tolist())) in calib
+
+
+def test_max_tokens_tokenizes_a_prefix_with_the_whole_texts_tokens(smollm2, tmp_path):
+    """--max-tokens cuts before tokenizing (a prefix, doubled until it is long enough): the tokens are
+    exactly the first N of the whole text's, on the real evaluation text and on one huge line."""
+    _, tok = smollm2
+    whole = data.tokenize(tok, data.load_text("wiki"))
+    assert torch.equal(data.eval_tokens(tok, "wiki", 16384), whole[:16384])
+    line = tmp_path / "line.txt"
+    line.write_text(("word " * 7 + "punctuation, and digits 12345! ") * 20_000)  # 1 MB, no newline
+    assert torch.equal(data.eval_tokens(tok, str(line), 512), data.tokenize(tok, line.read_text())[:512])

@@ -27,7 +27,7 @@ from owl_deploy.recipe import RecipeError, load_recipe, parse_recipe
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 ALL = list(pipeline.STAGES)
-DOWNSTREAM_OF_PRUNE = ["prune", "evaluate", "export", "compile", "bench"]
+DOWNSTREAM_OF_PRUNE = ["tune", "prune", "evaluate", "export", "compile", "bench"]
 
 
 # ---------------------------------------------------------------- fake stages (also used in a subprocess)
@@ -37,9 +37,17 @@ def _called(ctx: pipeline.StageContext) -> None:
     if log:
         with open(log, "a") as fh:
             fh.write(ctx.stage + "\n")
+    time.sleep(float(os.environ.get("OWL_TEST_SLEEP", "0")))  # long enough for a second run to start beside it
     if os.environ.get("OWL_TEST_HANG_IN") == ctx.stage:
         (ctx.out / "partial.bin").write_bytes(b"\0" * 1024)  # half-written output, then "work" forever
         time.sleep(120)
+
+
+def _fake_tune(ctx):
+    _called(ctx)
+    owl = ctx.recipe.owl
+    return {"tuned": False, "reason": "fake", "choice": {"allocation": ctx.recipe.prune.allocation, "m": owl.m,
+                                                         "lambda": owl.lambda_}}  # fmt: skip
 
 
 def _fake_prune(ctx):
@@ -97,6 +105,7 @@ def _fake_bench(ctx):
 
 
 FAKES = {
+    "tune": _fake_tune,
     "prune": _fake_prune,
     "evaluate_dense": _fake_evaluate("fetch", 10.0),
     "evaluate": _fake_evaluate("prune", 20.0),
@@ -134,6 +143,7 @@ def write_recipe(folder: Path, model: Path, **changes: dict) -> Path:
         "calibration": {"text": "calib.txt", "nsamples": 4, "seqlen": 32, "seed": 0},
         "prune": {"method": "wanda", "allocation": "owl", "sparsity": 0.5},
         "owl": {"m": 5, "lambda": 0.08},
+        "tune": {"m": [3, 5], "lambda": [0.08, 0.15], "heldout_tokens": 160, "seqlen": 32, "nsamples": 4},
         "evaluate": {"text": "eval.txt", "seqlen": 32, "max_tokens": 256},
         "export": {"sequence_length": 64},
         "compile": {"engine": "onnxruntime", "max_new_tokens": 4},
@@ -337,9 +347,10 @@ def test_run_twice_is_a_no_op_and_one_change_reruns_only_downstream(tmp_path, ti
     assert calls(log) == ALL[1:]  # nothing was called again
     assert {n: (out / n / d.key / "done.json").read_text() for n, d in second.done.items()} == done_before
     lines = pipeline.summary_lines(second.summary)
-    assert lines[0] == f"nothing to do: all 8 stages of tiny are cached in {out}"
+    assert lines[0] == f"nothing to do: all 9 stages of tiny are cached in {out}"
     assert "perplexity (" in lines[1] and "dense 10.00 -> pruned 20.00 (x2.00)" in lines[1]
-    assert "decode speedup vs dense ONNX Runtime: 2.50x" in lines[3]
+    assert lines[3] == "allocation: fake"  # what the tune stage decided, then the speed
+    assert "decode speedup vs dense ONNX Runtime: 2.50x" in lines[4]
 
     changed, _ = load_recipe(write_recipe(tmp_path, tiny_dir, prune={"sparsity": 0.6}))
     third = pipeline.run_recipe(changed, out, name, stages=stages, log=lambda _m: None)
@@ -422,27 +433,48 @@ def test_a_run_killed_mid_stage_resumes_from_the_last_completed_stage(tmp_path, 
     proc.send_signal(sig)
     proc.wait(timeout=30)
     done = sorted(p.parent.parent.name for p in out.glob("*/*/done.json"))
-    assert done == sorted(["fetch", "prune", "evaluate_dense"])
-    assert calls(log) == ["prune", "evaluate_dense", "evaluate"]
+    assert done == sorted(["fetch", "tune", "prune", "evaluate_dense"])
+    assert calls(log) == ["tune", "prune", "evaluate_dense", "evaluate"]
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL and partial()  # no chance to clean up
     else:
         assert proc.returncode == 143 and not partial()  # SIGTERM unwinds: the partial output is removed
-    before = {n: (out / n / keys[n] / "done.json").read_text() for n in ("fetch", "prune", "evaluate_dense")}
+    before = {n: (out / n / keys[n] / "done.json").read_text() for n in ("fetch", "tune", "prune", "evaluate_dense")}
 
     env.pop("OWL_TEST_HANG_IN")
     proc = _start(recipe, out, env)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
-    assert calls(log) == ["prune", "evaluate_dense", "evaluate", *ALL[3:]]  # resumed at evaluate
+    assert calls(log) == ["tune", "prune", "evaluate_dense", "evaluate", *ALL[4:]]  # resumed at evaluate
     assert {n: (out / n / keys[n] / "done.json").read_text() for n in before} == before
-    assert "tiny: ran evaluate, export_dense, export, compile, bench; reused fetch, prune, evaluate_dense" in stdout
+    assert (
+        "tiny: ran evaluate, export_dense, export, compile, bench; reused fetch, tune, prune, evaluate_dense" in stdout
+    )
     assert not partial() and not list(out.glob("*/.*.tmp-*"))
-    assert ("removing the partial output of an interrupted run" in stderr) == (sig == signal.SIGKILL)
+    assert ("removed the partial output of an interrupted run" in stderr) == (sig == signal.SIGKILL)
 
     proc = _start(recipe, out, env)
     stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and stdout.startswith("nothing to do: all 8 stages of tiny are cached")
+    assert proc.returncode == 0 and stdout.startswith("nothing to do: all 9 stages of tiny are cached")
+
+
+def test_two_runs_of_one_recipe_at_once_compute_each_stage_once(tmp_path, tiny_dir):
+    """Two `owl-deploy run` of one recipe into one --out at the same time: the second waits on each stage's
+    lock and reuses what the first computed; both end with the same, intact results."""
+    log = tmp_path / "calls.txt"
+    out = tmp_path / "cache"
+    recipe = write_recipe(tmp_path, tiny_dir)
+    env = {**os.environ, "OWL_TEST_CALLS": str(log), "OWL_TEST_SLEEP": "0.4", "PYTHONPATH": str(ROOT)}
+    first = _start(recipe, out, env)
+    _wait_for(lambda: bool(list(out.glob("prune/.*.lock"))), first)
+    second = _start(recipe, out, env)
+    results = [p.communicate(timeout=120) for p in (first, second)]
+    assert first.returncode == second.returncode == 0, results
+    assert sorted(calls(log)) == sorted(ALL[1:])  # every stage computed exactly once, by one of the two
+    assert any("computed by another run" in err for _, err in results)
+    # the same summary (paths, numbers) apart from which run computed what
+    assert results[0][0].splitlines()[1:] == results[1][0].splitlines()[1:]
+    assert not list(out.glob("*/.*.tmp-*")) and len(list(out.glob("*/*/done.json"))) == len(ALL)
 
 
 # ---------------------------------------------------------------- the real stage adapters, where they are cheap

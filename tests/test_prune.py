@@ -125,8 +125,18 @@ def test_clamp_keeps_the_global_mean():
     report = prune_model(model, *_cfg(sparsity=0.95, owl_lambda=0.45), calib_ids(NS, SL), progress=False)
     sp = [b["sparsity"] for b in report["blocks"]]
     assert max(sp) == pytest.approx(0.99) and report["owl"]["clamped"]
+    assert report["owl"]["clipped_blocks"] == [i for i, s in enumerate(sp) if s >= 0.99 - 1e-12]
     assert sum(sp) / len(sp) == pytest.approx(0.95, abs=1e-9)
     assert abs(report["global_sparsity"] - 0.95) < 0.005
+
+
+def test_cli_says_when_blocks_were_clipped(tiny_dir, tmp_path):
+    res = _prune("--model", str(tiny_dir), "--sparsity", "0.95", "--owl-lambda", "0.45", "--calib", str(_text_file()),
+                 "--nsamples", "4", "--seqlen", "32", "--out", str(tmp_path / "p"))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "p" / "sparsity.json").read_text())
+    assert report["owl"]["clipped_blocks"] and "held there" in res.stderr
+    assert f"blocks {', '.join(map(str, report['owl']['clipped_blocks']))}" in res.stderr
 
 
 # ------------------------------------------------------------------ N:M and the per-layer ablation

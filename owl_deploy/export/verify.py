@@ -121,14 +121,16 @@ def engine_sparsity(folder: Path, sequence_length: int, threads: int | None = No
     from deepsparse.utils.onnx import generate_random_inputs
 
     from owl_deploy import contract
-    from owl_deploy.runtime import analysis_layers, deepsparse_analysis, open_deployment
+    from owl_deploy.runtime import analysis_layers, deepsparse_analysis, open_deployment, quiet_stdout
 
     dep = open_deployment(folder)
     proto = dep.proto
     weight_of = _matmul_weights(proto)
     start = time.perf_counter()
     with contract.declared_copy(dep.folder, proto, dep.spec, sequence_length, 1) as path:
-        result = deepsparse_analysis(path, generate_random_inputs(str(path), 1), threads, internal_cache=True)
+        with quiet_stdout():
+            inputs = generate_random_inputs(str(path), 1)
+        result = deepsparse_analysis(path, inputs, threads, internal_cache=True)
     seconds = time.perf_counter() - start
     layers = {}
     for li in analysis_layers(result):

@@ -49,6 +49,7 @@ def sparsity_report(
         blocks.append(entry)
     block_sparsities = [b["sparsity"] for b in blocks]
     all_targets = [t.sparsity for d in targets for t in d.values()]
+    clipped = [b["index"] for b in blocks if not MIN_BLOCK_SPARSITY < b["sparsity"] < MAX_BLOCK_SPARSITY]
     return {
         "method": prune.method,
         "allocation": prune.allocation,
@@ -65,6 +66,8 @@ def sparsity_report(
             "nsamples": owl_windows,
             "inverse": prune.allocation == "owl-inverse",
             "clamped": any(s <= MIN_BLOCK_SPARSITY or s >= MAX_BLOCK_SPARSITY for s in all_targets),
+            # blocks held at a bound [0, 0.99] (the others were shifted to keep the mean): said, never silent
+            "clipped_blocks": clipped if prune.allocation != "uniform" else [],
         },
         "blocks": blocks,
         "batch_size": prune.batch_size,

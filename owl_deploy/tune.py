@@ -1,0 +1,188 @@
+"""Choosing OWL's (M, λ) on held-out calibration text, cheaply, and the guard that falls back to uniform.
+
+Cost: one dense pass over the calibration windows collects every linear's input norms (Wanda's ``s``)
+and each block's outlier ratio for every M of the grid at once (the scores are made once per block).
+A candidate (M, λ) is then a list of block sparsities; its masks are one-shot masks on those *dense*
+statistics (Wanda's for Wanda and SparseGPT, magnitude's for magnitude; no sequential re-calibration),
+applied to the weights and scored by one forward over the held-out windows. The grid therefore costs one
+calibration forward plus one held-out forward per candidate, where the prune itself runs two calibration
+forwards per block (and SparseGPT its Hessians): the allocation is what is tuned, on a cheap proxy.
+
+The guard: the best candidate must beat uniform (λ = 0) on the held-out windows by more than the standard
+error of the paired per-window NLL difference; otherwise the allocation is uniform, and the result says so.
+Held-out windows are the tail of each calibration source (``data.heldout_tokens``), never the evaluation text.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from owl_deploy.allocation import outlier_ratio, owl_nm, owl_sparsities, uniform_sparsities
+from owl_deploy.calibrate import SequentialRunner
+from owl_deploy.configs import OwlConfig, PruneConfig, TuneConfig, build
+from owl_deploy.evaluate import perplexity, torch_logits_fn
+from owl_deploy.model import block_linears, decoder_blocks
+from owl_deploy.prune import COMPUTE_DTYPES
+from owl_deploy.prune.magnitude import magnitude_mask
+from owl_deploy.prune.wanda import wanda_mask, wanda_scores
+
+
+@dataclass
+class DenseStats:
+    """What every candidate needs from the dense model: input norms per linear, outlier ratios per M."""
+
+    sq_norms: list[dict[str, torch.Tensor]]  # per block: linear name -> Wanda's s
+    ratios: dict[float, list[float]]  # M -> per-block outlier ratio (%)
+    seconds: float
+
+
+def dense_stats(model: nn.Module, calib_ids: torch.Tensor, prune: PruneConfig, ms: list[float]) -> DenseStats:
+    """One dense sequential forward: the input norms of every linear and the block ratios for each M."""
+    t0 = time.perf_counter()
+    runner = SequentialRunner(model, calib_ids, prune.batch_size, COMPUTE_DTYPES[prune.compute_dtype])
+    blocks = runner.blocks
+    sq_norms: list[dict[str, torch.Tensor]] = []
+    ratios: dict[float, list[float]] = {m: [] for m in ms}
+    for i in range(len(blocks)):
+        stats = runner.collect(i, advance=i < len(blocks) - 1)
+        linears = block_linears(blocks[i])
+        sq_norms.append({name: stats[name].sq_norm for name in linears})
+        scores = [wanda_scores(lin.weight, stats[name].sq_norm) for name, lin in linears.items()]
+        for m in ms:
+            ratios[m].append(outlier_ratio(scores, m))
+        del scores, stats
+    return DenseStats(sq_norms, ratios, time.perf_counter() - t0)
+
+
+def block_targets(prune: PruneConfig, ratios: list[float] | None, lambda_: float) -> list[tuple[float, tuple | None]]:
+    """(sparsity, N:M) per block for one candidate; ``ratios=None`` or λ = 0 is uniform."""
+    nm = prune.nm_pair
+    n_blocks = len(ratios) if ratios is not None else 0
+    if ratios is None or lambda_ == 0:
+        if nm is not None:
+            return [(nm[0] / nm[1], nm)] * n_blocks
+        return [(s, None) for s in uniform_sparsities(n_blocks, prune.target_sparsity)]
+    if nm is not None:
+        return [(n / nm[1], (n, nm[1])) for n in owl_nm(ratios, nm[0], nm[1], lambda_)]
+    return [(s, None) for s in owl_sparsities(ratios, prune.target_sparsity, lambda_)]
+
+
+@torch.no_grad()
+def score_candidate(
+    model: nn.Module,
+    dense: list[torch.Tensor],
+    stats: DenseStats,
+    prune: PruneConfig,
+    targets: list[tuple[float, tuple | None]],
+    heldout: torch.Tensor,
+    seqlen: int,
+) -> list[float]:
+    """Per-window held-out NLL of the model with one-shot masks at ``targets`` (weights restored after)."""
+    linears = [lin for b in decoder_blocks(model) for lin in block_linears(b).values()]
+    it = iter(dense)
+    try:
+        for i, block in enumerate(decoder_blocks(model)):
+            sparsity, nm = targets[i]
+            for name, lin in block_linears(block).items():
+                w = next(it)
+                if prune.method == "magnitude":
+                    mask = magnitude_mask(w, sparsity, nm)
+                else:  # Wanda's one-shot mask: the proxy for Wanda and SparseGPT alike
+                    mask = wanda_mask(w, stats.sq_norms[i][name], sparsity, nm)
+                lin.weight.copy_(w.masked_fill(mask, 0))
+        return perplexity(torch_logits_fn(model), heldout, seqlen, progress=False).window_nll
+    finally:
+        for lin, w in zip(linears, dense, strict=True):
+            lin.weight.copy_(w)
+
+
+def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-window difference a - b (the same windows: a paired test)."""
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else float("inf")
+    return float(d.mean()), se
+
+
+def tune_owl(
+    model: nn.Module,
+    calib_ids: torch.Tensor,
+    heldout: torch.Tensor,
+    prune: PruneConfig,
+    owl: OwlConfig,
+    cfg: TuneConfig,
+) -> dict:
+    """Score uniform and every (M, λ) of ``cfg``'s grid; choose the best that beats uniform beyond its
+    standard error, or uniform. Returns the grid, the choice and the cost (tune.json)."""
+    start = time.perf_counter()
+    windows = calib_ids[: cfg.nsamples] if cfg.nsamples else calib_ids
+    stats = dense_stats(model, windows, prune, list(cfg.m))
+    dense = [lin.weight.detach().clone() for b in decoder_blocks(model) for lin in block_linears(b).values()]
+    n_blocks = len(stats.sq_norms)
+    t0 = time.perf_counter()
+    uniform = score_candidate(model, dense, stats, prune, block_targets(prune, [0.0] * n_blocks, 0.0), heldout,
+                              cfg.seqlen)  # fmt: skip
+    rows = []
+    for m in cfg.m:
+        for lam in (x for x in cfg.lambda_ if x > 0):
+            targets = block_targets(prune, stats.ratios[m], lam)
+            nll = score_candidate(model, dense, stats, prune, targets, heldout, cfg.seqlen)
+            delta, se = _paired(nll, uniform)
+            rows.append(
+                {
+                    "m": m,
+                    "lambda": lam,
+                    "mean_nll": sum(nll) / len(nll),
+                    "delta_nll_vs_uniform": delta,
+                    "delta_se": se,
+                    "block_sparsity": [t[0] for t in targets],
+                }
+            )
+    score_seconds = time.perf_counter() - t0
+    best = min(rows, key=lambda r: r["mean_nll"]) if rows else None
+    wins = best is not None and best["delta_nll_vs_uniform"] < -best["delta_se"]
+    if wins:
+        choice = {"allocation": prune.allocation, "m": best["m"], "lambda": best["lambda"]}
+        reason = (
+            f"OWL M={best['m']:g} λ={best['lambda']:g} beats uniform on held-out calibration text by "
+            f"{-best['delta_nll_vs_uniform']:.4f} NLL (standard error {best['delta_se']:.4f})"
+        )
+    else:
+        choice = {"allocation": "uniform", "m": owl.m, "lambda": owl.lambda_}
+        reason = (
+            "no OWL setting beats uniform on held-out calibration text by more than its standard error"
+            + (
+                f" (best M={best['m']:g} λ={best['lambda']:g}: {-best['delta_nll_vs_uniform']:+.4f} NLL "
+                f"± {best['delta_se']:.4f}); pruning with uniform allocation"
+                if best
+                else ""
+            )
+        )
+    return {
+        "choice": choice,
+        "owl_wins": wins,
+        "reason": reason,
+        "uniform": {"mean_nll": sum(uniform) / len(uniform)},
+        "grid": rows,
+        "heldout_tokens": int(heldout.numel()),
+        "windows": len(uniform),
+        "calibration_windows": len(windows),
+        "seconds": {
+            "dense_pass": round(stats.seconds, 2),
+            "scoring": round(score_seconds, 2),
+            "per_candidate": round(score_seconds / (len(rows) + 1), 2),
+            "total": round(time.perf_counter() - start, 2),
+        },
+    }
+
+
+def chosen(prune: PruneConfig, owl: OwlConfig, result: dict) -> tuple[PruneConfig, OwlConfig]:
+    """The prune and OWL configs a tune result selects (uniform when the guard fell back)."""
+    c = result["choice"]
+    prune = build(PruneConfig, {**prune.model_dump(), "allocation": c["allocation"]})
+    owl = build(OwlConfig, {**owl.model_dump(), "m": c["m"], "lambda_": c["lambda"]})
+    return prune, owl
