@@ -153,14 +153,11 @@ def tune_owl(
         )
     else:
         choice = {"allocation": "uniform", "m": owl.m, "lambda": owl.lambda_}
-        reason = (
-            "no OWL setting beats uniform on held-out calibration text by more than its standard error"
-            + (
-                f" (best M={best['m']:g} λ={best['lambda']:g}: {-best['delta_nll_vs_uniform']:+.4f} NLL "
-                f"± {best['delta_se']:.4f}); pruning with uniform allocation"
-                if best
-                else ""
-            )
+        reason = "no OWL setting beats uniform on held-out calibration text by more than its standard error" + (
+            f" (best M={best['m']:g} λ={best['lambda']:g}: {-best['delta_nll_vs_uniform']:+.4f} NLL "
+            f"± {best['delta_se']:.4f}); pruning with uniform allocation"
+            if best
+            else ""
         )
     return {
         "choice": choice,
