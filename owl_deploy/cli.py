@@ -7,6 +7,7 @@ written once. Every user error is an ``OwlError``: printed as one ``error: ...``
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import types
 import typing
@@ -29,6 +30,10 @@ class _Group(click.Group):
         except OwlError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
+        except ModuleNotFoundError as exc:  # a serving install (no torch, no web stack) running another command
+            extra = "serve" if exc.name in ("fastapi", "uvicorn", "prometheus_client", "sse_starlette") else "full"
+            click.echo(f"error: this command needs `pip install 'owl-deploy[{extra}]'` ({exc})", err=True)
+            sys.exit(1)
         except OSError as exc:  # an I/O fault no command turned into an OwlError: still one line
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"error: {where}{exc.strerror or exc}", err=True)
@@ -39,6 +44,14 @@ class _Group(click.Group):
 
 
 # ---------------------------------------------------------------- options derived from the configs
+def _ints(text: str) -> list[int]:
+    """``"1,4,16"`` -> [1, 4, 16]."""
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise OwlError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def _int_or_all(text: str) -> int | None:
     """``--owl-nsamples``: a positive integer, or ``all`` (None)."""
     text = str(text).strip().lower()
@@ -101,7 +114,7 @@ class Options:
         kw: dict[str, Any] = {"help": f.description, "hidden": name in self.hidden, "show_default": default is not None}
         if name in self.parsers:
             text = ",".join(f"{x:g}" for x in default) if isinstance(default, list) else str(default)
-            kw.update(type=str, default="all" if default is None else text, show_default=True)
+            kw.update(type=str, default=None if default is None else text, show_default=default is not None)
         elif kind is bool:
             if "/" not in spec and not default:
                 kw["is_flag"] = True
@@ -157,11 +170,13 @@ QUANTIZE = Options(
 )
 EXPORT_CALIBRATION = Options(configs.CalibrationConfig, "calibration", names={"text": "--calib"}, only=("text",))
 GENERATE = Options(configs.GenerateConfig, "generate")
+SERVE = Options(configs.ServeConfig, "serve", parsers={"batch_sizes": _ints})
 BENCH = Options(
     configs.BenchConfig,
     "bench",
     hidden=("seed", "gap_seconds", "measure_bandwidth"),
     aliases={"prefill_length": "--prefill-chunk"},
+    parsers={"batch_sizes": _ints, "prompt_lengths": _ints},
 )
 
 
@@ -213,8 +228,15 @@ _MODEL = click.option("--model", "model_spec", required=True, help="Asset name, 
     help="For a deployment folder (owl-deploy export): the engine that runs the exported graph.",
 )
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Engine threads (deployment folder).")
-def eval_cmd(model_spec: str, as_json: bool, engine: str, threads: int | None, **kw) -> None:
-    """Perplexity on non-overlapping windows (WikiText protocol, remainder dropped).
+@click.option(
+    "--tasks",
+    default=None,
+    help="Zero-shot accuracy instead of perplexity, through lm-evaluation-harness on local task files "
+    "(comma list; lambada_wiki: the last word of each wiki paragraph).",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="With --tasks: the first N items only.")
+def eval_cmd(model_spec: str, as_json: bool, engine: str, threads: int | None, tasks, limit, **kw) -> None:
+    """Perplexity on non-overlapping windows (WikiText protocol, remainder dropped), or --tasks accuracy.
 
     --model takes a torch model or a deployment folder; the latter is scored on the exported ONNX graph.
     """
@@ -222,6 +244,17 @@ def eval_cmd(model_spec: str, as_json: bool, engine: str, threads: int | None, *
 
     from owl_deploy.evaluate import evaluate_model, is_deployment
 
+    if tasks:
+        from owl_deploy.harness import evaluate_tasks
+
+        names = [t.strip() for t in tasks.split(",") if t.strip()]
+        res = evaluate_tasks(model_spec, names, limit, engine=engine, threads=threads)
+        if as_json:
+            click.echo(json.dumps({"model": model_spec, "tasks": res}, sort_keys=True))
+        for name, r in res.items():
+            if not as_json:
+                click.echo(f"{name}: accuracy {r['acc']:.4f} ± {r['acc_stderr']:.4f} on {r['items']} items")
+        return
     cfg = EVAL.build(kw)
     result = evaluate_model(model_spec, cfg, engine=engine, threads=threads)
     if as_json:
@@ -279,15 +312,28 @@ def prune_cmd(model_spec: str, out: str, **kw) -> None:
     help="Another deployment to benchmark under LABEL (name it in --engines, e.g. ort/dense-int8); repeatable. "
     "dense-int8 is also reported as the second reference of the headline.",
 )
+@click.option(
+    "--peer",
+    "peer_items",
+    multiple=True,
+    metavar="ENGINE/LABEL=PATH",
+    help="What users run instead, in the same interleaved rounds: llama.cpp/LABEL=FILE.gguf or "
+    "ort-standard/LABEL=FOLDER (benchmarks/peers.py prepares them; needs the optional extra 'peers'); "
+    "repeatable. Every speedup is also reported against the fastest peer.",
+)
 @BENCH
 @click.option("--baseline", type=click.Path(), default=None, help="results.json (or its folder) to gate against.")
 @click.option("--tolerance", type=float, default=0.10, show_default=True, help="Allowed relative drop of each speedup.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder BDIR.")
-def bench_cmd(sparse, dense, extra_models, baseline, tolerance, out, **kw) -> None:
-    """Decode/prefill tokens/s: sparse in DeepSparse vs dense in ONNX Runtime (+ controls), noise-aware.
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Also write BDIR/results.json, .md, .png.")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout instead of the table.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print the table as CSV (one row per test) on stdout.")
+def bench_cmd(sparse, dense, extra_models, peer_items, baseline, tolerance, out, as_json, as_csv, **kw) -> None:
+    """Decode/prefill tokens/s, TTFT and batched throughput of deployments (and peers), interleaved, noise-aware.
 
-    Writes BDIR/results.json, results.md and decode.png.  Exit 3: a speedup regressed beyond the
-    tolerance (--baseline); exit 4: --strict and the machine was noisy.
+    Prints a table on stdout (ppN = prefill of an N-token prompt, tgS@dC = S decode steps after C cached
+    tokens); with --dense every speedup is over dense ONNX Runtime.  --out also writes results.json,
+    results.md and decode.png.  Exit 3: a speedup regressed beyond the tolerance (--baseline); exit 4:
+    --strict and the machine was noisy.
     """
     from owl_deploy import bench
 
@@ -305,9 +351,22 @@ def bench_cmd(sparse, dense, extra_models, baseline, tolerance, out, **kw) -> No
         models[label] = Path(folder)
     if not models:
         raise OwlError("give at least one deployment: --sparse, --dense or --model LABEL=ODIR")
+    if as_json and as_csv:
+        raise OwlError("--json and --csv are exclusive: choose one format for stdout")
+    peers = bench.parse_peers(peer_items)
+    fmt = "json" if as_json else "csv" if as_csv else "md"
+    show = lambda res: click.echo(bench.render_table(res, fmt), nl=False)  # noqa: E731
     try:
-        with writing(out):
-            bench.bench_command(models, Path(out), cfg, Path(baseline) if baseline else None, tolerance)
+        with writing(out) if out else contextlib.nullcontext():
+            bench.bench_command(
+                models,
+                Path(out) if out else None,
+                cfg,
+                Path(baseline) if baseline else None,
+                tolerance,
+                peers=peers or None,
+                show=show,
+            )
     except bench.GateFailed as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(bench.EXIT_REGRESSION)
@@ -417,11 +476,56 @@ def generate_cmd(folder: str, stats: bool, **kw) -> None:
         )
 
 
+@main.command("serve")
+@click.argument("folder", type=click.Path())
+@SERVE
+def serve_cmd(folder: str, **kw) -> None:
+    """Serve a deployment folder over HTTP (OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models,
+    /health, /metrics), decoding concurrent requests together; SIGTERM drains and exits 0."""
+    from owl_deploy.serve import serve
+
+    cfg = SERVE.build(kw)
+    click.echo(f"serving {folder} on http://{cfg.host}:{cfg.port} ({cfg.engine}); /health is 200 when ready", err=True)
+    serve(folder, cfg)
+
+
 def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
         raise OwlError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+RECOVER = Options(configs.RecoverConfig, "recover", skip=("enabled",))
+RECOVER_EVAL = Options(
+    configs.EvalConfig,
+    "evaluate",
+    names={"text": "--eval-text", "seqlen": "--eval-seqlen", "max_tokens": "--eval-tokens"},
+)
+
+
+@main.command("recover")
+@_MODEL
+@click.option("--teacher", default=None, help="The dense model, for distillation (recover's --distill > 0).")
+@RECOVER
+@EXPORT_CALIBRATION
+@RECOVER_EVAL
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output Hugging Face folder.")
+def recover_cmd(model_spec: str, teacher: str | None, out: str, **kw) -> None:
+    """Win back the quality pruning cost with a short fine-tune (LoRA merged, or masked) that keeps every
+    zero; writes a Hugging Face folder plus recover.json. A killed run resumes from its last checkpoint."""
+    from owl_deploy.recover import run_recover
+
+    cfg, calibration, evaluate = RECOVER.build(kw), EXPORT_CALIBRATION.build(kw), RECOVER_EVAL.build(kw)
+    with writing(out):
+        report = run_recover(model_spec, Path(out), cfg, calibration, evaluate, teacher)
+    p = report["perplexity"]
+    click.echo(
+        f"{cfg.method}: perplexity ({evaluate.text}) {p['pruned']:.2f} -> {p['merged_remasked']:.2f} merged and "
+        f"re-masked (adapters unmerged {p['adapter']:.2f}); {report['steps_run']} steps"
+        f"{' (stopped early)' if report['stopped_early'] else ''} in {report['wall_seconds']:.0f} s; zeros identical: "
+        f"{report['zeros']['identical_mask']} -> {out}"
+    )
 
 
 TUNE_PRUNE = Options(configs.PruneConfig, "prune", only=("method", "sparsity", "nm"))

@@ -157,6 +157,33 @@ class PruneConfig(Config):
         return parse_nm(self.nm) if self.nm is not None else None
 
 
+class RecoverConfig(Config):
+    """A short fine-tune that wins back quality and keeps every zero (``owl-deploy recover``, the recover stage).
+
+    ``lora``: low-rank adapters on the block linears, merged into the weights at the end and the pruning mask
+    re-applied; ``masked``: the block linears themselves, their pruned entries' gradients zeroed.
+    """
+
+    enabled: bool = Field(False, description="In a pipeline: run the recover stage between prune and export.")
+    method: Literal["lora", "masked"] = Field("lora", description="LoRA adapters, or masked full fine-tuning.")
+    rank: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling alpha.")
+    steps: int = Field(200, ge=1, description="Optimizer steps at most (early stopping may end sooner).")
+    batch_size: int = Field(4, ge=1, description="Calibration windows per step.")
+    seqlen: int = Field(256, ge=8, description="Window length of the training and held-out text.")
+    lr: float = Field(2e-4, gt=0, le=1, description="Peak learning rate (cosine decay after 5% warm-up).")
+    distill: float = Field(0.0, ge=0, le=1, description="Weight of the KL to the dense teacher's logits (--teacher).")
+    temperature: float = Field(1.0, gt=0, description="Temperature of the distillation.")
+    eval_every: int = Field(25, ge=1, description="Steps between held-out evaluations (and checkpoints).")
+    patience: int = Field(4, ge=1, description="Held-out evaluations without improvement before stopping.")
+    heldout_tokens: int = Field(4096, ge=16, description="Held-out calibration tokens for early stopping.")
+    compute_dtype: Literal[COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
+        "float32", description="bfloat16: CPU autocast of the forward and backward passes."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
+    seed: int = Field(0, ge=0, description="Seed of the data order, the adapters' init and dropout.")
+
+
 class EvalConfig(Config):
     """Perplexity on non-overlapping windows of the evaluation text (remainder dropped)."""
 
@@ -228,6 +255,53 @@ class GenerateConfig(Config):
     threads: int | None = Field(None, ge=1, description="Engine threads (default: all cores).")
 
 
+class ServeConfig(Config):
+    """``owl-deploy serve``: an OpenAI-compatible server over one deployment folder, batching requests."""
+
+    engine: Literal[ENGINES] = Field("deepsparse", description="Engine of the batched decode steps.")  # type: ignore[valid-type]
+    host: str = Field("127.0.0.1", min_length=1, description="Address to listen on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (0: any free port).")
+    max_batch: int = Field(16, ge=1, le=256, description="Sequences decoded together at most.")
+    batch_sizes: list[int] | None = Field(
+        None, description="Batch sizes compiled for decode (default: powers of two up to max_batch)."
+    )
+    max_queue: int = Field(64, ge=0, description="Requests waiting for a row at most; more get HTTP 429.")
+    threads: int | None = Field(None, ge=1, description="Engine threads (default: all cores).")
+    prefill_engine: Literal["auto", "deepsparse", "onnxruntime"] = Field(
+        "auto",
+        description="Engine that prefills prompts; auto: ONNX Runtime for int8 deployments (DeepSparse's "
+        "multi-token int8 kernels are inexact), the decode engine otherwise.",
+    )
+    prefill_length: int = Field(16, ge=1, description="Prompt tokens per prefill call (1 or a multiple of 4).")
+    sequence_length: int | None = Field(None, ge=2, description="Override the exported context length.")
+    model_name: str | None = Field(None, description="Model id in the API (default: the folder's name).")
+    drain_seconds: float = Field(60.0, ge=0, description="On SIGTERM, time given to in-flight requests.")
+
+    @field_validator("prefill_length")
+    @classmethod
+    def _prefill(cls, value: int) -> int:
+        return _check_prefill(value)
+
+    @model_validator(mode="after")
+    def _batches(self) -> ServeConfig:
+        if self.batch_sizes is not None:
+            if not self.batch_sizes or min(self.batch_sizes) < 1:
+                raise ValueError(f"batch_sizes must be positive integers (got {self.batch_sizes})")
+            if max(self.batch_sizes) < self.max_batch:
+                raise ValueError(f"the largest batch size {max(self.batch_sizes)} is below max_batch {self.max_batch}")
+        return self
+
+    @property
+    def compiled_batch_sizes(self) -> list[int]:
+        if self.batch_sizes is not None:
+            return sorted(set(self.batch_sizes) | {1})
+        sizes, b = [], 1
+        while b < self.max_batch:
+            sizes.append(b)
+            b *= 2
+        return [*sizes, self.max_batch]
+
+
 def engine_items(spec: str) -> list[tuple[str, str]]:
     """``"ds/sparse,ort"`` -> [("deepsparse", "sparse"), ("onnxruntime", "")]; ``all`` -> [("all", "")]."""
     out = []
@@ -259,6 +333,14 @@ class BenchConfig(Config):
         validation_alias=AliasChoices("prefill_length", "prefill_chunk"),
         description="Tokens per multi-token prefill call (1 or a multiple of 4; 0 = 1).",
     )
+    batch_sizes: list[int] = Field(
+        [1],
+        description="Decode batch sizes (sequences per step) for the deployments; 1 is always run. "
+        "Above 1: per-stream and aggregate tok/s of the serving decode path.",
+    )
+    prompt_lengths: list[int] = Field(
+        [], description="Prompt lengths for prefill tok/s and time to first token (default: --context)."
+    )
     threads: int | None = Field(None, ge=1, description="Cores per engine (default: every physical core).")
     kv_cache: Literal["internal", "external"] | None = Field(
         None, description="DeepSparse KV cache (default: internal)."
@@ -272,6 +354,24 @@ class BenchConfig(Config):
     @classmethod
     def _prefill(cls, value: int) -> int:
         return _check_prefill(value or 1)  # 0: no multi-token prefill = one token per call
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _batch_sizes(cls, value: list[int]) -> list[int]:
+        if any(b < 1 or b > 256 for b in value):
+            raise ValueError(f"batch sizes must be 1 to 256 (got {value})")
+        return sorted(set(value) | {1})
+
+    @field_validator("prompt_lengths")
+    @classmethod
+    def _prompt_lengths(cls, value: list[int]) -> list[int]:
+        if any(n < 1 for n in value):
+            raise ValueError(f"prompt lengths must be positive (got {value})")
+        return sorted(set(value))
+
+    def prefill_lengths(self) -> list[int]:
+        """The prompt lengths whose prefill and time to first token are measured."""
+        return self.prompt_lengths or [self.context]
 
     @field_validator("engines")
     @classmethod
