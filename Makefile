@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export NM_DISABLE_ANALYTICS := 1
 
-.PHONY: setup assets main test test-large lint
+.PHONY: setup assets main test test-large lint image
 
 $(BIN)/owl-deploy: pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "owl_deploy needs Python 3.11 (DeepSparse 1.8.0)")'
@@ -34,3 +34,8 @@ test-large: assets
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# the server image without torch, built with buildah from a Debian base made by mmdebstrap, then run: a real
+# /v1/completions request over loopback, SIGTERM, and the image's size (docker/README.md; needs root)
+image:
+	docker/build.sh

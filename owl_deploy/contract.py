@@ -97,7 +97,9 @@ def _set_dims(value_info, dims: list[int | str]) -> None:
             shape.dim.add().dim_value = int(d)
 
 
-def set_input_shapes(proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None) -> None:
+def set_input_shapes(
+    proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None, batch: int = 1
+) -> None:
     """Declare the input shapes (the rewrite DeepSparse's pipeline applies in place).
 
     ``input_ids_length=None`` leaves ``n`` (and the past length) symbolic, which ONNX Runtime takes.
@@ -105,14 +107,14 @@ def set_input_shapes(proto, spec: GraphSpec, sequence_length: int, input_ids_len
     n: int | str = "n" if input_ids_length is None else input_ids_length
     past: int | str = "past" if input_ids_length is None else sequence_length - input_ids_length
     shapes: dict[str, list[int | str]] = {
-        "input_ids": [1, n],
-        "positions": [1, n],
-        "attention_mask": [1, sequence_length],
-        "causal_mask": [1, 1, n, sequence_length],
+        "input_ids": [batch, n],
+        "positions": [batch, n],
+        "attention_mask": [batch, sequence_length],
+        "causal_mask": [batch, 1, n, sequence_length],
     }
     for inp in proto.graph.input:
         if inp.name.startswith("past_key_values."):
-            _set_dims(inp, [1, spec.num_kv_heads, past, spec.head_dim])
+            _set_dims(inp, [batch, spec.num_kv_heads, past, spec.head_dim])
         elif inp.name in shapes:
             _set_dims(inp, shapes[inp.name])
     # intermediate shapes recorded at trace time would contradict a re-declaration
@@ -126,6 +128,34 @@ def set_output_shapes(proto, spec: GraphSpec) -> None:
             _set_dims(out, [1, "input_ids_length", spec.vocab_size])
         else:
             _set_dims(out, [1, spec.num_kv_heads, "sequence_length", spec.head_dim])
+
+
+def set_batch(proto, batch: int) -> None:
+    """Make the graph compute ``batch`` independent sequences: the batch dimension of every output and of
+    the ``Reshape`` shapes that carry it (our graphs reshape with a constant batch and one -1, never Shape
+    ops, which DeepSparse's internal KV cache cannot compile). Inputs are declared by set_input_shapes."""
+    from onnx import numpy_helper
+
+    g = proto.graph
+    constants = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    initializers = {i.name: i for i in g.initializer}
+    for node in g.node:
+        if node.op_type != "Reshape":
+            continue
+        source = constants.get(node.input[1])
+        tensor = source.attribute[0].t if source is not None else initializers.get(node.input[1])
+        if tensor is None:
+            raise OwlError(f"cannot batch the graph: Reshape {node.name} has a computed shape")
+        shape = numpy_helper.to_array(tensor).copy()
+        if shape.ndim != 1 or shape[0] not in (1, batch):
+            raise OwlError(f"cannot batch the graph: Reshape {node.name} to {shape.tolist()} has no batch dimension")
+        shape[0] = batch
+        tensor.CopyFrom(numpy_helper.from_array(shape, tensor.name))
+    for out in g.output:
+        dims = out.type.tensor_type.shape.dim
+        if dims:
+            dims[0].ClearField("dim_param")
+            dims[0].dim_value = batch
 
 
 def _declared(value_infos) -> list:
@@ -331,16 +361,16 @@ def initializer_array(tensor, folder: Path, mmap: bool = False) -> np.ndarray:
 # ---------------------------------------------------------------- a re-declared copy
 @contextlib.contextmanager
 def declared_copy(
-    folder: Path, proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None
+    folder: Path, proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None, batch: int = 1
 ) -> Iterator[Path]:
-    """``model.onnx`` of ``folder`` with re-declared input shapes, in a temporary folder (external data
-    linked, not copied); yields the folder's own file when it already declares these shapes."""
+    """``model.onnx`` of ``folder`` with re-declared input shapes (and ``batch`` sequences), in a temporary
+    folder (external data linked, not copied); yields the folder's own file when it already declares these."""
     import onnx
 
     shell = onnx.ModelProto()
     shell.graph.input.extend(proto.graph.input)
-    set_input_shapes(shell, spec, sequence_length, input_ids_length)
-    if _declared(shell.graph.input) == _declared(proto.graph.input):
+    set_input_shapes(shell, spec, sequence_length, input_ids_length, batch)
+    if batch == 1 and _declared(shell.graph.input) == _declared(proto.graph.input):
         yield Path(folder) / MODEL_ONNX
         return
     external = external_data_files(proto, Path(folder))
@@ -354,7 +384,9 @@ def declared_copy(
                 (tmp / name).symlink_to(src)
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
-        set_input_shapes(copy, spec, sequence_length, input_ids_length)
+        set_input_shapes(copy, spec, sequence_length, input_ids_length, batch)
+        if batch != 1:
+            set_batch(copy, batch)
         with open(tmp / MODEL_ONNX, "wb") as fh:
             fh.write(copy.SerializeToString())
         del copy
@@ -363,9 +395,11 @@ def declared_copy(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def serialized(proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None) -> bytes:
+def serialized(proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None, batch: int = 1) -> bytes:
     """``proto`` re-declared and serialised (for an engine that loads from memory: ONNX Runtime)."""
-    set_input_shapes(proto, spec, sequence_length, input_ids_length)
+    set_input_shapes(proto, spec, sequence_length, input_ids_length, batch)
+    if batch != 1:
+        set_batch(proto, batch)
     return proto.SerializeToString()
 
 

@@ -146,7 +146,7 @@ class _OrtGraph(_Graph):
 
 
 class _DeepSparseGraph(_Graph):
-    def __init__(self, path: Path, n: int, threads: int | None, internal_cache: bool):
+    def __init__(self, path: Path, n: int, threads: int | None, internal_cache: bool, batch: int = 1):
         os.environ.setdefault("WAND_OPT_FLAGS", "default,~pyramids")  # what DeepSparse's LLM pipeline sets
         try:
             from deepsparse import Engine
@@ -156,7 +156,7 @@ class _DeepSparseGraph(_Graph):
         cached = default_cached_outputs(str(path)) if internal_cache else None
         try:
             with quiet_stdout():
-                self.engine = Engine(str(path), batch_size=1, num_cores=threads, cached_outputs=cached)
+                self.engine = Engine(str(path), batch_size=batch, num_cores=threads, cached_outputs=cached)
         except Exception as exc:
             raise OwlError(f"deepsparse cannot compile the graph (input_ids_length {n}): {one_line(exc)}") from exc
         self.input_names = list(self.engine.input_names)
@@ -170,6 +170,15 @@ class _DeepSparseGraph(_Graph):
 
 
 # ---------------------------------------------------------------- the session
+@dataclass
+class KVState:
+    """One sequence's KV cache between calls: the ``present`` tensors [1, kv_heads, L, head_dim] of its last
+    call (valid entries right-aligned) and how many tokens they hold."""
+
+    presents: list[np.ndarray] | None
+    num_cached: int
+
+
 class Session:
     """A compiled deployment plus the KV cache of one sequence."""
 
@@ -206,6 +215,12 @@ class Session:
     @property
     def capacity_left(self) -> int:
         return self.sequence_length - self.num_cached
+
+    def state(self) -> KVState:
+        """This sequence's cache, to hand to a :class:`Decoder` (external cache only)."""
+        if self.kv_cache != "external":
+            raise OwlError("only an external KV cache can be handed over")
+        return KVState(list(self._cache) if self._cache is not None else None, self.num_cached)
 
     # -- running
     def forward(self, input_ids: Sequence[int]) -> np.ndarray:
@@ -355,6 +370,85 @@ def compile(
                 graphs[n] = _DeepSparseGraph(path, n, threads, kv_cache == "internal")
     seconds = time.perf_counter() - start
     return Session(dep, engine, total, prefill_length, kv_cache, graphs, seconds)
+
+
+class Decoder:
+    """Single-token decode steps for several independent sequences at once, each with its own KV cache.
+
+    Compiled at ``batch_sizes``: a step of k sequences runs the smallest compiled batch that holds them,
+    padding the rest with empty rows (one weight read serves every row: decode reads the weights, not the
+    tokens). Rows are independent: masks, positions and caches are per sequence.
+    """
+
+    def __init__(self, dep: Deployment, engine: str, sequence_length: int, graphs: dict[int, _Graph], seconds: float):
+        self.deployment, self.engine, self.sequence_length = dep, engine, sequence_length
+        self.batch_sizes = sorted(graphs)
+        self.compile_seconds = seconds
+        self._graphs = graphs
+
+    @property
+    def max_batch(self) -> int:
+        return self.batch_sizes[-1]
+
+    def step(self, tokens: Sequence[int], states: Sequence[KVState]) -> np.ndarray:
+        """Feed ``tokens[i]`` after ``states[i]``; update the states in place; logits ``[len(tokens), vocab]``."""
+        k = len(tokens)
+        if not 0 < k <= self.max_batch or len(states) != k:
+            raise OwlError(f"a decode step takes 1 to {self.max_batch} sequences, got {k}")
+        batch = next(b for b in self.batch_sizes if b >= k)
+        spec, total = self.deployment.spec, self.sequence_length
+        rows = []
+        for token, st in zip(tokens, states, strict=True):
+            if st.num_cached >= total:
+                raise OwlError(f"a sequence is full ({total} tokens)")
+            rows.append(contract.feeds([int(token)], st.num_cached, total))
+        rows += [contract.feeds([0], 0, total)] * (batch - k)  # padding: attends to itself only
+        feeds = {name: np.concatenate([r[name] for r in rows]) for name in rows[0]}
+        empty = np.zeros((1, spec.num_kv_heads, total - 1, spec.head_dim), np.float32)
+        for j in range(2 * spec.num_layers):
+            past = [st.presents[j][:, :, 1:, :] if st.presents is not None else empty for st in states]
+            past += [empty] * (batch - k)
+            name = f"past_key_values.{j // 2}.{'key' if j % 2 == 0 else 'value'}"
+            feeds[name] = np.concatenate(past)
+        outputs = self._graphs[batch].run(feeds)
+        for i, st in enumerate(states):
+            st.presents = [np.ascontiguousarray(o[i : i + 1]) for o in outputs[1:]]
+            st.num_cached += 1
+        return np.asarray(outputs[0][:k, -1], dtype=np.float32)
+
+
+def compile_decoder(
+    folder: str | os.PathLike | Deployment,
+    engine: str = "deepsparse",
+    batch_sizes: Sequence[int] = (1,),
+    sequence_length: int | None = None,
+    threads: int | None = None,
+) -> Decoder:
+    """One single-token graph per batch size, each compiled in ``engine`` with an external KV cache."""
+    if engine not in ENGINES:
+        raise OwlError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    sizes = sorted({int(b) for b in batch_sizes})
+    if not sizes or sizes[0] < 1:
+        raise OwlError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
+    dep = open_deployment(folder)
+    total = int(sequence_length or dep.sequence_length)
+    if total < 2 or total > dep.max_sequence_length:
+        raise OwlError(f"sequence length {total} does not fit this deployment (2 .. {dep.max_sequence_length})")
+    proto, dep.proto = dep.proto, None
+    start = time.perf_counter()
+    graphs: dict[int, _Graph] = {}
+    import onnx
+
+    for b in sizes:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(proto)
+        if engine == "onnxruntime":
+            graphs[b] = _OrtGraph(contract.serialized(copy, dep.spec, total, 1, b), dep.folder, threads)
+        else:
+            with contract.declared_copy(dep.folder, copy, dep.spec, total, 1, batch=b) as path:
+                graphs[b] = _DeepSparseGraph(path, 1, threads, internal_cache=False, batch=b)
+        del copy
+    return Decoder(dep, engine, total, graphs, time.perf_counter() - start)
 
 
 def deepsparse_analysis(

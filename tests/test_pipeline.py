@@ -27,7 +27,7 @@ from owl_deploy.recipe import RecipeError, load_recipe, parse_recipe
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 ALL = list(pipeline.STAGES)
-DOWNSTREAM_OF_PRUNE = ["tune", "prune", "evaluate", "export", "compile", "bench"]
+DOWNSTREAM_OF_PRUNE = ["tune", "prune", "recover", "evaluate", "export", "compile", "bench"]
 
 
 # ---------------------------------------------------------------- fake stages (also used in a subprocess)
@@ -50,6 +50,11 @@ def _fake_tune(ctx):
                                                          "lambda": owl.lambda_}}  # fmt: skip
 
 
+def _fake_recover(ctx):
+    _called(ctx)
+    return {"model": str(ctx.upstream["prune"].file("model")), "recovered": False}
+
+
 def _fake_prune(ctx):
     _called(ctx)
     src = ctx.upstream["fetch"].file("model")
@@ -62,7 +67,7 @@ def _fake_prune(ctx):
 def _fake_evaluate(upstream: str, ppl: float):
     def run(ctx):
         _called(ctx)
-        assert (ctx.upstream[upstream].file("model") / "config.json").exists() or upstream == "prune"
+        assert (ctx.upstream[upstream].file("model") / "config.json").exists() or upstream == "recover"
         e = ctx.recipe.evaluate
         return {"perplexity": ppl, "text": e.text, "windows": 2, "seqlen": e.seqlen, "nll_std_err": 0.01}
 
@@ -107,10 +112,11 @@ def _fake_bench(ctx):
 FAKES = {
     "tune": _fake_tune,
     "prune": _fake_prune,
+    "recover": _fake_recover,
     "evaluate_dense": _fake_evaluate("fetch", 10.0),
-    "evaluate": _fake_evaluate("prune", 20.0),
+    "evaluate": _fake_evaluate("recover", 20.0),
     "export_dense": _fake_export("fetch"),
-    "export": _fake_export("prune"),
+    "export": _fake_export("recover"),
     "compile": _fake_compile,
     "bench": _fake_bench,
 }
@@ -347,7 +353,7 @@ def test_run_twice_is_a_no_op_and_one_change_reruns_only_downstream(tmp_path, ti
     assert calls(log) == ALL[1:]  # nothing was called again
     assert {n: (out / n / d.key / "done.json").read_text() for n, d in second.done.items()} == done_before
     lines = pipeline.summary_lines(second.summary)
-    assert lines[0] == f"nothing to do: all 9 stages of tiny are cached in {out}"
+    assert lines[0] == f"nothing to do: all 10 stages of tiny are cached in {out}"
     assert "perplexity (" in lines[1] and "dense 10.00 -> pruned 20.00 (x2.00)" in lines[1]
     assert lines[3] == "allocation: fake"  # what the tune stage decided, then the speed
     assert "decode speedup vs dense ONNX Runtime: 2.50x" in lines[4]
@@ -433,29 +439,33 @@ def test_a_run_killed_mid_stage_resumes_from_the_last_completed_stage(tmp_path, 
     proc.send_signal(sig)
     proc.wait(timeout=30)
     done = sorted(p.parent.parent.name for p in out.glob("*/*/done.json"))
-    assert done == sorted(["fetch", "tune", "prune", "evaluate_dense"])
-    assert calls(log) == ["tune", "prune", "evaluate_dense", "evaluate"]
+    assert done == sorted(["fetch", "tune", "prune", "evaluate_dense", "recover"])
+    assert calls(log) == ["tune", "prune", "evaluate_dense", "recover", "evaluate"]
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL and partial()  # no chance to clean up
     else:
         assert proc.returncode == 143 and not partial()  # SIGTERM unwinds: the partial output is removed
-    before = {n: (out / n / keys[n] / "done.json").read_text() for n in ("fetch", "tune", "prune", "evaluate_dense")}
+    before = {
+        n: (out / n / keys[n] / "done.json").read_text()
+        for n in ("fetch", "tune", "prune", "evaluate_dense", "recover")
+    }
 
     env.pop("OWL_TEST_HANG_IN")
     proc = _start(recipe, out, env)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
-    assert calls(log) == ["tune", "prune", "evaluate_dense", "evaluate", *ALL[4:]]  # resumed at evaluate
+    assert calls(log) == ["tune", "prune", "evaluate_dense", "recover", "evaluate", *ALL[5:]]  # resumed at evaluate
     assert {n: (out / n / keys[n] / "done.json").read_text() for n in before} == before
     assert (
-        "tiny: ran evaluate, export_dense, export, compile, bench; reused fetch, tune, prune, evaluate_dense" in stdout
+        "tiny: ran evaluate, export_dense, export, compile, bench; reused fetch, tune, prune, evaluate_dense, recover"
+        in stdout
     )
     assert not partial() and not list(out.glob("*/.*.tmp-*"))
     assert ("removed the partial output of an interrupted run" in stderr) == (sig == signal.SIGKILL)
 
     proc = _start(recipe, out, env)
     stdout, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0 and stdout.startswith("nothing to do: all 9 stages of tiny are cached")
+    assert proc.returncode == 0 and stdout.startswith("nothing to do: all 10 stages of tiny are cached")
 
 
 def test_two_runs_of_one_recipe_at_once_compute_each_stage_once(tmp_path, tiny_dir):
@@ -527,21 +537,23 @@ def test_real_int8_export_stage_on_a_tiny_model(tmp_path, tiny_dir):
 
 
 # ---------------------------------------------------------------- the docker image (no Docker engine here)
-def test_dockerfile_installs_the_package_from_pyproject_alone():
-    """One source of pins: the image runs `pip install .` on pyproject.toml, never a requirements list."""
+def test_dockerfile_installs_the_serving_install_from_pyproject_alone():
+    """One source of pins: the image runs `pip install '.[serve]'` on pyproject.toml (no requirements list),
+    serves (entry point, port, health check) and refuses to build with torch inside."""
     import tomllib
 
     text = (ROOT / "docker" / "Dockerfile").read_text()
     lines = [line.strip() for line in text.replace("\\\n", " ").splitlines() if line.strip()]
     instructions = [line for line in lines if not line.startswith("#")]
     assert "requirements" not in " ".join(instructions)
-    base = next(line for line in instructions if line.startswith("FROM "))
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    assert "python:3.11" in base and project["requires-python"] == ">=3.11,<3.12"
+    assert "torch==2.13.0" in project["optional-dependencies"]["full"]
+    assert not any(d.startswith("torch") for d in project["dependencies"] + project["optional-dependencies"]["serve"])
     assert "COPY pyproject.toml README.md ./" in instructions and project["readme"] == "README.md"
     installs = [line for line in instructions if "pip install" in line]
-    assert len(installs) == 2 and all(" . " in f"{line} " for line in installs)
-    assert '--extra-index-url "${TORCH_INDEX_URL}"' in installs[0] and "--no-deps" in installs[1]
-    assert instructions[-2].startswith('ENTRYPOINT ["owl-deploy", "generate", "--model", "/deploy"')
+    assert len(installs) == 2 and "'.[serve]'" in installs[0] and "--no-deps ." in installs[1]
+    assert "import torch" in installs[1] and "exit 1" in installs[1]  # torch in the image fails the build
+    assert 'ENTRYPOINT ["owl-deploy", "serve", "/deploy", "--host", "0.0.0.0"]' in instructions
+    assert "EXPOSE 8000" in instructions and any(line.startswith("HEALTHCHECK") for line in instructions)
     ignore = (ROOT / ".dockerignore").read_text().split()
-    assert ignore[ignore.index("*") :][:5] == ["*", "!pyproject.toml", "!README.md", "!owl_deploy/", "!docker/deploy/"]
+    assert ignore[ignore.index("*") :][:4] == ["*", "!pyproject.toml", "!README.md", "!owl_deploy/"]

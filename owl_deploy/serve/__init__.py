@@ -1,0 +1,122 @@
+"""``owl-deploy serve ODIR``: a deployment folder behind an OpenAI-compatible HTTP API, batching requests.
+
+The server listens at once and compiles in the background (``/health`` says 503 ``loading`` until the
+engines are ready): a batch-1 session with an external KV cache for prefill, and the single-token graph at
+every batch size of ``ServeConfig.compiled_batch_sizes`` for decode (scheduler.py). SIGTERM (or Ctrl-C)
+stops accepting requests, lets the ones in flight finish for up to ``drain_seconds`` and exits 0.
+
+Nothing here imports torch: a serving install needs numpy, the engines, tokenizers/transformers and the
+web stack only (``pip install 'owl-deploy[serve]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import threading
+from pathlib import Path
+
+from owl_deploy.configs import ServeConfig
+from owl_deploy.errors import OwlError, one_line
+
+log = logging.getLogger("owl_deploy.serve")
+
+
+def is_int8(folder: Path) -> bool:
+    """A deployment whose projections are in the int8 MatMulInteger pattern."""
+    import onnx
+
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return any(n.op_type == "MatMulInteger" for n in proto.graph.node)
+
+
+def build_scheduler(folder: Path, cfg: ServeConfig):
+    """Compile the prefill session and the batched decoder; the scheduler that runs them (not started)."""
+    from owl_deploy import runtime
+    from owl_deploy.serve.scheduler import Scheduler
+
+    prefill_engine = cfg.prefill_engine
+    if prefill_engine == "auto":
+        prefill_engine = "onnxruntime" if is_int8(folder) else cfg.engine
+    decoder = runtime.compile_decoder(folder, cfg.engine, cfg.compiled_batch_sizes, cfg.sequence_length, cfg.threads)
+    prefill = runtime.compile(
+        folder,
+        prefill_engine,
+        sequence_length=decoder.sequence_length,
+        prefill_length=cfg.prefill_length,
+        kv_cache="external",
+        threads=cfg.threads,
+    )
+    return Scheduler(prefill, decoder, cfg.max_batch, cfg.max_queue)
+
+
+def serve(folder: str | Path, cfg: ServeConfig, ready: threading.Event | None = None) -> None:
+    """Run the server until SIGTERM/SIGINT; returns after draining (exit status 0)."""
+    import uvicorn
+
+    from owl_deploy import runtime
+    from owl_deploy.serve.api import Server, create_app
+
+    folder = Path(folder).expanduser()
+    dep = runtime.open_deployment(folder)  # a bad folder fails here, before anything listens
+    tokenizer = dep.tokenizer()
+    server = Server(cfg.model_name or folder.name)
+    server.tokenizer = tokenizer
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        if server.scheduler is not None:  # uvicorn has drained the connections; let the engine thread end
+            await asyncio.to_thread(server.scheduler.stop, cfg.drain_seconds)
+
+    app = create_app(server, lifespan)
+
+    def load() -> None:
+        try:
+            sched = build_scheduler(folder, cfg)
+            sched.on_step = server.metrics.on_step
+            sched.start()
+            server.scheduler, server.ready = sched, True
+            log.warning("ready: %s in %s (batch sizes %s)", folder, cfg.engine, sched.decoder.batch_sizes)
+        except Exception as exc:  # reported by /health, and the server stops
+            server.failed = one_line(exc)
+            log.error("cannot compile %s: %s", folder, server.failed)
+            uv.should_exit = True
+        finally:
+            if ready is not None:
+                ready.set()
+
+    class _Uvicorn(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:  # SIGTERM/SIGINT: refuse new requests, drain the rest
+            server.draining = True
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            """uvicorn re-raises the signal after its graceful shutdown (the process then dies of it); a
+            drained server has finished its work and exits 0 instead."""
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            saved = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in saved.items():
+                    signal.signal(sig, handler)
+
+    config = uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(cfg.drain_seconds) or None,
+        access_log=False,
+    )
+    uv = _Uvicorn(config)
+    threading.Thread(target=load, name="owl-deploy-compile", daemon=True).start()
+    uv.run()
+    if server.failed:
+        raise OwlError(f"the server stopped: cannot compile {folder}: {server.failed}")

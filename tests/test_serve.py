@@ -1,0 +1,369 @@
+"""The server: batched decoding equals batch-1 decoding, the OpenAI API over real HTTP on loopback, bad input
+and faults (malformed bodies, a full queue, a client that leaves, SIGTERM), and the real SmolLM2 (slow).
+
+Fast tests run a tiny random LLaMA deployment (byte-level tokenizer, a small chat template) in a real
+``owl-deploy serve`` subprocess on a free port.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from tiny_models import save_tiny
+
+from owl_deploy import runtime
+from owl_deploy.serve.scheduler import Request, Sampling, Scheduler, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ = 64
+TEMPLATE = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:"
+
+
+@pytest.fixture(scope="module")
+def odir(tmp_path_factory) -> Path:
+    from owl_deploy.configs import ExportConfig
+    from owl_deploy.export import export_model
+
+    root = tmp_path_factory.mktemp("serve")
+    model = save_tiny("llama", root / "model")
+    out = root / "tiny-odir"
+    export_model(
+        model, out, ExportConfig(sequence_length=SEQ, prefill_length=4, greedy_tokens=4), engines=("onnxruntime",)
+    )
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": TEMPLATE}))
+    return out
+
+
+def _greedy(odir: Path, engine: str, prompt: list[int], n: int) -> list[int]:
+    session = runtime.compile(odir, engine, prefill_length=4)
+    return list(session.generate(prompt, n))
+
+
+# ---------------------------------------------------------------- batched decoding and the scheduler (no HTTP)
+@pytest.mark.parametrize("engine", ["onnxruntime", "deepsparse"])
+def test_batched_decode_equals_batch_1_decode(odir, engine):
+    """Four sequences of different lengths decoded together (batch 4, then 3 rows padded to 4) produce the
+    greedy tokens each produces alone."""
+    prompts = [[5, 9, 17], [40, 41, 42, 43, 44, 45, 46], [100], [7, 8]]
+    decoder = runtime.compile_decoder(odir, engine, [1, 4])
+    states, last = [], []
+    for p in prompts:
+        session = runtime.compile(odir, engine, prefill_length=4, kv_cache="external")
+        last.append(int(np.argmax(session.forward(p)[-1])))
+        states.append(session.state())
+    got = [[t] for t in last]
+    for step in range(6):
+        k = 4 if step < 3 else 3  # the last steps run 3 rows on the batch-4 graph
+        rows = decoder.step(last[:k], states[:k])
+        last[:k] = [int(np.argmax(r)) for r in rows]
+        for g, t in zip(got[:k], last[:k], strict=True):
+            g.append(t)
+    for p, g in zip(prompts, got, strict=True):
+        assert g == _greedy(odir, engine, p, len(g)), (engine, p)
+
+
+def test_sampling_greedy_seeded_and_nucleus():
+    logits = np.array([0.0, 3.0, 2.9, -5.0])
+    assert sample(logits, Sampling(), np.random.default_rng(0)) == 1
+    draws = [sample(logits, Sampling(temperature=1.0, seed=3), np.random.default_rng(3)) for _ in range(3)]
+    assert len(set(draws)) == 1  # the same seed, the same draw
+    nucleus = {sample(logits, Sampling(temperature=1.0, top_p=0.5), np.random.default_rng(i)) for i in range(50)}
+    assert nucleus == {1}  # top_p 0.5: only the most likely token is in the nucleus
+    wide = {sample(logits, Sampling(temperature=1.0), np.random.default_rng(i)) for i in range(200)}
+    assert {1, 2} <= wide  # without a nucleus both likely tokens are drawn
+
+
+def _drain(req: Request) -> tuple[list[int], list[float]]:
+    tokens, times = [], []
+    while True:
+        kind, value = req.events.get(timeout=60)
+        if kind != "token":
+            assert (kind, value) == ("done", "length"), (kind, value)
+            return tokens, times
+        tokens.append(value)
+        times.append(time.perf_counter())
+
+
+def test_scheduler_admits_a_new_request_while_another_decodes(odir):
+    """A request arriving while another is decoding gets its first token long before the other's last
+    (it waits for a step, not for the other answer); 5 requests through 2 rows all equal their batch-1
+    greedy tokens."""
+    prefill = runtime.compile(odir, "onnxruntime", prefill_length=4, kv_cache="external")
+    decoder = runtime.compile_decoder(odir, "onnxruntime", [1, 2])
+    sched = Scheduler(prefill, decoder, max_batch=2, max_queue=8)
+    sched.start()
+    try:
+        first = Request([5, 9, 17], 40)
+        sched.submit(first)
+        assert first.events.get(timeout=60)[0] == "token"  # the first is decoding now
+        second = Request([40, 41, 42], 5)
+        sched.submit(second)
+        second_tokens, second_times = _drain(second)
+        first_tokens, first_times = _drain(first)
+        assert second_times[0] < first_times[-1] and len(first_tokens) == 39
+        assert second_tokens == _greedy(odir, "onnxruntime", [40, 41, 42], 5)
+        prompts = [[100, 101], [7, 8, 9, 10, 11], [3], [60, 61, 62, 63], [9, 9]]
+        reqs = [Request(p, 12) for p in prompts]
+        for r in reqs:
+            sched.submit(r)
+        for p, r in zip(prompts, reqs, strict=True):
+            assert _drain(r)[0] == _greedy(odir, "onnxruntime", p, 12)
+    finally:
+        sched.stop(10)
+
+
+# ---------------------------------------------------------------- a real server on loopback
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running(odir: Path, *args: str):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "owl_deploy", "serve", str(odir), "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        loading_seen = False
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError(f"the server exited {proc.returncode}: {proc.stderr.read()}")
+            try:
+                r = httpx.get(f"{base}/health", timeout=2)
+                if r.status_code == 200:
+                    break
+                loading_seen |= r.json()["status"] == "loading"
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.1)
+        yield base, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(odir):
+    with running(odir, "--engine", "onnxruntime", "--max-batch", "4", "--max-queue", "8") as (base, _):
+        yield base
+
+
+def _completion(base: str, prompt: str, **kw) -> httpx.Response:
+    return httpx.post(f"{base}/v1/completions", json={"model": "tiny-odir", "prompt": prompt, **kw}, timeout=60)
+
+
+def _stream(base: str, path: str, body: dict) -> list[dict | str]:
+    events = []
+    with httpx.stream("POST", f"{base}{path}", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line[len("data: ") :]
+                events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_models_health_and_a_greedy_completion(server, odir):
+    assert httpx.get(f"{server}/v1/models").json()["data"][0]["id"] == "tiny-odir"
+    health = httpx.get(f"{server}/health").json()
+    assert health["status"] == "ok" and health["batch_sizes"] == [1, 2, 4] and health["max_batch"] == 4
+    r = _completion(server, "The capital of France is", max_tokens=12)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(odir)
+    ids = tok("The capital of France is")["input_ids"]
+    want = _greedy(odir, "onnxruntime", ids, 12)
+    stop = want.index(tok.eos_token_id) + 1 if tok.eos_token_id in want else len(want)
+    assert body["choices"][0]["text"] == tok.decode(want[:stop], skip_special_tokens=True)
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": stop, "total_tokens": len(ids) + stop}
+    assert body["object"] == "text_completion" and body["choices"][0]["finish_reason"] in ("length", "stop")
+
+
+def test_streaming_equals_the_whole_answer(server):
+    whole = _completion(server, "Once upon a time", max_tokens=16).json()["choices"][0]["text"]
+    events = _stream(server, "/v1/completions", {"model": "tiny-odir", "prompt": "Once upon a time", "max_tokens": 16})
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == whole
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("length", "stop") and len(chunks) > 2
+
+
+def test_chat_completions_use_the_chat_template(server):
+    body = {"model": "tiny-odir", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    r = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    msg = r.json()["choices"][0]["message"]
+    assert msg["role"] == "assistant" and r.json()["usage"]["prompt_tokens"] == len(b"user: hi\nassistant:")
+    events = _stream(server, "/v1/chat/completions", body)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1]) == msg["content"]
+
+
+def test_seeded_sampling_is_reproducible(server):
+    kw = dict(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    a, b = (_completion(server, "Hello", **kw).json()["choices"][0]["text"] for _ in range(2))
+    assert a == b
+    assert _completion(server, "Hello", max_tokens=12, temperature=1.0, seed=8).status_code == 200
+
+
+BAD = [
+    (b"{not json", "not valid JSON"),
+    (
+        json.dumps({"model": "tiny-odir", "prompt": "x", "frobnicate": 1}).encode(),
+        "frobnicate: unknown key (allowed: model, max_tokens",
+    ),
+    (json.dumps({"model": "tiny-odir", "prompt": "x" * (SEQ + 10)}).encode(), "the prompt has"),
+    (json.dumps({"model": "tiny-odir", "prompt": "x", "max_tokens": 0}).encode(), "max_tokens: must be >= 1"),
+    (json.dumps({"model": "tiny-odir", "prompt": "hello", "max_tokens": SEQ}).encode(), "past the context"),
+    (json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), "unknown model 'gpt-4'"),
+    (json.dumps({"model": "tiny-odir", "prompt": ["a", "b"]}).encode(), "one prompt per request"),
+    (json.dumps({"model": "tiny-odir", "prompt": "x", "n": 2}).encode(), "n: must be"),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD)
+def test_bad_requests_are_400_openai_errors_and_the_server_keeps_serving(server, body, message):
+    r = httpx.post(f"{server}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and err["type"] == "invalid_request_error"
+    assert _completion(server, "still here", max_tokens=2).status_code == 200
+
+
+def test_metrics_count_requests_and_time_tokens(server):
+    _completion(server, "metrics", max_tokens=4)
+    text = httpx.get(f"{server}/metrics").text
+    assert 'owl_requests_total{endpoint="/v1/completions",status="200"}' in text
+    assert "owl_time_to_first_token_seconds_bucket" in text and "owl_inter_token_latency_seconds_count" in text
+    assert "owl_generated_tokens_total" in text and "owl_queue_depth" in text
+
+
+def test_a_full_queue_answers_429_with_retry_after(odir):
+    with running(odir, "--engine", "onnxruntime", "--max-batch", "1", "--batch-sizes", "1", "--max-queue", "1") as (
+        base,
+        _,
+    ):
+        results = []
+
+        def call():
+            results.append(_completion(base, "busy " * 3, max_tokens=40))
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        codes = sorted(r.status_code for r in results)
+        assert 429 in codes and 200 in codes, codes
+        refused = next(r for r in results if r.status_code == 429)
+        assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
+        assert _completion(base, "after", max_tokens=2).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def slow_odir(tmp_path_factory) -> Path:
+    """A wider tiny model (~50M weights, context 256): slow enough that a stream lasts seconds."""
+    from owl_deploy.configs import ExportConfig
+    from owl_deploy.export import export_model
+
+    root = tmp_path_factory.mktemp("serve_slow")
+    model = save_tiny("llama", root / "model", hidden=768, layers=8)
+    out = root / "slow-odir"
+    export_model(model, out, ExportConfig(sequence_length=256, greedy_tokens=0), engines=("onnxruntime",))
+    return out
+
+
+def test_a_client_that_leaves_frees_its_row_at_once(slow_odir):
+    """One row: a stream abandoned after its first chunk must not hold the row for its remaining tokens."""
+    with running(slow_odir, "--engine", "onnxruntime", "--max-batch", "1", "--batch-sizes", "1") as (base, _):
+        body = {"model": "slow-odir", "prompt": "leaving", "max_tokens": 240, "stream": True}
+        with httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60) as r:
+            next(line for line in r.iter_lines() if line.startswith("data: "))
+        r = httpx.post(
+            f"{base}/v1/completions", json={"model": "slow-odir", "prompt": "next", "max_tokens": 2}, timeout=60
+        )
+        assert r.status_code == 200
+        metrics = httpx.get(f"{base}/metrics").text
+        generated = float(
+            next(m for m in metrics.splitlines() if m.startswith("owl_generated_tokens_total")).split()[-1]
+        )
+        assert generated < 120  # the abandoned request stopped far short of its 240 tokens
+
+
+def test_sigterm_drains_in_flight_requests_and_exits_0(odir):
+    with running(odir, "--engine", "onnxruntime", "--max-batch", "2") as (base, proc):
+        result = {}
+
+        def call():
+            result["r"] = _completion(base, "drain me", max_tokens=40)
+
+        t = threading.Thread(target=call)
+        t.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        t.join(60)
+        assert proc.wait(60) == 0, proc.stderr.read()
+        assert result["r"].status_code == 200 and result["r"].json()["usage"]["completion_tokens"] > 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{base}/health", timeout=2)
+
+
+def test_a_bad_folder_is_one_line_and_no_server(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "owl_deploy", "serve", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "has no model.onnx" in res.stderr
+
+
+# ---------------------------------------------------------------- the real model
+@pytest.mark.slow
+def test_smollm2_served_batched_equals_batch_1(smollm2_dir, tmp_path):
+    """The real SmolLM2-135M in DeepSparse: four concurrent greedy requests, each equal to its batch-1
+    greedy continuation; a chat completion through the model's own template."""
+    from owl_deploy.configs import ExportConfig
+    from owl_deploy.export import export_model
+
+    odir = tmp_path / "smol"
+    export_model(smollm2_dir, odir, ExportConfig(sequence_length=128, greedy_tokens=0), engines=("onnxruntime",))
+    with running(odir, "--engine", "deepsparse", "--max-batch", "4", "--batch-sizes", "1,4") as (base, _):
+        prompts = ["The capital of France is", "Water boils at", "The largest planet is", "def add(a, b):"]
+        results: dict[str, str] = {}
+
+        def call(p):
+            r = httpx.post(f"{base}/v1/completions", json={"model": "smol", "prompt": p, "max_tokens": 16}, timeout=300)
+            results[p] = r.json()["choices"][0]["text"]
+
+        threads = [threading.Thread(target=call, args=(p,)) for p in prompts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(odir)
+        for p in prompts:
+            want = _greedy(odir, "deepsparse", tok(p)["input_ids"], 16)
+            if tok.eos_token_id in want:
+                want = want[: want.index(tok.eos_token_id) + 1]
+            assert results[p] == tok.decode(want, skip_special_tokens=True), p
+        chat = {"model": "smol", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+        r = httpx.post(f"{base}/v1/chat/completions", json={**chat, "max_tokens": 20}, timeout=300)
+        assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
