@@ -430,8 +430,11 @@ def test_bad_inputs_are_one_line_errors(tiny, tmp_path):
         build(BenchConfig, {"context": 0})
     with pytest.raises(OwlError, match="prefill_length: must be 1 or a multiple of 4"):
         build(BenchConfig, {"prefill_length": 6})
-    with pytest.raises(OwlError, match="the reference run onnxruntime/dense is missing"):
-        bench.run_benchmark({"sparse": tiny["sparse"]}, [("deepsparse", "sparse")], cfg, log=None)
+    with pytest.raises(OwlError, match="--prompt-lengths 65 exceeds the deployment's sequence length 64"):
+        cfg = BenchConfig(context=8, steps=4, prompt_lengths=[65], **FAST)
+        bench.run_benchmark(tiny, measure.parse_engines(None), cfg, log=None, hardware=_hardware())
+    with pytest.raises(OwlError, match="batch sizes must be 1 to 256"):
+        build(BenchConfig, {"batch_sizes": [0, 4]})
 
 
 def _contract_greedy(folder: Path, prompt: list[int], steps: int) -> list[int]:
@@ -518,6 +521,40 @@ def test_headline_second_reference_is_the_dense_int8_peer():
     )
 
 
+def test_every_ratio_also_against_the_strongest_peer():
+    """The fastest peer run (llama.cpp, the standard ORT export) is the second yardstick of every run and of
+    the headline; per round the ratios are paired like the ones against dense ORT."""
+    samples = {
+        "onnxruntime/dense": _samples([100], [10.0, 10.0]),
+        "deepsparse/sparse": _samples([20], [60.0, 40.0]),  # 50 tok/s
+        "llama.cpp/q8_0": _samples([25], [50.0, 30.0]),  # 40 tok/s: the strongest peer
+        "ort-standard/dense-int8": _samples([50], [20.0, 20.0]),  # 20 tok/s
+    }
+    bpt = {k: {"dense": 1000, "bitmask": 1000} for k in samples}
+    bpt["deepsparse/sparse"] = {"dense": 1000, "bitmask": 200}
+    bpt["llama.cpp/q8_0"] = {"dense": 300, "bitmask": 300}
+    peers = ["llama.cpp/q8_0", "ort-standard/dense-int8"]
+    runs = measure.run_stats(samples, bpt, "onnxruntime/dense", None, peers)
+    assert measure.strongest_peer(runs, peers) == "llama.cpp/q8_0"
+    assert runs["onnxruntime/dense"]["speedup_vs_strongest_peer"] == pytest.approx(10 / 40)
+    assert runs["ort-standard/dense-int8"]["speedup_vs_strongest_peer"] == pytest.approx(20 / 40)
+    assert runs["llama.cpp/q8_0"]["speedup_vs_strongest_peer"] == pytest.approx(1.0)
+    head = measure.headline_of(runs, bpt, "onnxruntime/dense", "deepsparse/sparse", peers)
+    assert head["strongest_peer"] == "llama.cpp/q8_0" and head["strongest_peer_decode_tokens_per_s"] == 40.0
+    assert head["speedup_vs_strongest_peer"] == pytest.approx(50 / 40)
+    assert head["speedup_vs_strongest_peer_by_round"]["median"] == pytest.approx((60 / 50 + 40 / 30) / 2)
+    assert head["ceiling_speedup_bytes_vs_strongest_peer"] == pytest.approx(1.5)  # 300 / 200 bytes
+    assert (
+        "speedup_vs_strongest_peer" not in measure.run_stats(samples, bpt, "onnxruntime/dense", None)["llama.cpp/q8_0"]
+    )
+    res = _full_synthetic({"deepsparse/sparse": 5.0}) | {"headline": head, "strongest_peer": "llama.cpp/q8_0"}
+    for run in res["runs"].values():
+        run["speedup_vs_strongest_peer"] = 0.5
+    md = report.render_markdown(res)
+    assert "Against the strongest peer, llama.cpp/q8_0" in md and "| vs strongest peer |" in md
+    assert any("vs llama.cpp/q8_0" in line for line in report.summary_lines(res))
+
+
 # ---------------------------------------------------------------- end to end, both engines
 def test_end_to_end_tiny_both_engines(tiny, tmp_path):
     cfg = BenchConfig(context=8, steps=4, rounds=2, warmup_rounds=1, prefill_length=4, **FAST)
@@ -575,3 +612,94 @@ def test_cli_extra_model_label_errors(tiny, tmp_path):
     res = CliRunner().invoke(main, [*base, "--model", f"peer={tiny['dense']}", "--engines", "ort/nope"])
     assert res.exit_code == 1 and "unknown model 'nope'" in res.output
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_peer_option_errors_are_one_line(tiny, tmp_path):
+    """--peer is checked before anything compiles: its syntax, its engine, its file (and, when they are
+    missing, the optional extra the peer needs is named)."""
+    from click.testing import CliRunner
+
+    from owl_deploy import peers
+    from owl_deploy.cli import main
+
+    base = ["bench", "--dense", str(tiny["dense"]), "--out", str(tmp_path / "b")]
+    for bad, msg in (
+        (["--peer", "llama.cpp/q8_0"], "ENGINE/LABEL=PATH"),
+        (["--peer", "vllm/x=y"], "unknown engine 'vllm'"),
+        (["--peer", "ort-standard/dense=/nonexistent/peer"], "no such file or folder"),
+    ):
+        res = CliRunner().invoke(main, [*base, *bad])
+        missing = peers.available(bad[1].split("/")[0]) if "=" in bad[1] and "vllm" not in bad[1] else None
+        assert res.exit_code == 1 and (msg in res.output or (missing and "[peers]" in res.output)), res.output
+        assert res.output.count("\n") == 1  # one line
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> Path:
+    """A tiny Llama through the real exporter (the batched path re-declares the graph's batch dimension)."""
+    from tiny_models import save_tiny
+
+    from owl_deploy.configs import ExportConfig
+    from owl_deploy.export import export_model
+
+    root = tmp_path_factory.mktemp("bench_exported")
+    out = root / "odir"
+    cfg = ExportConfig(sequence_length=64, prefill_length=4, greedy_tokens=0)
+    export_model(save_tiny("llama", root / "model"), out, cfg, engines=("onnxruntime",))
+    return out
+
+
+def test_single_model_prefill_lengths_and_batched_throughput(exported):
+    """No dense model: statistics without speedups. Prefill/TTFT per prompt length; batch 2 decodes through
+    the serving path, every row equal to ONNX Runtime's batch-1 greedy tokens, aggregate = 2 x per stream."""
+    cfg = BenchConfig(context=8, steps=4, rounds=2, warmup_rounds=1, prefill_length=4, batch_sizes=[2],
+                      prompt_lengths=[4, 16], **FAST)  # fmt: skip
+    runs = measure.parse_engines(None, ["sparse"])
+    res = bench.run_benchmark({"sparse": exported}, runs, cfg, log=None, hardware=_hardware())
+    assert set(res["runs"]) == {"deepsparse/sparse", "onnxruntime/sparse"}
+    assert res["headline"] is None
+    for key, run in res["runs"].items():
+        assert run["speedup_vs_dense_ort"] is None
+        assert set(run["prefill_by_length"]) == {"4", "16"}
+        for n, v in run["prefill_by_length"].items():
+            assert v["ttft_ms"]["n"] == 2  # one per timed round
+            assert v["tokens_per_s"]["min"] == pytest.approx(int(n) / (v["ttft_ms"]["max"] / 1e3), rel=1e-6)
+        tp = res["throughput"][key]
+        assert list(tp) == ["1", "2"]
+        assert tp["1"]["same_greedy_tokens_as_batch_1"] is None
+        two = tp["2"]
+        assert two["per_stream_tokens_per_s"]["n"] == 8  # steps x timed rounds
+        assert two["aggregate_tokens_per_s"]["median"] == pytest.approx(2 * two["per_stream_tokens_per_s"]["median"])
+        assert two["same_greedy_tokens_as_batch_1"] is True, key
+    md = report.render_markdown(res)
+    assert "Decode throughput by batch size" in md and "time to first token" in md
+    rows = report.table_rows(res)
+    tests = {(r["engine"], r["batch"], r["test"]) for r in rows}
+    assert ("deepsparse", 2, "tg4@d8") in tests and ("onnxruntime", 1, "pp16") in tests
+    assert "| DeepSparse | sparse |" in report.render_table(res)
+
+
+def test_cli_prints_the_table_without_out_and_refuses_bad_formats(exported, tmp_path):
+    import csv
+    import io
+
+    from click.testing import CliRunner
+
+    from owl_deploy.cli import main
+
+    args = ["bench", "--sparse", str(exported), "--engines", "ort", "--context", "8", "--steps", "2",
+            "--rounds", "1", "--warmup-rounds", "0", "--prompt-lengths", "4", "--batch-sizes", "1,2"]  # fmt: skip
+    res = CliRunner().invoke(main, [*args, "--csv"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader(io.StringIO(res.stdout)))
+    assert {(r["engine"], r["batch"], r["test"]) for r in rows} == {
+        ("onnxruntime", "1", "pp4"),
+        ("onnxruntime", "1", "tg2@d8"),
+        ("onnxruntime", "2", "tg2@d8"),
+    }
+    assert all(float(r["tokens_per_s"]) > 0 for r in rows)
+    res = CliRunner().invoke(main, [*args, "--json", "--csv"])
+    assert res.exit_code == 1 and "exclusive" in res.output
+    res = CliRunner().invoke(main, [*args, "--baseline", str(tmp_path / "x.json")])
+    assert res.exit_code == 1 and "--baseline" in res.output  # no file read: the gate needs --dense first

@@ -1,20 +1,29 @@
 """Measuring decode and prefill: every engine x model in one process, interleaved round by round.
 
-What is measured (batch 1):
+What is measured:
 
-* **prefill** tokens/s: the ``context``-token prompt run through the session (``prefill_length``
-  tokens per multi-token call, the same re-declaration DeepSparse's pipeline makes), the remainder one
-  token at a time;
-* **decode** tokens/s: ``steps`` single-token steps with the cache filled to ``context`` tokens; a step
-  is timed from building its inputs (including the KV-cache shift) to having the next greedy token.
+* **decode** tokens/s at batch 1: ``steps`` single-token steps with the cache filled to ``context``
+  tokens; a step is timed from building its inputs (including the KV-cache shift) to having the next
+  greedy token;
+* **prefill** tokens/s and **time to first token** per prompt length (``prompt_lengths``, default the
+  ``context``): the prompt from an empty cache (``prefill_length`` tokens per multi-token call, the same
+  re-declaration DeepSparse's pipeline makes, the remainder one token at a time) to its greedy token;
+* **throughput** at each batch size above 1 (``batch_sizes``, deployments only): per-stream and
+  aggregate decode tokens/s of ``batch`` sequences stepped together on the serving path
+  (``sessions.BatchedSession``).
 
 Round 0 (``warmup_rounds``) is run but not counted; the order of the sessions rotates every round so
 none always follows the same neighbour; a short untimed pause separates sessions so one engine's
 spinning threads have stopped before the next one starts.  Each statistic is a median with its 10th
 and 90th percentile.  The headline is ``speedup_vs_dense_ort`` of DeepSparse on the sparse model: its
-median decode tokens/s over that of ONNX Runtime on the dense model.  Sessions run through
-``owl_deploy.runtime``, the product path (DeepSparse with its internal KV cache unless
-``kv_cache="external"``).
+median decode tokens/s over that of ONNX Runtime on the dense model (absent when no dense model is
+benchmarked: a single model gets its statistics without speedups).
+
+What is benchmarked is a list of :class:`Target` objects (``sessions``), each opening one session:
+the deployments (an engine of ``ENGINES`` on a deployment folder) and, from ``bench/peers.py``, the
+peers a user runs instead (llama.cpp on a GGUF, the standard ONNX Runtime export).  The protocol above
+does not know which is which; the peers are only named so that every ratio is also reported against
+the strongest of them (the fastest peer run): ``speedup_vs_strongest_peer``.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,12 +49,18 @@ from owl_deploy.bench.machine import (
     quiet_sample,
     versions_info,
 )
+from owl_deploy.bench.sessions import BatchedSession, DecodeSession, DeploymentTarget, Target, run_key
 from owl_deploy.bench.weights import ModelInfo, load_model_info
 from owl_deploy.configs import ENGINES, BenchConfig, engine_items
 from owl_deploy.errors import OwlError
 
 SCHEMA = "owl_deploy.bench/1"
-SHORT = {"deepsparse": "DeepSparse", "onnxruntime": "ONNX Runtime"}
+SHORT = {
+    "deepsparse": "DeepSparse",
+    "onnxruntime": "ONNX Runtime",
+    "llama.cpp": "llama.cpp",
+    "ort-standard": "ORT standard",
+}
 #: the baseline every speedup is relative to, and the product whose speedup is the headline
 REFERENCE = ("onnxruntime", "dense")
 HEADLINE = ("deepsparse", "sparse")
@@ -74,10 +89,6 @@ def summarize(values: Iterable[float]) -> dict[str, float | int | None]:
     }
 
 
-def run_key(engine: str, model: str) -> str:
-    return f"{engine}/{model}"
-
-
 def parse_engines(spec: str | None, models: Iterable[str] = ("sparse", "dense")) -> list[tuple[str, str]]:
     """``"ds/sparse,ort/dense"`` -> pairs; an engine without a model means every model; ``all``/None: all.
 
@@ -101,58 +112,6 @@ def parse_engines(spec: str | None, models: Iterable[str] = ("sparse", "dense"))
     return out
 
 
-class DecodeSession:
-    """One compiled engine x model: ``prefill(prompt)`` (fresh cache), then ``decode(token, steps)``."""
-
-    key: str
-    compile_seconds: float
-
-    def prefill(self, prompt: list[int]) -> tuple[int, float]:
-        """Run the prompt from an empty cache; returns (next greedy token, seconds)."""
-        raise NotImplementedError
-
-    def decode(self, token: int, steps: int) -> tuple[list[float], list[int], np.ndarray]:
-        """``steps`` greedy single-token steps after the cached tokens; (seconds per step, tokens, first logits)."""
-        times, tokens, first = [], [], None
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            logits = self._step(token)
-            token = int(np.argmax(logits))
-            times.append(time.perf_counter() - t0)
-            if first is None:
-                first = np.array(logits, dtype=np.float32, copy=True)
-            tokens.append(token)
-        return times, tokens, first
-
-    def _step(self, token: int) -> np.ndarray:
-        raise NotImplementedError
-
-
-class RuntimeSession(DecodeSession):
-    """The product path: ``owl_deploy.runtime`` (DeepSparse with its internal KV cache by default)."""
-
-    def __init__(self, engine: str, info: ModelInfo, cfg: BenchConfig):
-        from owl_deploy import runtime
-
-        self.key = run_key(engine, info.label)
-        kv = cfg.kv_cache if engine == "deepsparse" else None
-        self.session = runtime.compile(
-            info.folder, engine, prefill_length=cfg.prefill_length, kv_cache=kv, threads=cfg.threads
-        )
-        self.compile_seconds = float(self.session.compile_seconds)
-        self.kv_cache = self.session.kv_cache
-
-    def prefill(self, prompt: list[int]) -> tuple[int, float]:
-        self.session.reset()
-        t0 = time.perf_counter()
-        logits = self.session.forward(prompt)
-        token = int(np.argmax(logits[-1]))
-        return token, time.perf_counter() - t0
-
-    def _step(self, token: int) -> np.ndarray:
-        return self.session.step(token)
-
-
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -164,14 +123,17 @@ class Samples:
     steps: list[float] = field(default_factory=list)  # seconds of every timed decode step
     rounds: list[float] = field(default_factory=list)  # tokens/s of each round's median step
     prefill: list[float] = field(default_factory=list)  # prefill tokens/s of each round
+    ttft: dict[int, list[float]] = field(default_factory=dict)  # prompt length -> seconds, each round
     tokens: list[int] = field(default_factory=list)  # greedy tokens of the first (warm-up) round
     first_logits: np.ndarray | None = None
     compile_seconds: float = 0.0
     kv_cache: str | None = None
+    batch: int = 1
+    rows_agree: bool = True
 
 
 def _load(
-    models: dict[str, Path | str], runs: list[tuple[str, str]], cfg: BenchConfig, reference: tuple[str, str], log
+    models: dict[str, Path | str], runs: list[tuple[str, str]], cfg: BenchConfig, log
 ) -> tuple[dict[str, ModelInfo], int]:
     """The deployments the runs name, checked against each other and the settings."""
     for engine, label in runs:
@@ -179,8 +141,6 @@ def _load(
             raise OwlError(f"unknown engine {engine!r}")
         if label not in models:
             raise OwlError(f"no model labelled {label!r}")
-    if reference not in runs:
-        raise OwlError(f"the reference run {run_key(*reference)} is missing: every speedup is relative to it")
     used = list(dict.fromkeys(label for _, label in runs))
     infos = {label: load_model_info(models[label], label) for label in used}
     seqs = {info.sequence_length for info in infos.values()}
@@ -193,6 +153,8 @@ def _load(
             f"--context {cfg.context} + --steps {cfg.steps} decode tokens = "
             f"{cfg.context + cfg.steps} exceeds the deployment's sequence length {seq}"
         )
+    if max(cfg.prefill_lengths()) > seq:
+        raise OwlError(f"--prompt-lengths {max(cfg.prefill_lengths())} exceeds the deployment's sequence length {seq}")
     for label, info in infos.items():
         if info.export.get("ok") is False:
             log(f"warning: {info.folder}/export.json records a failed verification (ok: false)")
@@ -207,10 +169,14 @@ def _load(
 
 
 def _interleave(
-    sessions: list[DecodeSession], prompt: list[int], cfg: BenchConfig, monitor: CpuMonitor, log
+    sessions: list[DecodeSession], tokens: list[int], cfg: BenchConfig, monitor: CpuMonitor, log
 ) -> tuple[dict[str, Samples], dict[str, Any]]:
-    """Warm-up and timed rounds, sessions rotated every round; the samples and the CPU observations."""
-    samples = {s.key: Samples(compile_seconds=s.compile_seconds, kv_cache=s.kv_cache) for s in sessions}
+    """Warm-up and timed rounds, sessions rotated every round; the samples and the CPU observations.
+    ``tokens`` is the random prompt: its first ``context`` tokens before the decode steps, its prefixes
+    for the prefill lengths."""
+    samples = {s.key: Samples(compile_seconds=s.compile_seconds, kv_cache=s.kv_cache, batch=s.batch) for s in sessions}
+    prompts = {n: tokens[:n] for n in cfg.prefill_lengths()}
+    prompt = tokens[: cfg.context]
     other_rounds, own_rounds, round_seconds = [], [], []
     tot = {"wall": 0.0, "other": 0.0, "steal": 0.0, "own": 0.0}
     procs_start, t_timed = None, None
@@ -223,20 +189,23 @@ def _interleave(
         for s in order:
             time.sleep(cfg.gap_seconds)
             a = monitor.sample()
-            token, pre_s = s.prefill(prompt)
-            step_s, toks, first = s.decode(token, cfg.steps)
+            res = s.run_round(prompt, prompts if s.batch == 1 else {}, cfg.steps)
             use = CpuMonitor.usage(a, monitor.sample())
             smp = samples[s.key]
             if not smp.tokens:  # the first round's greedy tokens and logits: the engines' agreement
-                smp.tokens, smp.first_logits = toks, first
+                smp.tokens, smp.first_logits = res.tokens, res.first_logits
+            smp.rows_agree = smp.rows_agree and res.rows_agree
             if not timed:
                 continue
             for key in rnd:
                 rnd[key] += use[key] * use["wall"] if key != "wall" else use["wall"]
-            smp.steps.extend(step_s)
+            smp.steps.extend(res.steps)
             # per round: the median step (robust to a burst, consistent with the headline median)
-            smp.rounds.append(1.0 / float(np.median(step_s)))
-            smp.prefill.append(cfg.context / pre_s)
+            smp.rounds.append(1.0 / float(np.median(res.steps)))
+            if res.prefill_seconds:
+                smp.prefill.append(cfg.context / res.prefill_seconds)
+            for n, sec in res.ttft.items():
+                smp.ttft.setdefault(n, []).append(sec)
         if not timed:
             log(f"warm-up round {r + 1}/{cfg.warmup_rounds} done")
             continue
@@ -268,11 +237,13 @@ def _interleave(
 def run_stats(
     samples: dict[str, Samples],
     bytes_per_token: dict[str, dict[str, int]],
-    reference: str,
+    reference: str | None,
     bandwidth_gb_per_s: float | None,
+    peers: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Per run: decode/prefill statistics, the speedup over ``reference`` (ratio of medians, and per round
-    the paired ratio), and the bytes-per-token ceiling. ``bytes_per_token`` is keyed like ``samples``."""
+    the paired ratio), and the bytes-per-token ceiling. ``bytes_per_token`` is keyed like ``samples``.
+    With ``peers`` (run keys), also the speedup over the strongest of them (:func:`strongest_peer`)."""
     out: dict[str, Any] = {}
     for key, smp in samples.items():
         engine, label = key.split("/", 1)
@@ -287,17 +258,56 @@ def run_stats(
             # plain throughput (all timed steps / their total time): what a user sees, outliers included
             "decode_throughput_tokens_per_s": round(len(smp.steps) / sum(smp.steps), 3) if smp.steps else None,
             "prefill_tokens_per_s": summarize(smp.prefill) if smp.prefill else None,
+            "prefill_by_length": {
+                str(n): {"tokens_per_s": summarize(n / t for t in secs), "ttft_ms": summarize(1e3 * t for t in secs)}
+                for n, secs in sorted(smp.ttft.items())
+            },
             "compile_seconds": round(smp.compile_seconds, 2),
             "kv_cache": smp.kv_cache,
             "bytes_per_token": bpt,
             "bytes_per_token_encoding": encoding,
             "ceiling_tokens_per_s": round(bandwidth_gb_per_s * 1e9 / bpt, 2) if bandwidth_gb_per_s else None,
         }
+    strongest = strongest_peer(out, peers)
     for entry in out.values():
-        entry.update(_ratio(entry, out[reference], "speedup_vs_dense_ort", "speedup_by_round"))
+        if reference is None:  # a single model, or no dense ONNX Runtime run: no speedups
+            entry.update(speedup_vs_dense_ort=None, speedup_by_round=summarize([]))
+        else:
+            entry.update(_ratio(entry, out[reference], "speedup_vs_dense_ort", "speedup_by_round"))
+        if strongest:
+            entry.update(
+                _ratio(entry, out[strongest], "speedup_vs_strongest_peer", "speedup_vs_strongest_peer_by_round")
+            )
         med, ceil = entry["decode_tokens_per_s"]["median"], entry["ceiling_tokens_per_s"]
         entry["fraction_of_ceiling"] = round(med / ceil, 4) if med and ceil else None
     return out
+
+
+def throughput_stats(samples: dict[str, Samples], runs: dict[str, Any]) -> dict[str, Any]:
+    """Per deployment run and batch size: decode tok/s per stream and in aggregate (batch x per stream), the
+    step time, and whether the batched greedy tokens equal the batch-1 run's (every row, same prompt)."""
+    out: dict[str, Any] = {}
+    for key, smp in samples.items():
+        base = key.split("@", 1)[0]
+        if base not in runs:
+            continue
+        entry = out.setdefault(base, {})
+        entry[str(smp.batch)] = {
+            "per_stream_tokens_per_s": summarize(1.0 / t for t in smp.steps),
+            "aggregate_tokens_per_s": summarize(smp.batch / t for t in smp.steps),
+            "step_ms": summarize(1e3 * t for t in smp.steps),
+            "aggregate_tokens_per_s_by_round": [round(smp.batch * x, 3) for x in smp.rounds],
+            # every row decoded ONNX Runtime's batch-1 greedy tokens (None: this is batch 1)
+            "same_greedy_tokens_as_batch_1": smp.rows_agree if smp.batch > 1 else None,
+            "compile_seconds": round(smp.compile_seconds, 2),
+        }
+    return {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in out.items() if len(v) > 1}
+
+
+def strongest_peer(runs: dict[str, Any], peers: Sequence[str]) -> str | None:
+    """The peer run with the highest median decode tokens/s (None without peers)."""
+    timed = [(runs[k]["decode_tokens_per_s"]["median"] or 0.0, k) for k in peers if k in runs]
+    return max(timed)[1] if timed else None
 
 
 def _ratio(run: dict[str, Any], ref: dict[str, Any], name: str, by_round: str) -> dict[str, Any]:
@@ -311,10 +321,15 @@ def _ratio(run: dict[str, Any], ref: dict[str, Any], name: str, by_round: str) -
 
 
 def headline_of(
-    runs: dict[str, Any], bytes_per_token: dict[str, dict[str, int]], reference: str, headline: str
+    runs: dict[str, Any],
+    bytes_per_token: dict[str, dict[str, int]],
+    reference: str,
+    headline: str,
+    peers: Sequence[str] = (),
 ) -> dict[str, Any] | None:
-    """The headline run against the reference and, when it was run, the second reference (the strongest
-    dense peer), each with the bytes-per-token ceiling of that ratio (bitmask over dense bytes)."""
+    """The headline run against the reference, the second reference (our dense int8 graph) and the
+    strongest peer (the fastest of ``peers``) when they were run, each with the bytes-per-token ceiling
+    of that ratio (bitmask over dense bytes)."""
     if headline not in runs:
         return None
     he, ref = runs[headline], runs[reference]
@@ -334,6 +349,14 @@ def headline_of(
         head["ceiling_speedup_bytes_vs_second_reference"] = round(
             bytes_per_token[peer]["dense"] / bytes_per_token[headline]["bitmask"], 3
         )
+    strongest = strongest_peer(runs, peers)
+    if strongest and strongest != headline:
+        head["strongest_peer"] = strongest
+        head["strongest_peer_decode_tokens_per_s"] = runs[strongest]["decode_tokens_per_s"]["median"]
+        head.update(_ratio(he, runs[strongest], "speedup_vs_strongest_peer", "speedup_vs_strongest_peer_by_round"))
+        head["ceiling_speedup_bytes_vs_strongest_peer"] = round(
+            bytes_per_token[strongest]["dense"] / bytes_per_token[headline]["bitmask"], 3
+        )
     return head
 
 
@@ -342,22 +365,34 @@ def run_benchmark(
     runs: list[tuple[str, str]],
     cfg: BenchConfig | None = None,
     policy: NoisePolicy | None = None,
-    reference: tuple[str, str] = REFERENCE,
+    reference: tuple[str, str] | None = REFERENCE,
     headline: tuple[str, str] | None = HEADLINE,
     log: Callable[[str], None] | None = _log,
     hardware: dict[str, Any] | None = None,
+    peers: Sequence[Target] = (),
 ) -> dict[str, Any]:
-    """Benchmark every (engine, model label) of ``runs``; returns the results.json dictionary.
+    """Benchmark every (engine, model label) of ``runs`` and every peer target; returns the results.json
+    dictionary.
 
-    ``models`` maps a label to a deployment folder.  With ``cfg.strict`` a machine that is busy before
-    the run raises :class:`NoisyMachine` at once (the during-run verdict is the caller's to enforce).
+    ``models`` maps a label to a deployment folder; ``peers`` are targets from ``bench.peers`` (llama.cpp,
+    the standard ONNX Runtime export), interleaved with the deployments under the same protocol.  With
+    ``cfg.strict`` a machine that is busy before the run raises :class:`NoisyMachine` at once (the
+    during-run verdict is the caller's to enforce).
     """
     cfg = cfg or BenchConfig()
     policy = policy or NoisePolicy()
     log = log or (lambda _m: None)
     started = _dt.datetime.now(_dt.UTC)
     loadavg_before = list(os.getloadavg())
-    infos, seq = _load(models, runs, cfg, reference, log)
+    infos, seq = _load(models, runs, cfg, log)
+    if reference is not None and reference not in runs:
+        reference = None  # a single model or no dense ONNX Runtime run: statistics without speedups
+    targets: list[Target] = [DeploymentTarget(e, infos[m]) for e, m in runs] + list(peers)
+    keys = [t.key for t in targets]
+    clash = sorted({k for k in keys if keys.count(k) > 1})
+    if clash:
+        raise OwlError(f"two runs share the key {clash[0]}; give the peer another label")
+    peer_keys = [t.key for t in peers]
 
     monitor = CpuMonitor()
     cpus = os.cpu_count() or 1
@@ -375,23 +410,40 @@ def run_benchmark(
     if hardware is None:
         log("measuring memory read bandwidth (once)...")
         hardware = hardware_info(measure_bandwidth=cfg.measure_bandwidth)
-    vocab = min((i.vocab_size for i in infos.values() if i.vocab_size), default=2)
-    prompt = [int(x) for x in np.random.default_rng(cfg.seed).integers(0, vocab, size=cfg.context)]
+    vocab = min((t.vocab_size for t in targets if t.vocab_size), default=2)
+    length = max(cfg.context, *cfg.prefill_lengths())
+    tokens = [int(x) for x in np.random.default_rng(cfg.seed).integers(0, vocab, size=length)]
 
     sessions: list[DecodeSession] = []
-    for engine, label in runs:
-        log(f"compiling {run_key(engine, label)}...")
-        sessions.append(RuntimeSession(engine, infos[label], cfg))
+    for target in targets:
+        log(f"compiling {target.key}...")
+        sessions.append(target.open(cfg, seq))
         log(f"  compiled in {sessions[-1].compile_seconds:.1f} s")
-    samples, during = _interleave(sessions, prompt, cfg, monitor, log)
+    for (engine, label), b in ((r, b) for b in cfg.batch_sizes if b > 1 for r in runs):
+        log(f"compiling {run_key(engine, label)} at batch {b}...")
+        sessions.append(BatchedSession(engine, infos[label], b, cfg, tokens[: cfg.context]))
+        log(f"  compiled in {sessions[-1].compile_seconds:.1f} s")
+    samples, during = _interleave(sessions, tokens, cfg, monitor, log)
     del sessions
     obs |= {"loadavg_after": [round(x, 2) for x in os.getloadavg()], **during}
     reasons = noise_verdict(obs, policy, cpus)
     noise = {"noisy": bool(reasons), "reasons": reasons, **obs, "cpus": cpus, "policy": asdict(policy)}
 
-    bpt = {run_key(e, m): infos[m].bytes_per_token for e, m in runs}
+    bpt = {t.key: t.bytes_per_token for t in targets}
     bandwidth = (hardware.get("memory_read_gb_per_s") or {}).get("all_cores")
-    results_runs = run_stats(samples, bpt, run_key(*reference), bandwidth)
+    ref_key = run_key(*reference) if reference else None
+    single = {k: v for k, v in samples.items() if v.batch == 1}
+    results_runs = run_stats(single, bpt, ref_key, bandwidth, peer_keys)
+    peer_results = (
+        {
+            "peers": {t.key: t.describe() for t in peers},
+            "strongest_peer": strongest_peer(results_runs, peer_keys),
+            "peer_agreement": _peer_agreement(peer_keys, ref_key, samples) if ref_key else {},
+        }
+        if peers
+        else {}
+    )
+    throughput = throughput_stats(samples, results_runs)
     return {
         "schema": SCHEMA,
         "created": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -399,7 +451,11 @@ def run_benchmark(
         "settings": {**cfg.to_json(), "sequence_length": seq, "environment": engine_env()},
         "models": {label: info.describe() for label, info in infos.items()},
         "runs": results_runs,
-        "headline": headline_of(results_runs, bpt, run_key(*reference), run_key(*headline)) if headline else None,
+        **({"throughput": throughput} if throughput else {}),
+        **peer_results,
+        "headline": headline_of(results_runs, bpt, ref_key, run_key(*headline), peer_keys)
+        if headline and ref_key
+        else None,
         "agreement": _agreement(runs, samples),
         "noise": noise,
         "hardware": hardware,
@@ -419,4 +475,25 @@ def _agreement(runs: list[tuple[str, str]], samples: dict[str, Samples]) -> dict
         if a.first_logits is not None and b.first_logits is not None:
             diff = float(np.max(np.abs(a.first_logits.astype(np.float64) - b.first_logits)))
         out[label] = {"same_greedy_tokens": a.tokens == b.tokens, "first_step_max_abs_logit_diff": diff}
+    return out
+
+
+def _peer_agreement(peers: Sequence[str], reference: str, samples: dict[str, Samples]) -> dict[str, Any]:
+    """Each peer against the reference run on the same prompt (a peer built from another model shows here):
+    greedy tokens identical? max |logit difference| at the first step."""
+    out: dict[str, Any] = {}
+    ref = samples.get(reference)
+    for key in peers:
+        smp = samples.get(key)
+        if ref is None or smp is None:
+            continue
+        diff = None
+        a, b = ref.first_logits, smp.first_logits
+        if a is not None and b is not None and a.shape == b.shape:
+            diff = float(np.max(np.abs(a.astype(np.float64) - b)))
+        out[key] = {
+            "versus": reference,
+            "same_greedy_tokens": ref.tokens == smp.tokens,
+            "first_step_max_abs_logit_diff": diff,
+        }
     return out

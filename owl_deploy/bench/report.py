@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from owl_deploy.bench.measure import SHORT
+
+#: bar colour per engine in decode.png
+COLORS = {"deepsparse": "#d62728", "onnxruntime": "#1f77b4", "llama.cpp": "#2ca02c", "ort-standard": "#9467bd"}
+
+
+def engine_name(engine: str) -> str:
+    return SHORT.get(engine, engine)
 
 
 def render_markdown(res: dict[str, Any]) -> str:
@@ -36,16 +44,31 @@ def render_markdown(res: dict[str, Any]) -> str:
                 f"{head['ceiling_speedup_bytes_vs_second_reference']:.2f}x.",
                 "",
             ]
+        if head.get("strongest_peer"):
+            sp3 = head["speedup_vs_strongest_peer_by_round"]
+            spread3 = f" (per-round p10–p90 {sp3['p10']:.2f}–{sp3['p90']:.2f})" if sp3.get("n") else ""
+            lines += [
+                f"Against the strongest peer, {head['strongest_peer']} "
+                f"({head['strongest_peer_decode_tokens_per_s']:.1f} tok/s): "
+                f"**{head['speedup_vs_strongest_peer']:.2f}x**{spread3}; bytes-per-token ceiling "
+                f"{head['ceiling_speedup_bytes_vs_strongest_peer']:.2f}x.",
+                "",
+            ]
+    elif res.get("strongest_peer"):
+        lines += [f"Strongest peer: {res['strongest_peer']}.", ""]
+    ds_kv = sorted({str(r.get("kv_cache")) for r in res["runs"].values() if r["engine"] == "deepsparse"})
     lines += [
         f"Batch 1, cache filled to {s['context']} of {s['sequence_length']} tokens, {s['steps']} decode steps x "
         f"{s['rounds']} rounds (+{s['warmup_rounds']} warm-up, not counted), engines interleaved round by round; "
-        f"prefill in chunks of {s['prefill_length']}; DeepSparse KV cache "
-        f"{', '.join(sorted({str(r.get('kv_cache')) for r in res['runs'].values() if r['engine'] == 'deepsparse'}))}; "
-        "decode tok/s = median (p10–p90) over all timed steps; throughput = steps / their total time.",
+        f"prefill in chunks of {s['prefill_length']}; "
+        + (f"DeepSparse KV cache {', '.join(ds_kv)}; " if ds_kv else "")
+        + "decode tok/s = median (p10–p90) over all timed steps; throughput = steps / their total time.",
         "",
-        "| engine | model | decode tok/s | throughput | step ms | prefill tok/s | vs dense ORT | ceiling tok/s "
-        "| of ceiling |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *_peer_note(res),
+        "| engine | model | decode tok/s | throughput | step ms | prefill tok/s | vs dense ORT "
+        + ("| vs strongest peer " if res.get("strongest_peer") else "")
+        + "| ceiling tok/s | of ceiling |",
+        "|---|---|---|---|---|---|---" + ("|---" if res.get("strongest_peer") else "") + "|---|---|",
     ]
     for r in res["runs"].values():
         d, ms, p = r["decode_tokens_per_s"], r["decode_step_ms"], r["prefill_tokens_per_s"]
@@ -54,11 +77,13 @@ def render_markdown(res: dict[str, Any]) -> str:
             f"{r['ceiling_tokens_per_s']:.0f} ({r['bytes_per_token_encoding']})" if r["ceiling_tokens_per_s"] else "—"
         )
         frac = f"{r['fraction_of_ceiling']:.0%}" if r["fraction_of_ceiling"] else "—"
+        vs_peer = f"{_x(r.get('speedup_vs_strongest_peer'))} | " if res.get("strongest_peer") else ""
         lines.append(
-            f"| {SHORT[r['engine']]} | {r['model']} | {d['median']:.2f} ({d['p10']:.2f}–{d['p90']:.2f}) | "
+            f"| {engine_name(r['engine'])} | {r['model']} | {d['median']:.2f} ({d['p10']:.2f}–{d['p90']:.2f}) | "
             f"{r.get('decode_throughput_tokens_per_s') or 0:.2f} | {ms['median']:.2f} | {pre} | "
-            f"{r['speedup_vs_dense_ort']:.3f}x | {ceil} | {frac} |"
+            f"{_x(r['speedup_vs_dense_ort'])} | {vs_peer}{ceil} | {frac} |"
         )
+    lines += _prefill_markdown(res) + _throughput_markdown(res)
     lines += [
         "",
         "## Models",
@@ -90,6 +115,7 @@ def render_markdown(res: dict[str, Any]) -> str:
                 for k, v in res["agreement"].items()
             ),
         ]
+    lines += peers_markdown(res)
     lines += machine_markdown(res)
     g = res.get("gate")
     if g:
@@ -107,6 +133,169 @@ def render_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _x(ratio: float | None) -> str:
+    return f"{ratio:.3f}x" if ratio is not None else "—"
+
+
+def _spread(stat: dict[str, Any] | None, fmt: str = ".1f") -> str:
+    if not stat or not stat.get("n"):
+        return "—"
+    return f"{stat['median']:{fmt}} ({stat['p10']:{fmt}}–{stat['p90']:{fmt}})"
+
+
+def _prefill_markdown(res: dict[str, Any]) -> list[str]:
+    """Prefill tok/s and time to first token per prompt length (batch 1, from an empty cache)."""
+    rows = [(r, n, v) for r in res["runs"].values() for n, v in (r.get("prefill_by_length") or {}).items()]
+    if not rows:
+        return []
+    out = ["", "## Prefill and time to first token (batch 1, empty cache)", ""]
+    out += ["| engine | model | prompt tokens | prefill tok/s | TTFT ms |", "|---|---|---:|---|---|"]
+    for r, n, v in rows:
+        out.append(
+            f"| {engine_name(r['engine'])} | {r['model']} | {n} | {_spread(v['tokens_per_s'])} | "
+            f"{_spread(v['ttft_ms'])} |"
+        )
+    return out
+
+
+def _throughput_markdown(res: dict[str, Any]) -> list[str]:
+    """Decode throughput by batch size: the serving path (``runtime.Decoder``) above batch 1."""
+    tp = res.get("throughput") or {}
+    if not tp:
+        return []
+    out = [
+        "",
+        "## Decode throughput by batch size",
+        "",
+        "Batch 1 is the run above; larger batches step that many sequences together through `runtime.Decoder` "
+        "(external KV caches, the path `owl-deploy serve` uses), each row from the same cached context. "
+        "Greedy ✓: every row decoded exactly ONNX Runtime's batch-1 tokens.",
+        "",
+        "| engine | model | batch | per-stream tok/s | aggregate tok/s | step ms | greedy |",
+        "|---|---|---:|---|---|---|---|",
+    ]
+    for key, by_batch in tp.items():
+        engine, model = key.split("/", 1)
+        for b, v in by_batch.items():
+            ok = v["same_greedy_tokens_as_batch_1"]
+            mark = "—" if ok is None else ("✓" if ok else "DIFFER")
+            out.append(
+                f"| {engine_name(engine)} | {model} | {b} | {_spread(v['per_stream_tokens_per_s'], '.2f')} | "
+                f"{_spread(v['aggregate_tokens_per_s'])} | {_spread(v['step_ms'], '.2f')} | {mark} |"
+            )
+    return out
+
+
+def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per engine x model x test, as llama-bench prints them: ``pp<N>`` prefill of an N-token
+    prompt (with its time to first token), ``tg<steps>@d<context>`` decode after ``context`` cached tokens
+    at each batch size (per-stream and aggregate tok/s). Medians; p10/p90 beside them."""
+    s, rows = res["settings"], []
+    tg = f"tg{s['steps']}@d{s['context']}"
+    for key, r in res["runs"].items():
+        base = {"engine": r["engine"], "model": r["model"], "bytes_per_token": r["bytes_per_token"]}
+        for n, v in (r.get("prefill_by_length") or {}).items():
+            t, f = v["tokens_per_s"], v["ttft_ms"]
+            rows.append({**base, "batch": 1, "test": f"pp{n}", "tokens_per_s": t["median"], "p10": t["p10"],
+                         "p90": t["p90"], "aggregate_tokens_per_s": t["median"], "ttft_ms": f["median"],
+                         "speedup_vs_dense_ort": None})  # fmt: skip
+        by_batch = (res.get("throughput") or {}).get(key) or {}
+        d = r["decode_tokens_per_s"]
+        rows.append({**base, "batch": 1, "test": tg, "tokens_per_s": d["median"], "p10": d["p10"], "p90": d["p90"],
+                     "aggregate_tokens_per_s": d["median"], "ttft_ms": None,
+                     "speedup_vs_dense_ort": r["speedup_vs_dense_ort"]})  # fmt: skip
+        for b, v in by_batch.items():
+            if b == "1":
+                continue
+            p, a = v["per_stream_tokens_per_s"], v["aggregate_tokens_per_s"]
+            rows.append({**base, "batch": int(b), "test": tg, "tokens_per_s": p["median"], "p10": p["p10"],
+                         "p90": p["p90"], "aggregate_tokens_per_s": a["median"], "ttft_ms": None,
+                         "speedup_vs_dense_ort": None})  # fmt: skip
+    return rows
+
+
+def render_table(res: dict[str, Any], fmt: str = "md") -> str:
+    """The stdout table: ``md`` (llama-bench's look), ``csv`` (one row per test) or ``json`` (results.json)."""
+    import csv
+    import io
+    import json
+
+    if fmt == "json":
+        return json.dumps(res, indent=2, sort_keys=True, default=str) + "\n"
+    rows = table_rows(res)
+    if fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["engine"], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return buf.getvalue()
+
+    def num(v: float | None, f: str = ".2f") -> str:
+        return "—" if v is None else f"{v:{f}}"
+
+    out = [
+        "| engine | model | MB/token | batch | test | t/s (p10–p90) | aggregate t/s | TTFT ms | vs dense ORT |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(
+            f"| {engine_name(r['engine'])} | {r['model']} | {r['bytes_per_token'] / 1e6:.1f} | {r['batch']} | "
+            f"{r['test']} | {num(r['tokens_per_s'])} ({num(r['p10'])}–{num(r['p90'])}) | "
+            f"{num(r['aggregate_tokens_per_s'])} | {num(r['ttft_ms'], '.1f')} | {_x(r['speedup_vs_dense_ort'])} |"
+        )
+    hw = res["hardware"]
+    out.append("")
+    out.append(f"{hw['cpu_model']}, {hw['physical_cores']} cores" + ("; NOISY RUN" if res["noise"]["noisy"] else ""))
+    return "\n".join(out) + "\n"
+
+
+def _peer_note(res: dict[str, Any]) -> list[str]:
+    if not res.get("peers"):
+        return []
+    return [
+        "Peers (what users run instead) ran in the same rounds with the same threads: llama.cpp prefills the "
+        "prompt in one batch, the standard ORT export in one call; their KV cache grows with the sequence.",
+        "",
+    ]
+
+
+def peers_markdown(res: dict[str, Any]) -> list[str]:
+    """The "## Peers" section: each peer's file, format and bytes per token, and its agreement with the
+    reference on the benchmark prompt."""
+    peers = res.get("peers") or {}
+    if not peers:
+        return []
+    lines = [
+        "",
+        "## Peers",
+        "",
+        "| peer | format | file size | bytes/token (weights + KV) | threads | same greedy tokens as reference "
+        "| max Δlogit (step 1) | path |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    agree = res.get("peer_agreement") or {}
+    for key, p in peers.items():
+        fmt = p.get("format") or {}
+        kind = fmt.get("file_type")
+        kind = f"GGUF ftype {kind}" if kind is not None else ("ONNX" if p["engine"] == "ort-standard" else "—")
+        a = agree.get(key) or {}
+        diff = a.get("first_step_max_abs_logit_diff")
+        same = {True: "yes", False: "no"}.get(a.get("same_greedy_tokens"), "—")
+        bpt = p["bytes_per_token"]
+        lines.append(
+            f"| {key} | {kind} | {megabytes(p['bytes'])} | {megabytes(bpt['dense'])} "
+            f"({megabytes(bpt['weights_dense'])} + {megabytes(bpt['kv_cache'])}) | "
+            f"{(p.get('runtime') or {}).get('threads') or 'default'} | {same} | "
+            f"{f'{diff:.2e}' if diff is not None else '—'} | `{p['path']}` |"
+        )
+    info = next(
+        (p["runtime"].get("system_info") for p in peers.values() if (p.get("runtime") or {}).get("system_info")), None
+    )
+    if info:
+        lines += ["", f"llama.cpp system info: `{info}`"]
+    return lines
+
+
 def megabytes(nbytes: float) -> str:
     return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e7 else f"{nbytes / 1e6:.3f} MB"
 
@@ -118,9 +307,9 @@ def render_png(res: dict[str, Any], dest: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = list(res["runs"].values())
-    labels = [f"{SHORT[r['engine']]}\n{r['model']}" for r in runs]
-    colors = ["#d62728" if r["engine"] == "deepsparse" else "#1f77b4" for r in runs]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    labels = [f"{engine_name(r['engine'])}\n{r['model']}" for r in runs]
+    colors = [COLORS.get(r["engine"], "#7f7f7f") for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 1.8 * len(runs) + 2), 4.2))
     x = np.arange(len(runs))
     for ax, field_, title in (
         (axes[0], "decode_tokens_per_s", "decode tokens/s (batch 1)"),
@@ -168,7 +357,8 @@ def write_results(res: dict[str, Any], out_dir: Path | str) -> Path:
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "results.json", res)
         (tmp / "results.md").write_text(render_markdown(res))
-        render_png(res, tmp / "decode.png")
+        with contextlib.suppress(ModuleNotFoundError):  # a serving install has no matplotlib: JSON and Markdown
+            render_png(res, tmp / "decode.png")
     return out_dir
 
 
@@ -176,13 +366,17 @@ def summary_lines(res: dict[str, Any]) -> list[str]:
     out = []
     for key, r in res["runs"].items():
         d = r["decode_tokens_per_s"]
+        peer = res.get("strongest_peer")
+        vs_peer = f", {_x(r.get('speedup_vs_strongest_peer'))} vs {peer}" if peer else ""
+        vs_ref = f"  {_x(r['speedup_vs_dense_ort'])} vs dense ORT" if r["speedup_vs_dense_ort"] is not None else ""
         out.append(
-            f"{key:28s} decode {d['median']:8.2f} tok/s (p10 {d['p10']:.2f}, p90 {d['p90']:.2f})  "
-            f"x{r['speedup_vs_dense_ort']:.3f} vs dense ORT"
+            f"{key:28s} decode {d['median']:8.2f} tok/s (p10 {d['p10']:.2f}, p90 {d['p90']:.2f}){vs_ref}{vs_peer}"
         )
     h = res.get("headline")
     if h:
         out.append(f"headline: {h['run']} = {h['speedup_vs_dense_ort']:.3f}x {h['reference']}")
+        if h.get("strongest_peer"):
+            out.append(f"headline vs the strongest peer: {h['speedup_vs_strongest_peer']:.3f}x {h['strongest_peer']}")
     g = res.get("gate")
     if g:
         verdict = "passed" if g["passed"] else "FAILED: " + ", ".join(g["regressed"])

@@ -118,13 +118,36 @@ def load_model_info(folder: Path | str, label: str, with_weights: bool = True) -
 
 
 def weight_statistics(proto, base_dir: Path, contract: Contract) -> tuple[dict[str, Any], dict[str, int]]:
-    """Count weights and nonzeros in the initializers; bytes read per decode token under two encodings.
+    """Count weights and nonzeros in the initializers; bytes read per decode token under two encodings
+    (:func:`initializer_statistics`), plus the KV cache, read whole: attention covers the full static
+    sequence length.
+    """
+    weights, dense_b, bitmask_b = initializer_statistics(proto, base_dir)
+    spec = contract.spec
+    kv_itemsize = np.dtype(contract.kv_dtype).itemsize
+    kv = 2 * spec.num_layers * spec.num_kv_heads * contract.sequence_length * spec.head_dim * kv_itemsize
+    return weights, bytes_per_token(dense_b, bitmask_b, kv)
+
+
+def bytes_per_token(weights_dense: int, weights_bitmask: int, kv_cache: int) -> dict[str, int]:
+    """The bytes-per-token record of results.json from the weight bytes (two encodings) and the KV cache."""
+    return {
+        "weights_dense": int(weights_dense),
+        "weights_bitmask": int(weights_bitmask),
+        "kv_cache": int(kv_cache),
+        "dense": int(weights_dense + kv_cache),
+        "bitmask": int(weights_bitmask + kv_cache),
+    }
+
+
+def initializer_statistics(proto, base_dir: Path) -> tuple[dict[str, Any], int, int]:
+    """Weights, nonzeros and the weight bytes read per decode token of any ONNX graph: (statistics,
+    dense bytes, bitmask bytes).
 
     A MatMul/Gemm weight is read whole every token: ``dense`` = numel x itemsize; ``bitmask`` = nnz x
     itemsize + numel/8 (values plus a one-bit-per-weight mask; a kernel would keep the dense layout
-    where that is smaller).  For MatMulInteger a "zero" is the weight's zero point.  A Gather table
-    (the embedding) costs one row per token; other initializers are read whole.  The KV cache is
-    read whole: attention covers the full static sequence length.
+    where that is smaller).  For MatMulInteger a "zero" is the weight's zero point.  A table only
+    gathered from (the embedding) costs one row per token; other initializers are read whole.
     """
     consumers: dict[str, list[tuple[Any, int]]] = {}
     for node in proto.graph.node:
@@ -144,6 +167,8 @@ def weight_statistics(proto, base_dir: Path, contract: Contract) -> tuple[dict[s
         numel = int(np.prod(t.dims)) if t.dims else 1
         weight_use = [(n, i) for n, i in uses if WEIGHT_OPS.get(n.op_type) == i]
         gather_use = [(n, i) for n, i in uses if n.op_type == "Gather" and i == 0]
+        if len(gather_use) != len(uses):  # also read another way (a tied lm_head through Transpose): whole
+            gather_use = []
         if weight_use and numel > 1:
             arr = initializer_array(t, base_dir, mmap=True)
             zero = 0
@@ -179,9 +204,6 @@ def weight_statistics(proto, base_dir: Path, contract: Contract) -> tuple[dict[s
             nbytes = numel * size
             dense_b += nbytes
             bitmask_b += nbytes
-    spec = contract.spec
-    kv_itemsize = np.dtype(contract.kv_dtype).itemsize
-    kv = 2 * spec.num_layers * spec.num_kv_heads * contract.sequence_length * spec.head_dim * kv_itemsize
 
     def _sp(numel: int, nnz: int) -> float | None:
         return None if numel == 0 else 1.0 - nnz / numel
@@ -196,11 +218,4 @@ def weight_statistics(proto, base_dir: Path, contract: Contract) -> tuple[dict[s
         "sparsity_by_role": {r: _sp(v["numel"], v["nnz"]) for r, v in sorted(per_role.items())},
         "vocab_size": vocab,
     }
-    bpt = {
-        "weights_dense": int(dense_b),
-        "weights_bitmask": int(bitmask_b),
-        "kv_cache": int(kv),
-        "dense": int(dense_b + kv),
-        "bitmask": int(bitmask_b + kv),
-    }
-    return weights, bpt
+    return weights, int(dense_b), int(bitmask_b)
