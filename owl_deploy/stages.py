@@ -169,6 +169,25 @@ def _prune(ctx: StageContext) -> dict[str, Any]:
     }
 
 
+def _recover(ctx: StageContext) -> dict[str, Any]:
+    """The short masked fine-tune (recover.py) when ``recover.enabled``; otherwise the pruned model as it is."""
+    r = ctx.recipe
+    pruned = ctx.upstream["prune"].file("model")
+    if not r.recover.enabled:
+        return {"model": str(pruned), "recovered": False}
+    from owl_deploy.recover import run_recover
+
+    teacher = str(ctx.upstream["fetch"].file("model")) if r.recover.distill > 0 else None
+    report = run_recover(str(pruned), ctx.out / "model", r.recover, r.calibration, None, teacher)
+    ppl = report["perplexity"]
+    ctx.log(
+        f"  held-out perplexity {ppl['pruned']:.2f} -> {ppl['merged_remasked']:.2f} (unmerged {ppl['adapter']:.2f}); "
+        f"zeros identical: {report['zeros']['identical_mask']}"
+    )
+    keep = ("perplexity", "zeros", "best", "stopped_early", "steps_run", "wall_seconds")
+    return {"model": "model", "recovered": True, "recover_json": "model/recover.json", **{k: report[k] for k in keep}}
+
+
 def _evaluate_at(model_dir: Path, ctx: StageContext) -> dict[str, Any]:
     from owl_deploy.evaluate import evaluate_model
 
@@ -183,7 +202,7 @@ def _evaluate_dense(ctx: StageContext) -> dict[str, Any]:
 
 
 def _evaluate(ctx: StageContext) -> dict[str, Any]:
-    return _evaluate_at(ctx.upstream["prune"].file("model"), ctx)
+    return _evaluate_at(ctx.upstream["recover"].file("model"), ctx)
 
 
 def _export_at(model_dir: Path, ctx: StageContext, quantized: bool = False) -> dict[str, Any]:
@@ -224,7 +243,7 @@ def _export_dense(ctx: StageContext) -> dict[str, Any]:
 
 
 def _export(ctx: StageContext) -> dict[str, Any]:
-    return _export_at(ctx.upstream["prune"].file("model"), ctx, quantized=True)
+    return _export_at(ctx.upstream["recover"].file("model"), ctx, quantized=True)
 
 
 def _compile(ctx: StageContext) -> dict[str, Any]:
@@ -296,12 +315,15 @@ STAGES: dict[str, Stage] = {
               fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=_TORCH),
         Stage("evaluate_dense", "perplexity of the dense model", ("evaluate",), ("fetch",), "1", _evaluate_dense,
               fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),
-        Stage("evaluate", "perplexity of the pruned model", ("evaluate",), ("prune",), "1", _evaluate,
+        Stage("recover", "recover quality, keeping every zero (if recover.enabled)",
+              ("recover", "calibration"), ("fetch", "prune"), "1", _recover,
+              fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=(*_TORCH, "peft")),
+        Stage("evaluate", "perplexity of the pruned (and recovered) model", ("evaluate",), ("recover",), "1", _evaluate,
               fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),
         Stage("export_dense", "ONNX export of the dense model", ("export",), ("fetch",), "1", _export_dense,
               libraries=(*_TORCH, "onnx")),
         Stage("export", "ONNX export of the pruned model (int8 if quantize.scheme)", ("export", "quantize"),
-              ("prune",), "1", _export, libraries=(*_TORCH, "onnx")),  # int8 calibration: via prune's key
+              ("recover",), "1", _export, libraries=(*_TORCH, "onnx")),  # int8 calibration: via prune's key
         Stage("compile", "compile the pruned export and generate", ("compile",), ("export",), "1", _compile,
               libraries=("deepsparse", "onnxruntime")),
         Stage("bench", "decode benchmark vs dense ONNX Runtime", ("bench",), ("export", "export_dense"), "1", _bench,

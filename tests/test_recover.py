@@ -1,0 +1,147 @@
+"""Recover: LoRA (merged, re-masked) and masked fine-tuning learn and keep every zero; determinism, resume
+after a kill, the CLI and its bad inputs, and an export of the result whose zero proof passes unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import save_tiny, tiny_model
+
+from owl_deploy.cli import main
+from owl_deploy.configs import OwlConfig, PruneConfig, RecoverConfig
+from owl_deploy.errors import OwlError
+from owl_deploy.prune import prune_model
+from owl_deploy.recover import masks_of, merge, recover_model
+
+
+def _pruned(seed: int = 0):
+    """A tiny LLaMA, 60% pruned. Its lm_head is scaled up: the random init (std 0.02) caps the logits the
+    blocks can reach far below a confident prediction, so nothing could be learnt through the blocks alone."""
+    model = tiny_model("llama", seed=seed, layers=2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)
+    prune_model(model, PruneConfig(method="magnitude", allocation="uniform", sparsity=0.6), OwlConfig(), progress=False)
+    return model
+
+
+def _pattern(n: int, seqlen: int = 32, offset: int = 0) -> torch.Tensor:
+    """Windows of a repeating 7-token cycle: a pattern a model can learn in a few dozen steps."""
+    cycle = torch.tensor([10, 50, 90, 130, 170, 210, 250])
+    return torch.stack([cycle[(torch.arange(seqlen) + i + offset) % 7] for i in range(n)])
+
+
+def _cfg(**kw) -> RecoverConfig:
+    base = dict(steps=40, batch_size=2, seqlen=32, lr=1e-2, eval_every=10, patience=10)
+    return RecoverConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(("method", "lr"), [("lora", 1e-2), ("masked", 3e-3)])
+def test_recovery_learns_and_keeps_exactly_the_pruned_zeros(method, lr):
+    model = _pruned()
+    masks = masks_of(model)
+    trained, record = recover_model(model, _pattern(80), _pattern(4, offset=3), _cfg(method=method, lr=lr),
+                                    progress=False)  # fmt: skip
+    losses = [e["heldout_loss"] for e in record["evals"]]
+    assert record["evals"][0]["step"] == 0 and losses[-1] < 0.1 * losses[0], losses  # the pattern is learnt
+    assert record["best"]["heldout_loss"] == pytest.approx(min(losses[1:]), abs=1e-5) and record["steps_run"] == 40
+    merged = merge(trained, masks)
+    after = masks_of(merged)
+    assert all(torch.equal(masks[k], after[k]) for k in masks)  # every zero, and no other, is a zero
+    if method == "lora":
+        assert not hasattr(merged, "peft_config")  # the adapters are merged into plain weights
+
+
+def test_early_stopping_keeps_the_best_held_out_state(monkeypatch):
+    """Held-out losses 5, 3, 2, 2.5, 2.6: two evaluations without improvement (patience 2) stop the run at step
+    20, and the weights of step 10 (the best) are the ones returned."""
+    from owl_deploy import recover
+
+    scripted = iter([5.0, 3.0, 2.0, 2.5, 2.6, 2.7])
+    snapshots = []
+    monkeypatch.setattr(
+        recover, "heldout_loss", lambda model, *_: (snapshots.append(_lora_sum(model)), next(scripted))[1]
+    )
+    cfg = _cfg(steps=60, eval_every=5, patience=2)
+    trained, record = recover_model(_pruned(), _pattern(120), _pattern(4, offset=3), cfg, progress=False)
+    assert record["stopped_early"] and record["steps_run"] == 20
+    assert record["best"] == {"step": 10, "heldout_loss": 2.0}
+    assert _lora_sum(trained) == pytest.approx(snapshots[2])  # the step-10 adapters, not the step-20 ones
+
+
+def _lora_sum(model) -> float:
+    return float(sum(p.detach().abs().sum() for n, p in model.named_parameters() if "lora_" in n))
+
+
+def test_same_seed_same_weights_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+    from owl_deploy import recover
+
+    masks = masks_of(_pruned())
+
+    def weights(model):
+        return [p.detach().clone() for p in merge(model, masks).parameters()]
+
+    cfg = _cfg(steps=30)
+    whole = weights(recover_model(_pruned(), _pattern(60), _pattern(4, offset=3), cfg, progress=False)[0])
+    again = weights(recover_model(_pruned(), _pattern(60), _pattern(4, offset=3), cfg, progress=False)[0])
+    assert all(torch.equal(a, b) for a, b in zip(whole, again, strict=True))
+
+    real = recover._lr
+    calls = {"n": 0}
+
+    def dies_at_step_25(step, c):
+        calls["n"] += 1
+        if step == 25:
+            raise KeyboardInterrupt  # a kill after the checkpoint of step 20
+        return real(step, c)
+
+    monkeypatch.setattr(recover, "_lr", dies_at_step_25)
+    with pytest.raises(KeyboardInterrupt):
+        recover_model(_pruned(), _pattern(60), _pattern(4, offset=3), cfg, checkpoint_dir=tmp_path, progress=False)
+    assert (tmp_path / recover.CHECKPOINT).is_file()
+    monkeypatch.setattr(recover, "_lr", real)
+    model, record = recover_model(
+        _pruned(), _pattern(60), _pattern(4, offset=3), cfg, checkpoint_dir=tmp_path, progress=False
+    )
+    assert record["resumed_from"] == 20
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(weights(model), whole, strict=True))
+
+
+def test_a_dense_model_or_distillation_without_teacher_is_refused(tmp_path):
+    dense = save_tiny("llama", tmp_path / "dense", hidden=32, layers=2)
+    res = CliRunner().invoke(main, ["recover", "--model", str(dense), "--steps", "2", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "has no zero weights" in res.stderr and not (tmp_path / "o").exists()
+    res = CliRunner().invoke(main, ["recover", "--model", str(dense), "--distill", "0.5", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "needs a dense teacher" in res.stderr
+    with pytest.raises(OwlError, match="need 16 windows"):
+        recover_model(_pruned(), _pattern(4), _pattern(2), _cfg(steps=8), progress=False)
+
+
+def test_cli_recover_then_export_proves_the_zeros(tmp_path):
+    """The whole path: prune (CLI), recover with distillation from the dense model (CLI), export: zeros proven."""
+    from owl_deploy.configs import ExportConfig
+    from owl_deploy.export import export_model
+
+    dense = save_tiny("llama", tmp_path / "dense", hidden=32, layers=2)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n" * 400)
+    pruned = tmp_path / "pruned"
+    common = ["--calib", str(text)]
+    res = CliRunner().invoke(main, ["prune", "--model", str(dense), "--sparsity", "0.5", "--nsamples", "4",
+                                    "--seqlen", "32", *common, "--out", str(pruned)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "recovered"
+    args = ["recover", "--model", str(pruned), "--teacher", str(dense), "--distill", "0.5", "--steps", "6",
+            "--batch-size", "2", "--seqlen", "32", "--eval-every", "3", "--heldout-tokens", "128", *common,
+            "--eval-text", str(text), "--eval-seqlen", "32", "--eval-tokens", "256", "--out", str(out)]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "recover.json").read_text())
+    assert report["zeros"]["identical_mask"] and report["zeros"]["pruned"] == report["zeros"]["recovered"]
+    assert set(report["perplexity"]) == {"pruned", "adapter", "merged_remasked"} and report["teacher"] == str(dense)
+    assert (out / "sparsity.json").is_file() and not list(tmp_path.glob(".recovered.recover-*"))
+    exported = export_model(out, tmp_path / "odir", ExportConfig(sequence_length=64, greedy_tokens=4),
+                            engines=("onnxruntime",))  # fmt: skip
+    assert exported["zeros_preserved"] and exported["zeros"]["total_onnx_zeros"] == report["zeros"]["pruned"]
