@@ -34,6 +34,7 @@ from owl_deploy.configs import (
     METHODS,
     OwlConfig,
     PruneConfig,
+    TuneConfig,
     build,
     replace,
 )
@@ -42,6 +43,7 @@ from owl_deploy.io import atomic_file, write_json
 from owl_deploy.prune import peak_rss_mb
 from owl_deploy.specs import load_model
 from owl_deploy.study import Study, tune_grid
+from owl_deploy.tune import chosen, tune_owl
 
 RESULTS = Path(__file__).parent / "results"
 Config = tuple[PruneConfig, OwlConfig]
@@ -72,6 +74,8 @@ def configs(args) -> list[Config]:
 
 
 def label(cfg: dict) -> str:
+    if cfg.get("pipeline_default"):
+        return f"pipeline default ({cfg['method']}: tune + guard)"
     alloc = {"uniform": "", "owl": "OWL+", "owl-inverse": "OWL-inverse+"}[cfg["allocation"]]
     tuned = " (tuned M, λ)" if cfg.get("tuned") else ""
     return f"{alloc}{cfg['method']}{tuned}"
@@ -156,8 +160,107 @@ def markdown(res: dict) -> str:
         for m in t["ms"]:
             cells = [f"{g['perplexity']:.2f}" for g in t["grid"] if g["m"] == m]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    d = res.get("pipeline_default")
+    if d and d["rows"]:
+        g = d["grid"]
+        lines += [
+            "",
+            "## The pipeline default: the tune stage's choice, with its guard",
+            "",
+            f"What `owl-deploy run` does (owl_deploy/tune.py): one dense pass, each (M, λ) of M ∈ {g['m']}, "
+            f"λ ∈ {g['lambda']} scored by one-shot masks on {g['heldout_tokens']} held-out calibration tokens; "
+            "OWL only if it beats uniform by more than the paired standard error there, else uniform. "
+            "Then the sequential prune with that choice, scored here on the evaluation text.",
+            "",
+            "| method | sparsity | choice (held-out Δ NLL ± s.e.) | PPL uniform | PPL default "
+            "| Δ NLL vs uniform ± s.e. | verdict | tuned gain kept | tune cost |",
+            "|---|---:|---|---:|---:|---:|---|---:|---:|",
+        ]
+        for r in d["rows"]:
+            kept = "—" if r["kept_of_tuned_gain"] is None else f"{r['kept_of_tuned_gain']:.0%}"
+            lines.append(
+                f"| {r['method']} | {r['sparsity']:.0%} | {r['choice']} | {r['ppl_uniform']:.2f} | "
+                f"{r['ppl_default']:.2f} | {r['delta_nll']:+.4f} ± {r['delta_se']:.4f} | {r['verdict']} | {kept} | "
+                f"{r['tune_seconds']:.0f} s ({r['tune_fraction_of_prune']:.0%} of the prune) |"
+            )
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in res["plots"]), ""]
     return "\n".join(lines)
+
+
+def pipeline_defaults(args, study: Study, model, tok, calib_ids, rows: list[dict], done: Checkpoint) -> dict:
+    """A 'pipeline default' row per method x sparsity: the tune stage (tune.py) on held-out calibration text,
+    then the sequential prune with its choice, scored on the evaluation text; paired against uniform and set
+    against the gain of OWL with the grid-tuned (M, λ) where that row exists."""
+    grid = build(
+        TuneConfig,
+        {
+            "m": args.default_grid_m,
+            "lambda_": args.default_grid_lambda,
+            "heldout_tokens": args.default_tune_tokens,
+            "seqlen": min(args.seqlen, args.calib_seqlen),
+            "nsamples": args.default_tune_nsamples,
+        },
+    )
+    held = heldout_tokens(tok, args.calib, grid.heldout_tokens)
+    out = []
+    for method in args.default_methods:
+        for s in args.sparsities:
+            if s not in args.only.get(method, [s]):
+                continue
+            prune = build(PruneConfig, {"method": method, "allocation": "owl", "sparsity": s})
+            key = f"tune {method} {s} {grid.model_dump()}"
+            if key not in done.rows:
+                study.restore()
+                done.rows[key] = tune_owl(model, calib_ids, held, prune, OwlConfig(), grid)
+                done.save()
+            result = done.rows[key]
+            p, o = chosen(prune, OwlConfig(), result)
+            row = done.run(study, (p, o))
+            rows.append({**row, "config": {**row["config"], "pipeline_default": True}, "tune": result})
+            uniform = _row(rows, method, s, "uniform")
+            tuned = _row(rows, method, s, "owl", tuned=True)
+            d, se = paired(row["window_nll"], uniform["window_nll"])
+            gain_tuned = None if tuned is None else uniform["mean_nll"] - tuned["mean_nll"]
+            kept = (uniform["mean_nll"] - row["mean_nll"]) / gain_tuned if gain_tuned and gain_tuned > 0 else None
+            prune_s = row["seconds"]["prune"] + row["seconds"]["owl_ratios"]
+            c = result["choice"]
+            pick = f"OWL M={c['m']:g} λ={c['lambda']:g}" if result["owl_wins"] else "uniform"
+            best = min(result["grid"], key=lambda r: r["mean_nll"])
+            out.append(
+                {
+                    "method": method,
+                    "sparsity": s,
+                    "choice": f"{pick} ({best['delta_nll_vs_uniform']:+.3f} ± {best['delta_se']:.3f})",
+                    "owl_wins": result["owl_wins"],
+                    "ppl_uniform": uniform["perplexity"],
+                    "ppl_default": row["perplexity"],
+                    "delta_nll": d,
+                    "delta_se": se,
+                    "verdict": "better" if d < -2 * se else "worse" if d > 2 * se else "same within noise",
+                    "ppl_tuned": None if tuned is None else tuned["perplexity"],
+                    "kept_of_tuned_gain": kept,
+                    "tune_seconds": result["seconds"]["total"],
+                    "tune_fraction_of_prune": result["seconds"]["total"] / prune_s if prune_s else None,
+                }
+            )
+            tqdm.write(f"pipeline default {method} {s:.0%}: {pick}, ppl {row['perplexity']:.2f} ({out[-1]['verdict']})")
+    return {"grid": {**grid.to_json(), "heldout_tokens": int(held.numel())}, "rows": out}
+
+
+def _row(rows: list[dict], method: str, sparsity: float, allocation: str, tuned: bool = False) -> dict | None:
+    return next(
+        (
+            r
+            for r in rows
+            if r["config"]["method"] == method
+            and r["config"]["sparsity"] == sparsity
+            and r["config"]["allocation"] == allocation
+            and not r["config"]["nm"]
+            and bool(r["config"].get("tuned")) == tuned
+            and not r["config"].get("pipeline_default")
+        ),
+        None,
+    )
 
 
 def plots(res: dict, stem: str) -> list[str]:
@@ -177,7 +280,7 @@ def plots(res: dict, stem: str) -> list[str]:
         ax.plot(
             [p[0] * 100 for p in pts],
             [p[1] for p in pts],
-            styles[cfg["allocation"]],
+            "-." if cfg.get("pipeline_default") else styles[cfg["allocation"]],
             marker="o",
             color=colors[cfg["method"]],
             label=lab,
@@ -279,6 +382,17 @@ def main() -> None:
         help="sparsities the tuned OWL is re-scored at for Wanda and SparseGPT [those ≥ --tune-sparsity]",
     )
     p.add_argument("--tune-tokens", type=int, default=8192, help="held-out calibration tokens for tuning")
+    p.add_argument(
+        "--default-methods",
+        type=_names(METHODS),
+        default=["wanda"],
+        help="methods given a 'pipeline default' row per sparsity (the tune stage's choice, guard included)",
+    )
+    default_tune = TuneConfig()
+    p.add_argument("--default-grid-m", type=_floats, default=default_tune.m, help="the tune stage's M grid")
+    p.add_argument("--default-grid-lambda", type=_floats, default=default_tune.lambda_, help="its λ grid")
+    p.add_argument("--default-tune-tokens", type=int, default=default_tune.heldout_tokens)
+    p.add_argument("--default-tune-nsamples", type=int, default=default_tune.nsamples)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny calibration/eval, one sparsity, no tuning")
     p.add_argument("--out-stem", default=None, help="file stem under benchmarks/results (default quality-<model>)")
     args = p.parse_args()
@@ -344,7 +458,7 @@ def main() -> None:
     comparisons = []
     for r in rows:
         c = r["config"]
-        if c["allocation"] != "owl":
+        if c["allocation"] != "owl" or c.get("pipeline_default"):
             continue
         base = next(
             u
@@ -366,6 +480,8 @@ def main() -> None:
                 "delta_se": se,
             }
         )
+
+    defaults = pipeline_defaults(args, study, model, tok, calib_ids, rows, done)
 
     import transformers
 
@@ -399,6 +515,7 @@ def main() -> None:
         "rows": rows,
         "comparisons": comparisons,
         "tune": tune,
+        "pipeline_default": defaults,
     }
     res["plots"] = plots(res, stem)
     write_json(RESULTS / f"{stem}.json", res)
@@ -429,8 +546,11 @@ class Checkpoint:
         key = tag + repr(cfg)
         if key not in self.rows:
             self.rows[key] = study.run(*cfg)
-            write_json(self.path, {"args": self.args, "rows": self.rows})
+            self.save()
         return self.rows[key]
+
+    def save(self) -> None:
+        write_json(self.path, {"args": self.args, "rows": self.rows})
 
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -183,10 +183,11 @@ def test_real_qwen_coder_loads_as_fp32_qwen2():
 @pytest.mark.skipif(not assets.is_present(QWEN), reason=f"needs `owl-deploy assets fetch {QWEN}`")
 def test_real_qwen_coder_owl_wanda_prune_report(tmp_path):
     """Qwen2.5-Coder-1.5B pruned with OWL + Wanda on a small calibration (4 x 128 tokens): the report."""
-    from owl_deploy.prune import PruneConfig, run_prune
+    from owl_deploy.configs import CalibrationConfig, OwlConfig, PruneConfig
+    from owl_deploy.prune import run_prune
 
-    cfg = PruneConfig(method="wanda", allocation="owl", sparsity=0.6, nsamples=4, seqlen=128, owl_nsamples=4)
-    report = run_prune(QWEN, tmp_path / "qwen", cfg)
+    cfg = PruneConfig(method="wanda", allocation="owl", sparsity=0.6)
+    report = run_prune(QWEN, tmp_path / "qwen", cfg, OwlConfig(nsamples=4), CalibrationConfig(nsamples=4, seqlen=128))
     assert report["structure"]["n_blocks"] == 28
     blocks = report["blocks"]
     assert len(blocks) == 28 and all(len(b["layers"]) == 7 for b in blocks)
