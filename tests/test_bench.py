@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from owl_deploy import bench
-from owl_deploy.bench import gate, machine, measure, report, weights
+from owl_deploy.bench import gate, machine, measure, report, sessions, weights
 from owl_deploy.configs import BenchConfig, build
 from owl_deploy.contract import Contract, GraphSpec
 from owl_deploy.errors import OwlError
@@ -466,7 +466,7 @@ def test_sessions_decode_what_the_contract_alone_decodes(tiny):
     prompt = [5, 9, 17, 3, 11, 2, 40, 8, 1, 99]
     want = _contract_greedy(tiny["dense"], prompt, 6)
     for engine, chunk in (("deepsparse", 4), ("onnxruntime", 1)):
-        session = measure.RuntimeSession(engine, info, BenchConfig(prefill_length=chunk))
+        session = sessions.RuntimeSession(engine, info, BenchConfig(prefill_length=chunk))
         first, seconds = session.prefill(prompt)
         times, tokens, logits = session.decode(first, 5)
         assert [first, *tokens] == want, engine

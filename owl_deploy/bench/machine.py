@@ -184,7 +184,7 @@ class CpuMonitor:
         return out
 
     @staticmethod
-    def top(before: dict, after: dict, wall: float, n: int = 3) -> list[dict[str, Any]]:
+    def top(before: dict, after: dict, wall: float, n: int = 8) -> list[dict[str, Any]]:
         rows = []
         for pid, (name, t1) in after.items():
             if pid in before:
@@ -232,7 +232,7 @@ def noise_verdict(obs: dict[str, Any], policy: NoisePolicy, cpus: int) -> list[s
 def _top_text(top: list[dict[str, Any]] | None) -> str:
     if not top:
         return ""
-    return "; busiest: " + ", ".join(f"{r['command'][:40]} (pid {r['pid']}) {r['cores']:.2f}" for r in top)
+    return "; busiest: " + ", ".join(f"{r['command'][:40]} (pid {r['pid']}) {r['cores']:.2f}" for r in top[:3])
 
 
 def quiet_sample(monitor: CpuMonitor, seconds: float = 1.0) -> tuple[float, list[dict[str, Any]]]:
