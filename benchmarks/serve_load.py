@@ -1,0 +1,405 @@
+#!/usr/bin/env python
+"""What a deployment serves under load: each server alone on loopback, driven at concurrency 1, 4 and 16.
+
+    .venv/bin/python benchmarks/serve_load.py \\
+        --server sparse-int8=deepsparse:out/int8/sparse-int8 \\
+        --server dense-int8=onnxruntime:out/int8/dense-int8 \\
+        --server dense-fp32=onnxruntime:out/int8/dense-fp32
+
+Every server is an ``owl-deploy serve`` subprocess (one at a time: a server beside another ruins both).
+A bounded, self-stopping client keeps ``c`` streaming requests in flight (each client sends its share of a
+fixed list of prompts cut from the evaluation text, then stops), and measures per request the time to the
+first token and between tokens, and per level the aggregate output tokens/s. Greedy answers at every
+concurrency are compared with the concurrency-1 answers for the same prompts: a batched server must answer
+exactly what it answers alone. Writes benchmarks/results/serve-load-<name>.{json,md}.
+
+llama.cpp's own server is a peer: ``--server LABEL=llama-server:PATH.gguf`` starts the C++ ``llama-server``
+(continuous batching, ``--llama-slots`` parallel slots, default the largest concurrency) built by
+``benchmarks/build_llama_server.sh`` from the llama.cpp of the installed llama-cpp-python (the GGUF, e.g.
+``out/peers/smollm2-135m/llama.cpp-q8_0/model.gguf``, is prepared by ``benchmarks/peers.py``):
+
+    .venv/bin/python benchmarks/serve_load.py \\
+        --server dense-int8=onnxruntime:out/int8/dense-int8 \\
+        --server llama.cpp-q8_0=llama-server:out/peers/smollm2-135m/llama.cpp-q8_0/model.gguf
+
+It runs as ``llama-server -m GGUF --host 127.0.0.1 --port P -t THREADS -c SLOTS*CTX -np SLOTS --cont-batching
+--no-cache-prompt --cache-ram 0 -a LABEL``, CTX = prompt + max tokens + a margin (llama.cpp pads it to 256), so
+every slot holds a whole request. Its requests add ``"temperature": 0`` (greedy: llama.cpp's default is 0.8)
+and ``"cache_prompt": false``; with ``--no-cache-prompt --cache-ram 0`` neither a slot's KV cache nor the RAM
+prompt cache is reused across requests, so every request pays its whole prefill (as in ``owl-deploy serve``)
+and TTFT stays comparable. The same client drives both servers: llama-server streams one OpenAI
+``text_completion`` chunk per token and puts the ``usage`` (completion tokens) in its last chunk. The
+tokenizer that cuts the prompts is ``--tokenizer``, else the first ``owl-deploy`` folder, else the ``source``
+recorded in the ``peer.json`` beside the GGUF.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from owl_deploy.bench.machine import CpuMonitor, hardware_info, versions_info  # noqa: E402
+from owl_deploy.io import atomic_file, write_json  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+LLAMA_SERVER = "llama-server"  # the ENGINE of --server LABEL=llama-server:PATH.gguf
+#: what a llama-server request adds to the body (owl-deploy's API forbids unknown fields): greedy, no prompt cache
+LLAMA_SERVER_BODY = {"temperature": 0.0, "cache_prompt": False}
+CTX_MARGIN = 16  # tokens per slot beyond prompt + max tokens: a BOS, and llama.cpp's own tokenization of the prompt
+
+
+def tokenizer_folder(given: str | None, servers: list[tuple[str, str, Path]]) -> Path:
+    """``--tokenizer``, else the first owl-deploy folder, else the ``source`` in the peer.json beside a GGUF."""
+    if given:
+        return Path(given)
+    for _, engine, target in servers:
+        if engine != LLAMA_SERVER:
+            return target
+    for _, _, target in servers:
+        peer = target.parent / "peer.json"
+        source = json.loads(peer.read_text()).get("source") if peer.is_file() else None
+        if source and Path(source).is_dir():
+            return Path(source)
+    raise SystemExit("serve-load: no tokenizer for the prompts: pass --tokenizer HF_FOLDER")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prompts_from(folder: Path, text: str, count: int, tokens: int) -> list[str]:
+    """``count`` prompts of ``tokens`` tokens each, consecutive slices of the evaluation text."""
+    from transformers import AutoTokenizer
+
+    from owl_deploy.data import load_text
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(load_text(text)[: 40 * tokens * count], add_special_tokens=False)["input_ids"]
+    if len(ids) < count * tokens:
+        raise SystemExit(f"{text} is too short for {count} prompts of {tokens} tokens")
+    return [tok.decode(ids[i * tokens : (i + 1) * tokens]) for i in range(count)]
+
+
+async def one(client, url: str, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
+    """A streaming completion: text, tokens, time to first token, the gaps between tokens, errors.
+
+    ``tokens`` is the server's ``usage.completion_tokens`` (owl-deploy: the ``include_usage`` chunk; llama-server:
+    its last chunk), else the chunks with text. ``extra`` is added to the request body.
+    """
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
+            "stream_options": {"include_usage": True}, **(extra or {})}  # fmt: skip
+    t0 = time.perf_counter()
+    times, parts, usage = [], [], None
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+            if r.status_code != 200:
+                return {"error": f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                data = json.loads(line[6:])
+                if data.get("usage"):
+                    usage = data["usage"]
+                for choice in data.get("choices") or []:
+                    if choice.get("text"):
+                        parts.append(choice["text"])
+                        times.append(time.perf_counter())
+    except Exception as exc:  # a dropped connection is an error of the server under load
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {
+        "text": "".join(parts),
+        "tokens": (usage or {}).get("completion_tokens", len(parts)),
+        "usage": usage is not None,
+        "ttft": times[0] - t0 if times else None,
+        "itl": list(np.diff(times)) if len(times) > 1 else [],
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+async def level(
+    url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None
+) -> dict:
+    """``concurrency`` clients, each sending its share of ``prompts`` one after another; then it stops."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(limits=limits) as client:
+        results: dict[int, dict] = {}
+
+        async def worker(w: int) -> None:
+            for i in range(w, len(prompts), concurrency):
+                results[i] = await one(client, url, model, prompts[i], max_tokens, extra)
+
+        monitor = CpuMonitor()
+        a = monitor.sample()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        wall = time.perf_counter() - t0
+        use = CpuMonitor.usage(a, monitor.sample())
+    ok = [r for r in results.values() if "error" not in r]
+    ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
+    itl = [x for r in ok for x in r["itl"]]
+    tokens = sum(r["tokens"] for r in ok)
+
+    def pct(xs: list[float], q: float) -> float | None:
+        return float(np.percentile(xs, q)) if xs else None
+
+    return {
+        "concurrency": concurrency,
+        "requests": len(prompts),
+        "errors": [r["error"] for r in results.values() if "error" in r],
+        "wall_seconds": round(wall, 3),
+        "output_tokens": tokens,
+        "tokens_from_usage": sum(bool(r["usage"]) for r in ok),
+        "aggregate_tokens_per_s": tokens / wall if wall else None,
+        "per_stream_tokens_per_s": float(np.median([r["tokens"] / r["seconds"] for r in ok])) if ok else None,
+        "ttft_p50": pct(ttft, 50),
+        "ttft_p99": pct(ttft, 99),
+        "itl_p50": pct(itl, 50),
+        "itl_p99": pct(itl, 99),
+        "other_cpu": round(use["other"], 3),
+        "texts": {i: r.get("text") for i, r in sorted(results.items())},
+    }
+
+
+def physical_cores() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def llama_server_binary(path: str | None) -> Path:
+    """``--llama-server-bin``, else what benchmarks/build_llama_server.sh installs for this llama-cpp-python."""
+    if path:
+        binary = Path(path)
+    else:
+        from importlib.metadata import PackageNotFoundError, version
+
+        from owl_deploy.assets import home
+
+        try:
+            release = version("llama_cpp_python")
+        except PackageNotFoundError:
+            raise SystemExit("llama-cpp-python is not installed: pass --llama-server-bin PATH") from None
+        binary = home() / "tools" / f"llama-server-{release}" / "llama-server"
+    if not (binary.is_file() and os.access(binary, os.X_OK)):
+        raise SystemExit(f"no llama-server at {binary}: run benchmarks/build_llama_server.sh (or --llama-server-bin)")
+    return binary
+
+
+def llama_server_version(binary: Path) -> dict:
+    """``llama-server --version``: 'version: X (build N, commit C)' (older: 'version: N (C)'), and its compiler."""
+    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=60)
+    text = (out.stdout + out.stderr).strip()
+    m = re.search(r"version:\s*(\S+)\s*\(build\s*(\d+),\s*commit\s*(\w+)\)", text)
+    if m:
+        return {"version": m[1], "build": int(m[2]), "commit": m[3], "text": text}
+    m = re.search(r"version:\s*(\d+)\s*\((\w+)\)", text)
+    return {"version": None, "build": int(m[1]) if m else None, "commit": m[2] if m else None, "text": text}
+
+
+def _command(label: str, engine: str, target: Path, args, prompts: list[str], port: int) -> tuple[list[str], dict]:
+    """The server's command line, and what the results record about it (llama-server: binary, version, flags)."""
+    if engine != LLAMA_SERVER:
+        cmd = [sys.executable, "-m", "owl_deploy", "serve", str(target), "--engine", engine, "--port", str(port)]
+        cmd += ["--max-batch", str(max(args.concurrency)), "--max-queue", str(4 * len(prompts))]
+        cmd += ["--model-name", label]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        return cmd, {}
+    binary = llama_server_binary(args.llama_server_bin)
+    slots = args.llama_slots or max(args.concurrency)
+    per_slot = args.prompt_tokens + args.max_tokens + CTX_MARGIN  # llama.cpp pads it to a multiple of 256
+    threads = args.threads or physical_cores()
+    flags = ["-m", str(target), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
+             "-c", str(slots * per_slot), "-np", str(slots), "--cont-batching", "--no-cache-prompt",
+             "--cache-ram", "0", "-a", label]  # fmt: skip
+    info = {
+        "binary": str(binary),
+        "llama_cpp": llama_server_version(binary),
+        "flags": flags,
+        "slots": slots,
+        "threads": threads,
+        "ctx_per_slot_requested": per_slot,
+        "request_body_extra": LLAMA_SERVER_BODY,
+    }
+    return [str(binary), *flags], info
+
+
+def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) -> dict:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd, info = _command(label, engine, folder, args, prompts, port)
+    llama = engine == LLAMA_SERVER
+    extra = LLAMA_SERVER_BODY if llama else None
+    print(f"[serve-load] {label}: {' '.join(cmd if llama else cmd[3:])}", file=sys.stderr, flush=True)
+    # llama-server logs every request: to a file, so that a full pipe nobody reads cannot stall it
+    log = tempfile.TemporaryFile("w+") if llama else None  # noqa: SIM115 (closed in the finally below)
+    streams = {"stdout": log, "stderr": subprocess.STDOUT} if llama else {"stderr": subprocess.PIPE}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, text=True, **streams)
+
+    def output() -> str:
+        if log is None:
+            return proc.stderr.read()
+        log.seek(0)
+        return log.read()[-4000:]
+
+    try:
+        import httpx
+
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"{label}: the server exited {proc.returncode}: {output()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        ready = time.perf_counter() - t0
+        health = httpx.get(f"{url}/health").json()
+        if llama:
+            props = httpx.get(f"{url}/props").json()
+            info["props"] = {k: props.get(k) for k in ("total_slots", "model_path", "model_ftype", "build_info")}
+            info["props"]["n_ctx_per_slot"] = props.get("default_generation_settings", {}).get("n_ctx")
+        asyncio.run(level(url, label, prompts[:2], 1, 4, extra))  # warm-up (not recorded)
+        levels = []
+        for c in args.concurrency:
+            levels.append(asyncio.run(level(url, label, prompts, c, args.max_tokens, extra)))
+            lv = levels[-1]
+            print(f"[serve-load] {label} c={c}: {_num(lv['aggregate_tokens_per_s'], '.1f')} tok/s aggregate, "
+                  f"TTFT p50 {_num(lv['ttft_p50'], '.3f')} s p99 {_num(lv['ttft_p99'], '.3f')} s, ITL p50 "
+                  f"{_num(lv['itl_p50'], '.1f', 1e3)} ms, {len(lv['errors'])} errors, {lv['output_tokens']} "
+                  f"tokens", file=sys.stderr, flush=True)  # fmt: skip
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if log is not None:
+            log.close()
+    base = levels[0]["texts"]
+    for lv in levels:
+        lv["wrong_answers"] = [i for i, t in lv["texts"].items() if t is not None and t != base.get(i)]
+    return {"label": label, "engine": engine, "folder": str(folder), "ready_seconds": round(ready, 1),
+            "health": health, **({"llama_server": info} if llama else {}), "levels": levels,
+            "exit_status": code}  # fmt: skip
+
+
+def _num(x: float | None, fmt: str, scale: float = 1.0) -> str:
+    return "—" if x is None else format(x * scale, fmt)
+
+
+def markdown(res: dict) -> str:
+    flags = ", ".join(k for k, v in res["hardware"]["flags"].items() if v)
+    lines = [
+        f"# Serving under load: {res['name']}",
+        "",
+        f"Generated by `benchmarks/serve_load.py` in {res['seconds'] / 60:.1f} min on {res['hardware']['cpu_model']} "
+        f"({res['hardware']['physical_cores']} cores; flags {flags}). "
+        f"{res['requests']} streaming requests per level, prompts of {res['prompt_tokens']} tokens from "
+        f"`{res['text']}`, {res['max_tokens']} greedy tokens each; every server alone; load average before "
+        f"{res['loadavg_before']}, after {res['loadavg_after']}.",
+        "",
+        "| server | c | aggregate tok/s | per stream tok/s | TTFT p50 / p99 s | ITL p50 / p99 ms | errors "
+        "| answers ≠ c=1 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in res["servers"]:
+        for lv in s["levels"]:
+            lines.append(
+                f"| {s['label']} ({s['engine']}) | {lv['concurrency']} | "
+                f"{_num(lv['aggregate_tokens_per_s'], '.1f')} | {_num(lv['per_stream_tokens_per_s'], '.1f')} | "
+                f"{_num(lv['ttft_p50'], '.3f')} / {_num(lv['ttft_p99'], '.3f')} | "
+                f"{_num(lv['itl_p50'], '.1f', 1e3)} / {_num(lv['itl_p99'], '.1f', 1e3)} | "
+                f"{len(lv['errors'])} | {len(lv['wrong_answers'])} |"
+            )
+    owl = [s for s in res["servers"] if "llama_server" not in s]
+    if owl:
+        lines += ["", "Batch sizes compiled per server: "
+                  + "; ".join(f"{s['label']} {s['health']['batch_sizes']} (ready in {s['ready_seconds']} s, "
+                              f"prefill in {s['health']['prefill_engine']})" for s in owl), ""]  # fmt: skip
+    for s in res["servers"]:
+        if "llama_server" in s:
+            ls = s["llama_server"]
+            lines += ["", f"{s['label']}: llama.cpp's `llama-server` {ls['llama_cpp']['version']} (commit "
+                      f"{ls['llama_cpp']['commit']}), {ls['slots']} slots of {ls['props']['n_ctx_per_slot']} tokens, "
+                      f"ready in {s['ready_seconds']} s: `llama-server {' '.join(ls['flags'])}`; requests add "
+                      f"`{json.dumps(ls['request_body_extra'])}`.", ""]  # fmt: skip
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--server",
+        action="append",
+        required=True,
+        metavar="LABEL=ENGINE:ODIR",
+        help="ENGINE deepsparse/onnxruntime (owl-deploy serve), or llama-server:PATH.gguf",
+    )
+    p.add_argument("--concurrency", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--text", default="wiki")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--name", default="smollm2-135m")
+    p.add_argument("--tokenizer", default=None, help="HF folder whose tokenizer cuts the prompts [see above]")
+    p.add_argument("--llama-slots", type=int, default=None, help="llama-server -np [the largest concurrency]")
+    p.add_argument("--llama-server-bin", default=None, help="[what benchmarks/build_llama_server.sh installs]")
+    a = p.parse_args(argv)
+    servers = []
+    for item in a.server:
+        label, _, rest = item.partition("=")
+        engine, _, folder = rest.partition(":")
+        if engine == LLAMA_SERVER and not Path(folder).is_file():
+            p.error(f"--server {item}: no GGUF file at {folder}")
+        servers.append((label, engine, Path(folder).resolve() if engine == LLAMA_SERVER else Path(folder)))
+    t0 = time.perf_counter()
+    before = [round(x, 2) for x in os.getloadavg()]
+    prompts = prompts_from(tokenizer_folder(a.tokenizer, servers), a.text, a.requests, a.prompt_tokens)
+    runs = [run_server(label, engine, folder, a, prompts) for label, engine, folder in servers]
+    res = {
+        "name": a.name,
+        "servers": runs,
+        "requests": a.requests,
+        "prompt_tokens": a.prompt_tokens,
+        "max_tokens": a.max_tokens,
+        "text": a.text,
+        "loadavg_before": before,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "hardware": hardware_info(measure_bandwidth=False),
+        "versions": versions_info(),
+        "argv": sys.argv[1:],
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"serve-load-{a.name}.json", res)
+    with atomic_file(RESULTS / f"serve-load-{a.name}.md") as fh:
+        fh.write(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
