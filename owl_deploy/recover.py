@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import time
@@ -191,13 +192,18 @@ def recover_model(
 
 
 def _save_checkpoint(path: Path, params, opt, step: int, record: dict, best_state, waited: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Serialise in memory, then write atomically: torch.save straight to a file turns a full disk into a
+    RuntimeError and leaves a torn file; a plain write gives an OSError and no file."""
+    from owl_deploy.io import atomic_file
+
+    buf = io.BytesIO()
     torch.save(
         {"params": {n: p.detach() for n, p in params.items()}, "optimizer": opt.state_dict(), "step": step,
          "record": record, "best_state": best_state, "waited": waited},
-        tmp,
+        buf,
     )  # fmt: skip
-    tmp.replace(path)
+    with atomic_file(path, "wb") as fh:
+        fh.write(buf.getbuffer())
 
 
 def merge(model, masks: dict[str, torch.Tensor]):

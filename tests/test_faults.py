@@ -1,4 +1,4 @@
-"""Fault injection on every command that writes (prune, export, bench, run): a full disk, a read-only
+"""Fault injection on every command that writes (prune, recover, export, bench, run): a full disk, a read-only
 output, SIGKILL at exact points followed by a re-run, and corrupt or foreign inputs.
 
 Each fault must end in one ``error:`` line and a non-zero exit, leave no complete-looking output, and a
@@ -27,7 +27,7 @@ from owl_deploy.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
-COMMANDS = ("prune", "export", "bench", "run")
+COMMANDS = ("prune", "recover", "export", "bench", "run")
 
 
 # ---------------------------------------------------------------- inputs and the commands' arguments
@@ -64,6 +64,11 @@ def args(cmd: str, p: dict[str, Path], out: Path) -> list[str]:
     if cmd == "prune":
         calib = ["--calib", str(p["text"]), "--nsamples", "4", "--seqlen", "32"]
         return ["prune", "--model", str(p["model"]), "--sparsity", "0.5", *calib, "--out", str(out)]
+    if cmd == "recover":
+        text = str(p["text"])
+        fast = ["--steps", "4", "--batch-size", "2", "--seqlen", "32", "--eval-every", "2", "--heldout-tokens", "64"]
+        return ["recover", "--model", str(p["pruned"]), "--calib", text, *fast, "--eval-text", text,
+                "--eval-tokens", "128", "--eval-seqlen", "32", "--out", str(out)]  # fmt: skip
     if cmd == "export":
         fast = ["--sequence-length", "64", "--prefill-length", "4", "--greedy-tokens", "4"]
         return ["export", "--model", str(p["pruned"]), *fast, "--out", str(out)]
@@ -94,6 +99,11 @@ def _one_error_line(stderr: str) -> str:
     return errors[0]
 
 
+def _checkpoints(folder: Path) -> list[Path]:
+    """recover's resumable checkpoints (``.NAME.recover-KEY``), kept by a killed run for the next one."""
+    return [p for p in folder.rglob(".*") if ".recover-" in p.name]
+
+
 def _hidden(folder: Path) -> list[Path]:
     """Temporary siblings a writer leaves behind (``.NAME.tmp-*``, ``.NAME.old-*``), anywhere below."""
     return [p for p in folder.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
@@ -105,6 +115,10 @@ def _result(cmd: str, out: Path) -> object:
         report = json.loads((out / "sparsity.json").read_text())
         report.pop("timings"), report.pop("peak_rss_mb")
         return report, hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    if cmd == "recover":
+        report = json.loads((out / "recover.json").read_text())
+        kept = ("zeros", "perplexity", "evals", "best", "steps_run")
+        return {k: report[k] for k in kept}, hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
     if cmd == "export":
         report = json.loads((out / "export.json").read_text())
         kept = ("zeros", "greedy", "files", "spec", "ok", "weight_bytes", "contract")
@@ -144,7 +158,7 @@ def tmpfs(path: Path, size: str, readonly: bool = False):
 
 
 #: a tmpfs smaller than what each command writes (the tiny model's weights are ~150 kB, a benchmark's report ~50 kB)
-FULL = {"prune": "96k", "export": "96k", "bench": "16k", "run": "96k"}
+FULL = {"prune": "96k", "recover": "96k", "export": "96k", "bench": "16k", "run": "96k"}
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -170,6 +184,8 @@ KILLS = [
     ("prune", "owl_deploy.model:save_model", "kill-before"),  # the output folder just created, empty
     ("prune", "owl_deploy.model:save_model", "kill-after"),  # weights written, no sparsity.json yet
     ("prune", "owl_deploy.io:write_json", "kill-after"),  # everything written, not renamed into place
+    ("recover", "owl_deploy.recover:_save_checkpoint", "kill-after"),  # half-trained: the re-run resumes
+    ("recover", "owl_deploy.model:save_model", "kill-after"),  # merged weights written, no recover.json
     ("export", "owl_deploy.export:export_onnx", "kill-after"),  # model.onnx written, nothing verified
     ("export", "owl_deploy.export.verify:engine_sparsity", "kill-before"),  # verified in both engines
     ("bench", "owl_deploy.bench.report:render_png", "kill-before"),  # results.json and .md written
@@ -185,12 +201,14 @@ def test_a_killed_command_leaves_no_output_and_the_rerun_matches_a_clean_run(
     killed = _subprocess(args(cmd, inputs, out), fault, action)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     if cmd != "run":  # nothing that looks complete: the output folder does not exist yet
-        assert not out.exists() and _hidden(tmp_path)  # (the killed writer's temporary folder is left)
+        # (the killed writer's temporary folder is left, or recover's checkpoint it resumes from)
+        assert not out.exists() and (_hidden(tmp_path) or _checkpoints(tmp_path))
     else:
         assert not list(out.glob("export/*/done.json")) and _hidden(out)
     again = _subprocess(args(cmd, inputs, out))
     assert again.returncode == 0, again.stderr
     assert not _hidden(tmp_path), _hidden(tmp_path)  # the re-run removed what the killed run left
+    assert not _checkpoints(tmp_path), _checkpoints(tmp_path)
     assert _result(cmd, out) == clean[cmd]
 
 
