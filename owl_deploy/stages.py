@@ -9,6 +9,7 @@ stores in done.json and downstream stages and the summary read. ``STAGES`` is th
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,7 +175,9 @@ def _recover(ctx: StageContext) -> dict[str, Any]:
     r = ctx.recipe
     pruned = ctx.upstream["prune"].file("model")
     if not r.recover.enabled:
-        return {"model": str(pruned), "recovered": False}
+        # relative to this stage's folder: an absolute path breaks when out/ moves, one relative to the
+        # working directory breaks as soon as it is joined to the stage folder
+        return {"model": os.path.relpath(pruned.resolve(), ctx.final.resolve()), "recovered": False}
     from owl_deploy.recover import run_recover
 
     teacher = str(ctx.upstream["fetch"].file("model")) if r.recover.distill > 0 else None

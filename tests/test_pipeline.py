@@ -488,11 +488,14 @@ def test_two_runs_of_one_recipe_at_once_compute_each_stage_once(tmp_path, tiny_d
 
 
 # ---------------------------------------------------------------- the real stage adapters, where they are cheap
-def test_real_stages_on_a_tiny_model(tmp_path, tiny_dir):
+def test_real_stages_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     """fetch, prune (OWL + Wanda), both evaluations, the export of the pruned model (verified in ONNX Runtime
     and DeepSparse) and the compile check (ONNX Runtime) for real on a tiny Llama. Faked: the dense export
-    (the same adapter again, ~10 s) and the benchmark (seconds of noise sampling and bandwidth measurement)."""
-    out = tmp_path / "cache"
+    (the same adapter again, ~10 s) and the benchmark (seconds of noise sampling and bandwidth measurement).
+    The output folder is relative, as in ``make main`` (``out/pipeline``): stage results that point at
+    another stage's folder must resolve from the stage folder, not from the working directory."""
+    monkeypatch.chdir(tmp_path)
+    out = Path("cache")
     recipe, name = load_recipe(write_recipe(tmp_path, tiny_dir))
     fake = ("export_dense", "bench")
     stages = {n: dataclasses.replace(s, run=FAKES[n]) if n in fake else s for n, s in pipeline.STAGES.items()}
