@@ -319,7 +319,7 @@ STAGES: dict[str, Stage] = {
         Stage("evaluate_dense", "perplexity of the dense model", ("evaluate",), ("fetch",), "1", _evaluate_dense,
               fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),
         Stage("recover", "recover quality, keeping every zero (if recover.enabled)",
-              ("recover", "calibration"), ("fetch", "prune"), "1", _recover,
+              ("recover", "calibration"), ("fetch", "prune"), "2", _recover,  # 2: pass-through path fixed
               fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=(*_TORCH, "peft")),
         Stage("evaluate", "perplexity of the pruned (and recovered) model", ("evaluate",), ("recover",), "1", _evaluate,
               fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),
