@@ -235,7 +235,16 @@ _MODEL = click.option("--model", "model_spec", required=True, help="Asset name, 
     "(comma list; lambada_wiki: the last word of each wiki paragraph).",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="With --tasks: the first N items only.")
-def eval_cmd(model_spec: str, as_json: bool, engine: str, threads: int | None, tasks, limit, **kw) -> None:
+@click.option(
+    "--prefill-length",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Deployment folder: tokens per engine call (1 or a multiple of 4; 1 = the single-token kernels a server "
+    "decodes with). [128]",
+)
+def eval_cmd(
+    model_spec: str, as_json: bool, engine: str, threads: int | None, tasks, limit, prefill_length, **kw
+) -> None:
     """Perplexity on non-overlapping windows (WikiText protocol, remainder dropped), or --tasks accuracy.
 
     --model takes a torch model or a deployment folder; the latter is scored on the exported ONNX graph.
@@ -256,9 +265,9 @@ def eval_cmd(model_spec: str, as_json: bool, engine: str, threads: int | None, t
                 click.echo(f"{name}: accuracy {r['acc']:.4f} ± {r['acc_stderr']:.4f} on {r['items']} items")
         return
     cfg = EVAL.build(kw)
-    result = evaluate_model(model_spec, cfg, engine=engine, threads=threads)
+    result = evaluate_model(model_spec, cfg, engine=engine, threads=threads, prefill_length=prefill_length)
     if as_json:
-        extra = {"engine": engine} if is_deployment(model_spec) else {}
+        extra = {"engine": engine, "prefill_length": prefill_length or 128} if is_deployment(model_spec) else {}
         click.echo(json.dumps({"model": model_spec, "text": cfg.text, **extra, **result.to_json()}, sort_keys=True))
     else:
         click.echo(

@@ -121,10 +121,16 @@ def is_deployment(model_spec: str) -> bool:
 
 
 def evaluate_model(
-    model_spec: str, cfg: EvalConfig | None = None, engine: str = "onnxruntime", threads: int | None = None
+    model_spec: str,
+    cfg: EvalConfig | None = None,
+    engine: str = "onnxruntime",
+    threads: int | None = None,
+    prefill_length: int | None = None,
 ) -> Perplexity:
     """``owl-deploy eval``: a torch model (asset name, HF folder or .gguf) or a deployment folder
-    (``owl-deploy export``), scored by ``engine`` on the exported graph itself (int8 included)."""
+    (``owl-deploy export``), scored by ``engine`` on the exported graph itself (int8 included), fed
+    ``prefill_length`` tokens per call (default 128; 1 scores with the single-token decode kernels, which
+    for int8 in DeepSparse are not the multi-token ones)."""
     from owl_deploy.data import eval_tokens
     from owl_deploy.specs import load_causal_lm, load_tokenizer
 
@@ -139,7 +145,9 @@ def evaluate_model(
             )
         tokens = eval_tokens(dep.tokenizer(), cfg.text, cfg.max_tokens)
         windows_of(tokens, cfg.seqlen)  # a text shorter than one window fails before the compile
-        chunk = min(ONNX_EVAL_CHUNK, cfg.seqlen // 4 * 4) or 1
+        if prefill_length is not None and prefill_length != 1 and prefill_length % 4:
+            raise OwlError(f"prefill length must be 1 or a multiple of 4, got {prefill_length}")
+        chunk = min(prefill_length or ONNX_EVAL_CHUNK, cfg.seqlen // 4 * 4) or 1
         session = runtime.compile(dep, engine, sequence_length=cfg.seqlen, prefill_length=chunk, threads=threads)
         return perplexity(onnx_logits_fn(session), tokens, cfg.seqlen)
     tokens = eval_tokens(load_tokenizer(model_spec), cfg.text, cfg.max_tokens)  # bad text fails before the load

@@ -231,6 +231,11 @@ def test_eval_of_deployment_matches_torch(tiny_pruned, tiny_text, tmp_path):
     assert got.perplexity == pytest.approx(ref.perplexity, rel=1e-4)
     ds = evaluate_model(str(out), EvalConfig(text=str(tiny_text), seqlen=32, max_tokens=256), engine="deepsparse")
     assert ds.perplexity == pytest.approx(ref.perplexity, rel=1e-3)
+    # one token per call (the decode kernels): the same windows, the same perplexity
+    one = evaluate_model(str(out), EvalConfig(text=str(tiny_text), seqlen=32, max_tokens=256), prefill_length=1)
+    assert one.windows == 8 and one.perplexity == pytest.approx(ref.perplexity, rel=1e-4)
+    with pytest.raises(OwlError, match="multiple of 4"):
+        evaluate_model(str(out), EvalConfig(text=str(tiny_text), seqlen=32, max_tokens=256), prefill_length=6)
 
 
 def test_eval_cli_on_int8_deployment(int8_export, tiny_pruned, tiny_text):
