@@ -516,7 +516,7 @@ def test_headline_second_reference_is_the_dense_int8_peer():
     assert head["speedup_vs_second_reference_by_round"]["median"] == pytest.approx(2.0)  # 60/30 and 40/20
     assert head["ceiling_speedup_bytes_vs_second_reference"] == pytest.approx(1.5)
     assert runs["deepsparse/sparse"]["ceiling_tokens_per_s"] is None  # no bandwidth measured
-    assert "strongest dense peer" in report.render_markdown(
+    assert "dense int8 reference" in report.render_markdown(
         _full_synthetic({"deepsparse/sparse": 2.0}) | {"headline": head}
     )
 

@@ -64,7 +64,7 @@ SHORT = {
 #: the baseline every speedup is relative to, and the product whose speedup is the headline
 REFERENCE = ("onnxruntime", "dense")
 HEADLINE = ("deepsparse", "sparse")
-#: the strongest dense peer when it is benchmarked (``--model dense-int8=ODIR``): ONNX Runtime on int8
+#: the dense int8 reference when it is benchmarked (``--model dense-int8=ODIR``): ONNX Runtime on int8
 SECOND_REFERENCE = ("onnxruntime", "dense-int8")
 
 
