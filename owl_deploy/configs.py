@@ -328,7 +328,7 @@ class BenchConfig(Config):
     steps: int = Field(32, ge=1, description="Decode steps per round.")
     context: int = Field(128, ge=1, description="Tokens in the cache before the timed decode steps.")
     prefill_length: int = Field(
-        128,  # measured: 2.5-3.4x the prefill tok/s of 16 in DeepSparse on 128/512-token prompts (README)
+        128,  # measured: 1.8-3.4x the prefill tok/s of 16-token calls on 128/512-token prompts (README)
         ge=0,
         validation_alias=AliasChoices("prefill_length", "prefill_chunk"),
         description="Tokens per multi-token prefill call (1 or a multiple of 4; 0 = 1).",
