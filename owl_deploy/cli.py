@@ -251,7 +251,7 @@ def eval_cmd(
     """
     import json
 
-    from owl_deploy.evaluate import evaluate_model, is_deployment
+    from owl_deploy.evaluate import deployment_chunk, evaluate_model, is_deployment
 
     if tasks:
         from owl_deploy.harness import evaluate_tasks
@@ -267,7 +267,8 @@ def eval_cmd(
     cfg = EVAL.build(kw)
     result = evaluate_model(model_spec, cfg, engine=engine, threads=threads, prefill_length=prefill_length)
     if as_json:
-        extra = {"engine": engine, "prefill_length": prefill_length or 128} if is_deployment(model_spec) else {}
+        deployed = is_deployment(model_spec)
+        extra = {"engine": engine, "prefill_length": deployment_chunk(prefill_length, cfg.seqlen)} if deployed else {}
         click.echo(json.dumps({"model": model_spec, "text": cfg.text, **extra, **result.to_json()}, sort_keys=True))
     else:
         click.echo(

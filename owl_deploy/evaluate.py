@@ -100,6 +100,16 @@ def check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
 ONNX_EVAL_CHUNK = 128
 
 
+def deployment_chunk(prefill_length: int | None, seqlen: int) -> int:
+    """Tokens per engine call when scoring a deployment: ``prefill_length`` (default ONNX_EVAL_CHUNK), at most
+    the window rounded down to a multiple of 4."""
+    from owl_deploy.contract import PREFILL_RULE, valid_prefill_length
+
+    if prefill_length is not None and not valid_prefill_length(prefill_length):
+        raise OwlError(f"prefill length must be {PREFILL_RULE}, got {prefill_length}")
+    return min(prefill_length or ONNX_EVAL_CHUNK, seqlen // 4 * 4) or 1
+
+
 def onnx_logits_fn(session) -> LogitsFn:
     """Wrap a compiled deployment (runtime.Session): each window from an empty cache, fed in prefill chunks."""
 
@@ -145,9 +155,7 @@ def evaluate_model(
             )
         tokens = eval_tokens(dep.tokenizer(), cfg.text, cfg.max_tokens)
         windows_of(tokens, cfg.seqlen)  # a text shorter than one window fails before the compile
-        if prefill_length is not None and prefill_length != 1 and prefill_length % 4:
-            raise OwlError(f"prefill length must be 1 or a multiple of 4, got {prefill_length}")
-        chunk = min(prefill_length or ONNX_EVAL_CHUNK, cfg.seqlen // 4 * 4) or 1
+        chunk = deployment_chunk(prefill_length, cfg.seqlen)
         session = runtime.compile(dep, engine, sequence_length=cfg.seqlen, prefill_length=chunk, threads=threads)
         return perplexity(onnx_logits_fn(session), tokens, cfg.seqlen)
     tokens = eval_tokens(load_tokenizer(model_spec), cfg.text, cfg.max_tokens)  # bad text fails before the load
