@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from owl_deploy.configs import CalibrationConfig, EvalConfig, RecoverConfig
 from owl_deploy.errors import OwlError
+from owl_deploy.io import atomic_dir, atomic_file, write_json
 from owl_deploy.model import named_block_linears
 
 CHECKPOINT = "checkpoint.pt"
@@ -194,8 +195,6 @@ def recover_model(
 def _save_checkpoint(path: Path, params, opt, step: int, record: dict, best_state, waited: int) -> None:
     """Serialise in memory, then write atomically: torch.save straight to a file turns a full disk into a
     RuntimeError and leaves a torn file; a plain write gives an OSError and no file."""
-    from owl_deploy.io import atomic_file
-
     buf = io.BytesIO()
     torch.save(
         {"params": {n: p.detach() for n, p in params.items()}, "optimizer": opt.state_dict(), "step": step,
@@ -230,7 +229,6 @@ def run_recover(
 
     from owl_deploy.data import calibration_windows, eval_tokens, heldout_tokens
     from owl_deploy.evaluate import perplexity, torch_logits_fn
-    from owl_deploy.io import atomic_dir, write_json
     from owl_deploy.model import save_model
     from owl_deploy.specs import load_model, resolve_model
 
