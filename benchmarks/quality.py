@@ -168,7 +168,8 @@ def markdown(res: dict) -> str:
             "## The pipeline default: the tune stage's choice, with its guard",
             "",
             f"What `owl-deploy run` does (owl_deploy/tune.py): one dense pass, each (M, λ) of M ∈ {g['m']}, "
-            f"λ ∈ {g['lambda']} scored by one-shot masks on {g['heldout_tokens']} held-out calibration tokens; "
+            f"λ ∈ {g['lambda']} scored by one-shot masks on the first {g['screen_windows']} of the held-out windows, "
+            f"the {g['finalists']} best and uniform on all {g['heldout_tokens']} held-out calibration tokens; "
             "OWL only if it beats uniform by more than the paired standard error there, else uniform. "
             "Then the sequential prune with that choice, scored here on the evaluation text.",
             "",
@@ -225,7 +226,7 @@ def pipeline_defaults(args, study: Study, model, tok, calib_ids, rows: list[dict
             prune_s = row["seconds"]["prune"] + row["seconds"]["owl_ratios"]
             c = result["choice"]
             pick = f"OWL M={c['m']:g} λ={c['lambda']:g}" if result["owl_wins"] else "uniform"
-            best = min(result["grid"], key=lambda r: r["mean_nll"])
+            best = result["best"]
             out.append(
                 {
                     "method": method,

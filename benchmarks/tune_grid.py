@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     ids = calibration_windows(tok, a.calib, a.nsamples, a.seqlen, 0)
     held = heldout_tokens(tok, a.calib, a.heldout_tokens)
     grid = build(TuneConfig, {"m": a.grid_m, "lambda_": a.grid_lambda, "heldout_tokens": a.heldout_tokens,
-                              "seqlen": a.seqlen, "nsamples": a.nsamples})  # fmt: skip
+                              "seqlen": a.seqlen, "nsamples": a.nsamples,  # every candidate on every window:
+                              "finalists": len(a.grid_m) * len(a.grid_lambda)})  # fmt: skip
     name = Path(a.model).name
     out = RESULTS / f"tune-grid-{name}.json"
     runs = _resume(out, a.method, grid.to_json())
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         prune = build(PruneConfig, {"method": a.method, "allocation": "owl", "sparsity": s})
         runs[str(s)] = tune_owl(model, ids, held, prune, OwlConfig(), grid)
-        best = min(runs[str(s)]["grid"], key=lambda r: r["mean_nll"])
+        best = runs[str(s)]["best"] or min(runs[str(s)]["grid"], key=lambda r: r["mean_nll"])
         print(f"{s:.0%}: best M={best['m']:g} λ={best['lambda']:g} {best['delta_nll_vs_uniform']:+.4f} "
               f"± {best['delta_se']:.4f}; {runs[str(s)]['reason']}", file=sys.stderr)  # fmt: skip
         _save(out, a, name, grid, runs, t0)  # after every sparsity: a stopped run resumes where it was

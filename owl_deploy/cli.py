@@ -575,9 +575,10 @@ def tune_cmd(model_spec, as_json, **kw):
         f"{prune.method} at {prune.target_sparsity:.0%}: uniform {result['uniform']['mean_nll']:.4f}"
     )
     for row in result["grid"]:
+        screened = "" if row["finalist"] else f", first {row['windows']} windows only"
         click.echo(
             f"  OWL M={row['m']:g} λ={row['lambda']:g}: {row['mean_nll']:.4f} "
-            f"(vs uniform {row['delta_nll_vs_uniform']:+.4f} ± {row['delta_se']:.4f})"
+            f"(vs uniform {row['delta_nll_vs_uniform']:+.4f} ± {row['delta_se']:.4f}{screened})"
         )
     c = result["choice"]
     click.echo(result["reason"])

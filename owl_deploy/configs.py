@@ -93,6 +93,12 @@ class TuneConfig(Config):
     heldout_tokens: int = Field(8192, ge=2, description="Held-out calibration tokens each candidate is scored on.")
     seqlen: int = Field(512, ge=2, description="Window length of that scoring.")
     nsamples: int | None = Field(16, ge=1, description="Calibration windows of the dense statistics; null = all.")
+    screen_windows: int = Field(
+        4, ge=2, description="Held-out windows every candidate is scored on first (successive halving)."
+    )
+    finalists: int = Field(
+        2, ge=1, description="Best candidates of that screen scored on all held-out windows, beside uniform."
+    )
 
     @field_validator("m")
     @classmethod

@@ -4,9 +4,10 @@ Cost: one dense pass over the calibration windows collects every linear's input 
 and each block's outlier ratio for every M of the grid at once (the scores are made once per block).
 A candidate (M, λ) is then a list of block sparsities; its masks are one-shot masks on those *dense*
 statistics (Wanda's for Wanda and SparseGPT, magnitude's for magnitude; no sequential re-calibration),
-applied to the weights and scored by one forward over the held-out windows. The grid therefore costs one
-calibration forward plus one held-out forward per candidate, where the prune itself runs two calibration
-forwards per block (and SparseGPT its Hessians): the allocation is what is tuned, on a cheap proxy.
+applied to the weights and scored by a forward over held-out windows: every candidate over the first few
+windows, the best few (and uniform) over all of them (successive halving). The grid therefore costs one
+calibration forward plus a fraction of a held-out forward per candidate, where the prune itself runs two
+calibration forwards per block (and SparseGPT its Hessians): the allocation is what is tuned, on a cheap proxy.
 
 The guard: the best candidate must beat uniform (λ = 0) on the held-out windows by more than the standard
 error of the paired per-window NLL difference; otherwise the allocation is uniform, and the result says so.
@@ -25,7 +26,7 @@ from torch import nn
 from owl_deploy.allocation import outlier_ratio, owl_nm, owl_sparsities, uniform_sparsities
 from owl_deploy.calibrate import SequentialRunner
 from owl_deploy.configs import OwlConfig, PruneConfig, TuneConfig, build
-from owl_deploy.evaluate import perplexity, torch_logits_fn
+from owl_deploy.evaluate import perplexity, torch_logits_fn, windows_of
 from owl_deploy.model import block_linears, decoder_blocks
 from owl_deploy.prune import COMPUTE_DTYPES
 from owl_deploy.prune.magnitude import magnitude_mask
@@ -117,33 +118,46 @@ def tune_owl(
     cfg: TuneConfig,
 ) -> dict:
     """Score uniform and every (M, λ) of ``cfg``'s grid; choose the best that beats uniform beyond its
-    standard error, or uniform. Returns the grid, the choice and the cost (tune.json)."""
+    standard error, or uniform. Returns the grid, the choice and the cost (tune.json).
+
+    Successive halving: every candidate is scored on the first ``cfg.screen_windows`` held-out windows, and
+    only the ``cfg.finalists`` best of them (and uniform) on the rest. The guard compares finalists with
+    uniform on *all* windows, so a poor screen can cost some of OWL's gain but never admits a setting that is
+    worse than uniform."""
     start = time.perf_counter()
     windows = calib_ids[: cfg.nsamples] if cfg.nsamples else calib_ids
     stats = dense_stats(model, windows, prune, list(cfg.m))
     dense = [lin.weight.detach().clone() for b in decoder_blocks(model) for lin in block_linears(b).values()]
     n_blocks = len(stats.sq_norms)
     t0 = time.perf_counter()
-    uniform = score_candidate(model, dense, stats, prune, block_targets(prune, [0.0] * n_blocks, 0.0), heldout,
-                              cfg.seqlen)  # fmt: skip
+    n_windows = len(windows_of(heldout, cfg.seqlen))
+    cut = min(cfg.screen_windows, n_windows) * cfg.seqlen
+    head, tail = heldout[:cut], heldout[cut : n_windows * cfg.seqlen]
+
+    def score(targets: list, tokens: torch.Tensor) -> list[float]:
+        return score_candidate(model, dense, stats, prune, targets, tokens, cfg.seqlen) if len(tokens) else []
+
+    uniform_targets = block_targets(prune, [0.0] * n_blocks, 0.0)
+    uniform = score(uniform_targets, head)
     rows = []
     for m in cfg.m:
         for lam in (x for x in cfg.lambda_ if x > 0):
             targets = block_targets(prune, stats.ratios[m], lam)
-            nll = score_candidate(model, dense, stats, prune, targets, heldout, cfg.seqlen)
-            delta, se = _paired(nll, uniform)
-            rows.append(
-                {
-                    "m": m,
-                    "lambda": lam,
-                    "mean_nll": sum(nll) / len(nll),
-                    "delta_nll_vs_uniform": delta,
-                    "delta_se": se,
-                    "block_sparsity": [t[0] for t in targets],
-                }
-            )
+            rows.append({"m": m, "lambda": lam, "block_sparsity": [t[0] for t in targets], "nll": score(targets, head)})
+    rows.sort(key=lambda r: sum(r["nll"]))  # stable: ties keep the grid's order
+    if tail.numel() and rows:
+        uniform += score(uniform_targets, tail)
+        for r in rows[: cfg.finalists]:
+            r["nll"] = r["nll"] + score(block_targets(prune, stats.ratios[r["m"]], r["lambda"]), tail)
+    for r in rows:
+        nll = r.pop("nll")
+        delta, se = _paired(nll, uniform[: len(nll)])
+        r.update(mean_nll=sum(nll) / len(nll), delta_nll_vs_uniform=delta, delta_se=se, windows=len(nll))
+        r["finalist"] = len(nll) == len(uniform)
+    rows.sort(key=lambda r: (r["m"], r["lambda"]))
     score_seconds = time.perf_counter() - t0
-    best = min(rows, key=lambda r: r["mean_nll"]) if rows else None
+    finalists = [r for r in rows if r["finalist"]]
+    best = min(finalists, key=lambda r: r["mean_nll"]) if finalists else None
     wins = best is not None and best["delta_nll_vs_uniform"] < -best["delta_se"]
     if wins:
         choice = {"allocation": prune.allocation, "m": best["m"], "lambda": best["lambda"]}
@@ -159,19 +173,23 @@ def tune_owl(
             if best
             else ""
         )
+    scored = len(uniform) + sum(r["windows"] for r in rows)
     return {
         "choice": choice,
         "owl_wins": wins,
         "reason": reason,
+        "best": best,
         "uniform": {"mean_nll": sum(uniform) / len(uniform)},
         "grid": rows,
         "heldout_tokens": int(heldout.numel()),
         "windows": len(uniform),
+        "screen_windows": cut // cfg.seqlen,
         "calibration_windows": len(windows),
+        "scored_windows": {"screened": scored, "exhaustive": len(uniform) * (len(rows) + 1)},
         "seconds": {
             "dense_pass": round(stats.seconds, 2),
             "scoring": round(score_seconds, 2),
-            "per_candidate": round(score_seconds / (len(rows) + 1), 2),
+            "per_window": round(score_seconds / scored, 3),
             "total": round(time.perf_counter() - start, 2),
         },
     }

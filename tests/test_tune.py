@@ -19,17 +19,29 @@ GRID = TuneConfig(m=[3.0, 5.0], lambda_=[0.0, 0.08, 0.2], heldout_tokens=256, se
 def _fake_scores(monkeypatch, by_lambda: dict[float, list[float]]) -> None:
     """Replace the held-out scoring with fixed per-window NLLs per λ (λ = 0 is uniform)."""
     real = tune.block_targets
-    monkeypatch.setattr(tune, "block_targets", lambda p, r, lam: [(*t, lam) for t in real(p, r, lam)])
-    monkeypatch.setattr(tune, "score_candidate", lambda *args: by_lambda[args[4][0][2]])
+    monkeypatch.setattr(tune, "block_targets", lambda p, r, lam: [(*t, lam, id(r)) for t in real(p, r, lam)])
+    calls.clear()
+
+    def fake(model, dense, stats, prune, targets, tokens, seqlen):
+        key = targets[0][2:]  # (λ, which M's ratios): one candidate
+        done = sum(n for k, n in calls if k == key)  # windows this candidate was already scored on
+        n = len(tokens) // seqlen
+        calls.append((key, n))
+        return by_lambda[key[0]][done : done + n]
+
+    monkeypatch.setattr(tune, "score_candidate", fake)
 
 
-def _run(monkeypatch=None, scores=None, **prune):
+calls: list[tuple[tuple, int]] = []  # (candidate, windows) of every scoring call of the fake
+
+
+def _run(monkeypatch=None, scores=None, finalists: int = 2, **prune):
     model = tiny_model("llama", layers=4)
     ids, held = calib_ids(8, 32), calib_ids(8, 32, seed=1).flatten()
     if scores is not None:
         _fake_scores(monkeypatch, scores)
     cfg = PruneConfig(**{"method": "wanda", "sparsity": 0.6, "batch_size": 4, **prune})
-    return tune.tune_owl(model, ids, held, cfg, OwlConfig(), GRID)
+    return tune.tune_owl(model, ids, held, cfg, OwlConfig(), GRID.model_copy(update={"finalists": finalists}))
 
 
 def test_owl_is_chosen_only_when_it_beats_uniform_beyond_its_standard_error(monkeypatch):
@@ -46,6 +58,21 @@ def test_owl_is_chosen_only_when_it_beats_uniform_beyond_its_standard_error(monk
     assert best["delta_nll_vs_uniform"] < 0 and -best["delta_nll_vs_uniform"] < best["delta_se"]
 
 
+def test_screening_scores_every_candidate_on_a_few_windows_and_only_finalists_on_all(monkeypatch):
+    """Successive halving: the screen ranks candidates on the first windows; the guard sees all windows."""
+    uniform = [2.0, 2.1, 1.9, 2.0, 2.2, 1.8, 2.0, 2.0]
+    good_late = [2.0, 2.1, 1.9, 2.0] + [x - 0.4 for x in uniform[4:]]  # equal on the screen, better after
+    good_early = [x - 0.05 for x in uniform[:4]] + [x + 0.3 for x in uniform[4:]]  # the screen's pick, worse after
+    res = _run(monkeypatch, {0.0: uniform, 0.08: good_late, 0.2: good_early}, finalists=1)
+    rows = {(r["m"], r["lambda"]): r for r in res["grid"]}
+    assert [k for k, r in rows.items() if r["finalist"]] == [(3.0, 0.2)]  # ties on the screen keep grid order
+    assert rows[(3.0, 0.2)]["windows"] == 8 and rows[(5.0, 0.08)]["windows"] == 4
+    assert not res["owl_wins"] and res["best"]["lambda"] == 0.2  # worse than uniform on all windows: refused
+    assert res["scored_windows"] == {"screened": 8 + 4 * 4 + 4, "exhaustive": 8 * 5}
+    res = _run(monkeypatch, {0.0: uniform, 0.08: good_late, 0.2: good_early}, finalists=3)  # both λ=0.2, then 0.08
+    assert res["owl_wins"] and res["choice"] == {"allocation": "owl", "m": 3.0, "lambda": 0.08}
+
+
 def test_the_real_path_on_a_tiny_model():
     """Dense statistics once, every (M, λ > 0) scored; OWL's block sparsities keep the target mean."""
     res = _run()
@@ -54,7 +81,8 @@ def test_the_real_path_on_a_tiny_model():
         assert sum(row["block_sparsity"]) / 4 == pytest.approx(0.6) and len(set(row["block_sparsity"])) > 1
         assert row["delta_se"] > 0 and row["mean_nll"] > 0
     assert res["windows"] == 8 and res["calibration_windows"] == 4
-    assert set(res["seconds"]) == {"dense_pass", "scoring", "per_candidate", "total"}
+    assert set(res["seconds"]) == {"dense_pass", "scoring", "per_window", "total"}
+    assert res["screen_windows"] == 4 and sum(r["finalist"] for r in res["grid"]) == 2
     assert res["choice"]["allocation"] in ("owl", "uniform")
 
 
