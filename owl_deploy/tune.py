@@ -30,7 +30,8 @@ from owl_deploy.evaluate import perplexity, torch_logits_fn, windows_of
 from owl_deploy.model import block_linears, decoder_blocks
 from owl_deploy.prune import COMPUTE_DTYPES
 from owl_deploy.prune.magnitude import magnitude_mask
-from owl_deploy.prune.wanda import wanda_mask, wanda_scores
+from owl_deploy.prune.masks import row_ranks
+from owl_deploy.prune.wanda import wanda_scores
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DenseStats:
     sq_norms: list[dict[str, torch.Tensor]]  # per block: linear name -> Wanda's s
     ratios: dict[float, list[float]]  # M -> per-block outlier ratio (%)
     seconds: float
+    ranks: list[dict[str, torch.Tensor]] | None = None  # Wanda score ranks per row (or N:M group); not magnitude
 
 
 def dense_stats(model: nn.Module, calib_ids: torch.Tensor, prune: PruneConfig, ms: list[float]) -> DenseStats:
@@ -49,15 +51,19 @@ def dense_stats(model: nn.Module, calib_ids: torch.Tensor, prune: PruneConfig, m
     blocks = runner.blocks
     sq_norms: list[dict[str, torch.Tensor]] = []
     ratios: dict[float, list[float]] = {m: [] for m in ms}
+    ranks: list[dict[str, torch.Tensor]] | None = None if prune.method == "magnitude" else []
+    group = prune.nm_pair[1] if prune.nm_pair else None
     for i in range(len(blocks)):
         stats = runner.collect(i, advance=i < len(blocks) - 1)
         linears = block_linears(blocks[i])
         sq_norms.append({name: stats[name].sq_norm for name in linears})
-        scores = [wanda_scores(lin.weight, stats[name].sq_norm) for name, lin in linears.items()]
+        scores = {name: wanda_scores(lin.weight, stats[name].sq_norm) for name, lin in linears.items()}
         for m in ms:
-            ratios[m].append(outlier_ratio(scores, m))
+            ratios[m].append(outlier_ratio(list(scores.values()), m))
+        if ranks is not None:  # every candidate's Wanda mask is then one comparison, not a sort
+            ranks.append({name: row_ranks(sc, group) for name, sc in scores.items()})
         del scores, stats
-    return DenseStats(sq_norms, ratios, time.perf_counter() - t0)
+    return DenseStats(sq_norms, ratios, time.perf_counter() - t0, ranks)
 
 
 def block_targets(prune: PruneConfig, ratios: list[float] | None, lambda_: float) -> list[tuple[float, tuple | None]]:
@@ -91,10 +97,10 @@ def score_candidate(
             sparsity, nm = targets[i]
             for name, lin in block_linears(block).items():
                 w = next(it)
-                if prune.method == "magnitude":
+                if stats.ranks is None:
                     mask = magnitude_mask(w, sparsity, nm)
-                else:  # Wanda's one-shot mask: the proxy for Wanda and SparseGPT alike
-                    mask = wanda_mask(w, stats.sq_norms[i][name], sparsity, nm)
+                else:  # Wanda's one-shot mask (== wanda_mask): the proxy for Wanda and SparseGPT alike
+                    mask = stats.ranks[i][name] < (nm[0] if nm else int(w.shape[1] * sparsity))
                 lin.weight.copy_(w.masked_fill(mask, 0))
         return perplexity(torch_logits_fn(model), heldout, seqlen, progress=False).window_nll
     finally:

@@ -12,7 +12,7 @@ from tiny_models import S48, W48
 from owl_deploy.configs import parse_nm
 from owl_deploy.errors import OwlError
 from owl_deploy.prune.magnitude import magnitude_mask
-from owl_deploy.prune.masks import matrix_mask, nm_mask, row_mask
+from owl_deploy.prune.masks import matrix_mask, nm_mask, row_mask, row_ranks
 from owl_deploy.prune.sparsegpt import sparsegpt_prune
 from owl_deploy.prune.wanda import wanda_mask, wanda_scores
 
@@ -102,6 +102,21 @@ def test_nm_mask_exactly_n_per_group():
     assert torch.equal(nm_mask(torch.tensor([[3.0, 1, 2, 0]]), 2, 4), _t([[0, 1, 0, 1]]))
     with pytest.raises(OwlError, match="divisible"):
         nm_mask(torch.zeros(2, 6), 2, 4)
+
+
+def test_row_ranks_give_row_and_nm_masks_for_every_sparsity():
+    """Sort once (tune): ranks < k is exactly row_mask / nm_mask, ties included (stable, lower column first)."""
+    by_hand = torch.tensor([[3.0, 1.0, 1.0, 2.0, 0.0, 5.0, 4.0, 1.0]] * 2)
+    assert row_ranks(by_hand)[0].tolist() == [5, 1, 2, 4, 0, 7, 6, 3]
+    assert row_ranks(by_hand, 4)[0].tolist() == [3, 0, 1, 2, 0, 3, 2, 1]
+    scores = torch.randint(0, 4, (4, 8)).double()  # many ties
+    for sparsity in (0.0, 0.25, 0.5, 0.6, 0.875, 1.0):
+        assert torch.equal(row_ranks(scores) < int(8 * sparsity), row_mask(scores, sparsity))
+    for n in range(5):
+        assert torch.equal(row_ranks(scores, 4) < n, nm_mask(scores, n, 4))
+    assert row_ranks(scores).dtype == torch.int16
+    with pytest.raises(OwlError, match="must divide"):
+        row_ranks(scores, 3)
 
 
 def test_parse_nm():

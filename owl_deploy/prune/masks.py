@@ -66,3 +66,20 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if n > 0:
         mask.scatter_(2, torch.sort(groups, dim=2, stable=True).indices[..., :n], True)
     return mask.view(rows, cols)
+
+
+def row_ranks(scores: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """Each score's place in the stable ascending order of its row (or of its ``group`` consecutive columns of
+    the row): sort once, then ``row_mask(s, p) == (row_ranks(s) < int(cols * p))`` and
+    ``nm_mask(s, n, m) == (row_ranks(s, m) < n)`` for any p or n — how ``tune`` scores many sparsities."""
+    _check_2d(scores)
+    rows, cols = scores.shape
+    g = cols if group is None else group
+    if g < 1 or cols % g:
+        raise OwlError(f"group {g} must divide in_features {cols}")
+    x = scores.reshape(rows, cols // g, g)
+    order = torch.sort(x, dim=2, stable=True).indices
+    dtype = torch.int16 if g <= torch.iinfo(torch.int16).max else torch.int32
+    ranks = torch.empty(x.shape, dtype=dtype, device=scores.device)
+    ranks.scatter_(2, order, torch.arange(g, dtype=dtype, device=scores.device).expand(order.shape))
+    return ranks.view(rows, cols)
