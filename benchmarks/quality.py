@@ -212,7 +212,7 @@ def pipeline_defaults(args, study: Study, model, tok, calib_ids, rows: list[dict
             key = f"tune {method} {s} {grid.model_dump()}"
             if key not in done.rows:
                 study.restore()
-                done.rows[key] = tune_owl(model, calib_ids, held, prune, OwlConfig(), grid)
+                done.rows[key] = tune_owl(model, calib_ids, held, prune, OwlConfig(), grid, dense=study.dense)
                 done.save()
             result = done.rows[key]
             p, o = chosen(prune, OwlConfig(), result)
@@ -434,8 +434,7 @@ def main() -> None:
     tune = None
     tune_cfg = build(PruneConfig, {"method": "wanda", "sparsity": args.tune_sparsity})
     if args.tune_sparsity in args.sparsities and args.tune_ms and args.tune_lambdas:
-        held = Study(model, tok, calib_ids, heldout_tokens(tok, args.calib, args.tune_tokens), args.seqlen)
-        held._ratios = study._ratios  # same dense model and windows: share the ratio cache
+        held = study.on(heldout_tokens(tok, args.calib, args.tune_tokens))  # the model holds the last row's prune
         owl_grid = [build(OwlConfig, {"m": m, "lambda_": lam}) for m in args.tune_ms for lam in args.tune_lambdas]
         grid = tune_grid(held, tune_cfg, owl_grid, run=lambda p, o: done.run(held, (p, o), "held-out "))
         tune = {

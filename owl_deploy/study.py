@@ -30,6 +30,19 @@ class Study:
         self._dense = [lin.weight.detach().clone() for lin in self._linears]
         self._ratios: dict[tuple, tuple] = {}
 
+    def on(self, score_tokens: torch.Tensor) -> Study:
+        """The same model, calibration windows, dense weights and ratio cache, scored on other tokens (the
+        held-out text): built from *this* study's dense copy, never from whatever the model holds now."""
+        other = object.__new__(Study)
+        other.__dict__.update(self.__dict__)
+        other.score_tokens = score_tokens
+        return other
+
+    @property
+    def dense(self) -> list[torch.Tensor]:
+        """The block linears' dense weights, in ``decoder_blocks`` x ``block_linears`` order (read only)."""
+        return self._dense
+
     def restore(self) -> None:
         """Put the dense weights back (only the block linears are ever pruned)."""
         with torch.no_grad():

@@ -122,9 +122,11 @@ def tune_owl(
     prune: PruneConfig,
     owl: OwlConfig,
     cfg: TuneConfig,
+    dense: list[torch.Tensor] | None = None,
 ) -> dict:
     """Score uniform and every (M, λ) of ``cfg``'s grid; choose the best that beats uniform beyond its
-    standard error, or uniform. Returns the grid, the choice and the cost (tune.json).
+    standard error, or uniform. Returns the grid, the choice and the cost (tune.json). ``dense``: copies of
+    the block linears' dense weights a caller already holds (a study), so a 1.5B model is not copied twice.
 
     Successive halving: every candidate is scored on the first ``cfg.screen_windows`` held-out windows, and
     only the ``cfg.finalists`` best of them (and uniform) on the rest. The guard compares finalists with
@@ -133,7 +135,8 @@ def tune_owl(
     start = time.perf_counter()
     windows = calib_ids[: cfg.nsamples] if cfg.nsamples else calib_ids
     stats = dense_stats(model, windows, prune, list(cfg.m))
-    dense = [lin.weight.detach().clone() for b in decoder_blocks(model) for lin in block_linears(b).values()]
+    if dense is None:
+        dense = [lin.weight.detach().clone() for b in decoder_blocks(model) for lin in block_linears(b).values()]
     n_blocks = len(stats.sq_norms)
     t0 = time.perf_counter()
     n_windows = len(windows_of(heldout, cfg.seqlen))

@@ -119,3 +119,18 @@ def test_tune_rejects_out_of_range_lambda():
     res = CliRunner().invoke(main, ["tune", "--model", "smollm2-135m", "--sparsity", "0.7", "--grid-lambda", "0.6"])
     assert res.exit_code == 1
     assert "error: --grid-lambda: every lambda must be in [0, 0.5)" in res.output
+
+
+def test_a_held_out_study_made_after_a_prune_restores_the_dense_weights():
+    """The quality study's held-out grid once copied 'dense' weights from a model left pruned by the last row."""
+    from owl_deploy.study import Study
+
+    model = tiny_model("llama", layers=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    study = Study(model, None, calib_ids(4, 32), calib_ids(2, 32, seed=2).flatten(), 32)
+    study.run(PruneConfig(sparsity=0.7, allocation="uniform"))
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    held = study.on(calib_ids(2, 32, seed=3).flatten())
+    held.restore()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not torch.equal(held.score_tokens, study.score_tokens) and held.dense is study.dense
