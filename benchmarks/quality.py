@@ -171,14 +171,25 @@ def markdown(res: dict) -> str:
             f"λ ∈ {g['lambda']} scored by one-shot masks on the first {g['screen_windows']} of the held-out windows, "
             f"the {g['finalists']} best and uniform on all {g['heldout_tokens']} held-out calibration tokens; "
             "OWL only if it beats uniform by more than the paired standard error there, else uniform. "
-            "Then the sequential prune with that choice, scored here on the evaluation text.",
+            "Then the sequential prune with that choice, scored here on the evaluation text. The tune's cost is "
+            f"fixed; the prune it is set against here uses {res['meta']['nsamples']}×{res['meta']['calib_seqlen']} "
+            "calibration tokens (the shipped recipes use 128×512, where the prune takes ≈4× longer).",
             "",
             "| method | sparsity | choice (held-out Δ NLL ± s.e.) | PPL uniform | PPL default "
             "| Δ NLL vs uniform ± s.e. | verdict | tuned gain kept | tune cost |",
             "|---|---:|---|---:|---:|---:|---|---:|---:|",
         ]
+        resolved = {  # sparsities where the grid-tuned OWL's gain over uniform is resolved (2 s.e.)
+            (c["name"].split(" ")[0], c["sparsity"])
+            for c in res["comparisons"]
+            if "(tuned" in c["name"] and c["delta_nll"] < -2 * c["delta_se"]
+        }
         for r in d["rows"]:
-            kept = "—" if r["kept_of_tuned_gain"] is None else f"{r['kept_of_tuned_gain']:.0%}"
+            kept = (
+                f"{r['kept_of_tuned_gain']:.0%}"
+                if r["kept_of_tuned_gain"] is not None and (f"OWL+{r['method']}", r["sparsity"]) in resolved
+                else "— (no resolved tuned gain)"
+            )
             lines.append(
                 f"| {r['method']} | {r['sparsity']:.0%} | {r['choice']} | {r['ppl_uniform']:.2f} | "
                 f"{r['ppl_default']:.2f} | {r['delta_nll']:+.4f} ± {r['delta_se']:.4f} | {r['verdict']} | {kept} | "
@@ -396,7 +407,16 @@ def main() -> None:
     p.add_argument("--default-tune-nsamples", type=int, default=default_tune.nsamples)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny calibration/eval, one sparsity, no tuning")
     p.add_argument("--out-stem", default=None, help="file stem under benchmarks/results (default quality-<model>)")
+    p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the recorded JSON, no run")
     args = p.parse_args()
+    if args.render_only:
+        import json
+
+        stem = args.out_stem or f"quality-{args.model}"
+        res = json.loads((RESULTS / f"{stem}.json").read_text())
+        with atomic_file(RESULTS / f"{stem}.md") as fh:
+            fh.write(markdown(res))
+        return
     try:
         args.only = {m: _floats(v) for m, v in (x.split("=", 1) for x in args.only)}
     except ValueError:
