@@ -156,7 +156,8 @@ def _prune(ctx: StageContext) -> dict[str, Any]:
 
     r = ctx.recipe
     prune, owl = chosen(r.prune, r.owl, ctx.upstream["tune"].result)
-    report = run_prune(str(ctx.upstream["fetch"].file("model")), ctx.out / "model", prune, owl, r.calibration)
+    decision = {k: ctx.upstream["tune"].result.get(k) for k in ("tuned", "choice", "owl_wins", "reason")}
+    report = run_prune(str(ctx.upstream["fetch"].file("model")), ctx.out / "model", prune, owl, r.calibration, decision)
     keep = ("method", "allocation", "granularity", "target_sparsity", "nm", "global_sparsity", "mean_block_sparsity")
     return {
         "model": "model",
@@ -313,8 +314,8 @@ STAGES: dict[str, Stage] = {
               fingerprint=lambda r: model_fingerprint(r.model),
               still_valid=lambda d: (d.file("model") / "config.json").is_file()),  # an asset may be deleted
         Stage("tune", "choose OWL's M and lambda on held-out calibration text", ("calibration", "prune", "owl", "tune"),
-              ("fetch",), "1", _tune, fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=_TORCH),
-        Stage("prune", "prune the model", ("calibration", "prune", "owl"), ("fetch", "tune"), "1", _prune,
+              ("fetch",), "2", _tune, fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=_TORCH),
+        Stage("prune", "prune the model", ("calibration", "prune", "owl"), ("fetch", "tune"), "2", _prune,
               fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=_TORCH),
         Stage("evaluate_dense", "perplexity of the dense model", ("evaluate",), ("fetch",), "1", _evaluate_dense,
               fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),

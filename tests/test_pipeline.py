@@ -505,7 +505,9 @@ def test_real_stages_on_a_tiny_model(tmp_path, tiny_dir, monkeypatch):
     assert abs(s["sparsity"]["global"] - 0.5) < 0.02
     assert s["perplexity"]["dense"] > 1 and s["perplexity"]["pruned"] > 1
     assert s["perplexity"]["windows"] == 256 // 32
-    assert (Path(s["paths"]["pruned_model"]) / "sparsity.json").is_file()
+    sparsity = json.loads((Path(s["paths"]["pruned_model"]) / "sparsity.json").read_text())
+    assert sparsity["tune"]["choice"] == report.done["tune"].result["choice"] and sparsity["tune"]["reason"]
+    assert sparsity["allocation"] == report.done["tune"].result["choice"]["allocation"]  # the guard's choice is used
     assert json.loads((report.done["evaluate"].path / "perplexity.json").read_text())["windows"] == 8
     assert s["export"]["ok"] and s["export"]["zeros_preserved"]
     assert abs(s["export"]["onnx_sparsity"] - s["sparsity"]["global"]) < 1e-6

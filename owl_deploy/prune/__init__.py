@@ -178,8 +178,11 @@ def run_prune(
     prune: PruneConfig,
     owl: OwlConfig | None = None,
     calibration: CalibrationConfig | None = None,
+    tune: dict | None = None,
 ) -> dict:
     """The ``prune`` command: load, calibrate, prune, and write ``out`` (HF folder + sparsity.json).
+    ``tune``: the tune stage's decision (choice, reason), recorded in sparsity.json so the allocation used —
+    uniform when the guard fell back — is explained where the model is.
 
     Everything that can fail is checked before ``out`` is touched, and ``out`` itself is written through
     ``atomic_dir``: a failure at any point leaves no output folder (an existing one is left as it was).
@@ -232,6 +235,7 @@ def run_prune(
             model=str(model_spec),
             calibration={**calibration.to_json(), "used": calibrated},
             config={"prune": prune.to_json(), "owl": owl.to_json()},
+            **({"tune": tune} if tune is not None else {}),
             versions=package_versions(("torch", "transformers")),
             timings=timings,
             peak_rss_mb=peak_rss_mb(),
