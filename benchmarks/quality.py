@@ -17,6 +17,7 @@ mix — never the evaluation text. Writes ``benchmarks/results/quality-<model>.{
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import platform
@@ -411,8 +412,6 @@ def main() -> None:
     p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the recorded JSON, no run")
     args = p.parse_args()
     if args.render_only:
-        import json
-
         stem = args.out_stem or f"quality-{args.model}"
         res = json.loads((RESULTS / f"{stem}.json").read_text())
         with atomic_file(RESULTS / f"{stem}.md") as fh:
@@ -556,8 +555,6 @@ class Checkpoint:
         self.path, self.args = path, {k: getattr(args, k) for k in self.KEYS}
         self.rows: dict[str, dict] = {}
         if path.is_file():
-            import json
-
             saved = json.loads(path.read_text())
             if saved.get("args") == self.args:
                 self.rows = saved["rows"]
@@ -599,8 +596,6 @@ def _model_note(spec: str) -> str:
     folder = assets.ensure(spec) if spec in assets.MODELS else Path(spec)
     info = folder / "asset.json"
     if info.is_file():
-        import json
-
         return json.loads(info.read_text()).get("note", "")
     return ""
 

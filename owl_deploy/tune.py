@@ -36,34 +36,31 @@ from owl_deploy.prune.wanda import wanda_scores
 
 @dataclass
 class DenseStats:
-    """What every candidate needs from the dense model: input norms per linear, outlier ratios per M."""
+    """What every candidate needs from the dense model: outlier ratios per M, Wanda score ranks per linear."""
 
-    sq_norms: list[dict[str, torch.Tensor]]  # per block: linear name -> Wanda's s
     ratios: dict[float, list[float]]  # M -> per-block outlier ratio (%)
     seconds: float
     ranks: list[dict[str, torch.Tensor]] | None = None  # Wanda score ranks per row (or N:M group); not magnitude
 
 
 def dense_stats(model: nn.Module, calib_ids: torch.Tensor, prune: PruneConfig, ms: list[float]) -> DenseStats:
-    """One dense sequential forward: the input norms of every linear and the block ratios for each M."""
+    """One dense sequential forward: the block ratios for each M and every linear's Wanda score ranks."""
     t0 = time.perf_counter()
     runner = SequentialRunner(model, calib_ids, prune.batch_size, COMPUTE_DTYPES[prune.compute_dtype])
     blocks = runner.blocks
-    sq_norms: list[dict[str, torch.Tensor]] = []
     ratios: dict[float, list[float]] = {m: [] for m in ms}
     ranks: list[dict[str, torch.Tensor]] | None = None if prune.method == "magnitude" else []
     group = prune.nm_pair[1] if prune.nm_pair else None
     for i in range(len(blocks)):
         stats = runner.collect(i, advance=i < len(blocks) - 1)
         linears = block_linears(blocks[i])
-        sq_norms.append({name: stats[name].sq_norm for name in linears})
         scores = {name: wanda_scores(lin.weight, stats[name].sq_norm) for name, lin in linears.items()}
         for m in ms:
             ratios[m].append(outlier_ratio(list(scores.values()), m))
         if ranks is not None:  # every candidate's Wanda mask is then one comparison, not a sort
             ranks.append({name: row_ranks(sc, group) for name, sc in scores.items()})
         del scores, stats
-    return DenseStats(sq_norms, ratios, time.perf_counter() - t0, ranks)
+    return DenseStats(ratios, time.perf_counter() - t0, ranks)
 
 
 def block_targets(prune: PruneConfig, ratios: list[float] | None, lambda_: float) -> list[tuple[float, tuple | None]]:
@@ -137,7 +134,7 @@ def tune_owl(
     stats = dense_stats(model, windows, prune, list(cfg.m))
     if dense is None:
         dense = [lin.weight.detach().clone() for b in decoder_blocks(model) for lin in block_linears(b).values()]
-    n_blocks = len(stats.sq_norms)
+    n_blocks = len(stats.ratios[cfg.m[0]])
     t0 = time.perf_counter()
     n_windows = len(windows_of(heldout, cfg.seqlen))
     cut = min(cfg.screen_windows, n_windows) * cfg.seqlen
@@ -153,17 +150,15 @@ def tune_owl(
         for lam in (x for x in cfg.lambda_ if x > 0):
             targets = block_targets(prune, stats.ratios[m], lam)
             rows.append({"m": m, "lambda": lam, "block_sparsity": [t[0] for t in targets], "nll": score(targets, head)})
-    rows.sort(key=lambda r: sum(r["nll"]))  # stable: ties keep the grid's order
     if tail.numel() and rows:
         uniform += score(uniform_targets, tail)
-        for r in rows[: cfg.finalists]:
+        for r in sorted(rows, key=lambda r: sum(r["nll"]))[: cfg.finalists]:  # stable: ties keep the grid's order
             r["nll"] = r["nll"] + score(block_targets(prune, stats.ratios[r["m"]], r["lambda"]), tail)
     for r in rows:
         nll = r.pop("nll")
         delta, se = _paired(nll, uniform[: len(nll)])
         r.update(mean_nll=sum(nll) / len(nll), delta_nll_vs_uniform=delta, delta_se=se, windows=len(nll))
         r["finalist"] = len(nll) == len(uniform)
-    rows.sort(key=lambda r: (r["m"], r["lambda"]))
     score_seconds = time.perf_counter() - t0
     finalists = [r for r in rows if r["finalist"]]
     best = min(finalists, key=lambda r: r["mean_nll"]) if finalists else None
