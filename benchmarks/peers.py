@@ -26,7 +26,6 @@ the benchmark folder ``benchmarks/results/peers-<model>-bench/`` (results.json, 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -94,9 +93,9 @@ def model_name(spec: str) -> str:
 
 def paired(nll: list[float], ref: list[float]) -> dict[str, float]:
     """Mean per-window NLL difference against the reference and its standard error (same windows)."""
-    d = [a - b for a, b in zip(nll, ref, strict=True)]
-    mean = sum(d) / len(d)
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) if len(d) > 1 else float("nan")
+    from owl_deploy.evaluate import paired_nll
+
+    mean, se = paired_nll(nll, ref)
     return {"delta_nll": mean, "delta_nll_se": se}
 
 

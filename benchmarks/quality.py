@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -40,6 +39,7 @@ from owl_deploy.configs import (
     replace,
 )
 from owl_deploy.data import calibration_windows, eval_tokens, heldout_tokens
+from owl_deploy.evaluate import paired_nll, resolved
 from owl_deploy.io import atomic_file, write_json
 from owl_deploy.prune import peak_rss_mb
 from owl_deploy.specs import load_model
@@ -48,12 +48,6 @@ from owl_deploy.tune import chosen, tune_owl
 
 RESULTS = Path(__file__).parent / "results"
 Config = tuple[PruneConfig, OwlConfig]
-
-
-def paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the per-window NLL difference a - b (same windows: a paired test)."""
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    return float(d.mean()), float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
 
 
 def configs(args) -> list[Config]:
@@ -134,13 +128,7 @@ def markdown(res: dict) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     for c in res["comparisons"]:
-        verdict = (
-            "OWL better"
-            if c["delta_nll"] < -2 * c["delta_se"]
-            else "uniform better"
-            if c["delta_nll"] > 2 * c["delta_se"]
-            else "not resolved"
-        )
+        verdict = {-1: "OWL better", 1: "uniform better", 0: "not resolved"}[resolved(c["delta_nll"], c["delta_se"])]
         lines.append(
             f"| {c['name']} | {c['sparsity']:.0%} | {c['ppl_uniform']:.2f} | {c['ppl_owl']:.2f} | "
             f"{c['delta_nll']:+.4f} ± {c['delta_se']:.4f} | {verdict} |"
@@ -181,15 +169,15 @@ def markdown(res: dict) -> str:
             "| Δ NLL vs uniform ± s.e. | verdict | tuned gain kept | tune cost |",
             "|---|---:|---|---:|---:|---:|---|---:|---:|",
         ]
-        resolved = {  # sparsities where the grid-tuned OWL's gain over uniform is resolved (2 s.e.)
+        tuned_wins = {  # sparsities where the grid-tuned OWL's gain over uniform is resolved (2 s.e.)
             (c["name"].split(" ")[0], c["sparsity"])
             for c in res["comparisons"]
-            if "(tuned" in c["name"] and c["delta_nll"] < -2 * c["delta_se"]
+            if "(tuned" in c["name"] and resolved(c["delta_nll"], c["delta_se"]) < 0
         }
         for r in d["rows"]:
             kept = (
                 f"{r['kept_of_tuned_gain']:.0%}"
-                if r["kept_of_tuned_gain"] is not None and (f"OWL+{r['method']}", r["sparsity"]) in resolved
+                if r["kept_of_tuned_gain"] is not None and (f"OWL+{r['method']}", r["sparsity"]) in tuned_wins
                 else "— (no resolved tuned gain)"
             )
             lines.append(
@@ -233,7 +221,7 @@ def pipeline_defaults(args, study: Study, model, tok, calib_ids, rows: list[dict
             rows.append({**row, "config": {**row["config"], "pipeline_default": True}, "tune": result})
             uniform = _row(rows, method, s, "uniform")
             tuned = _row(rows, method, s, "owl", tuned=True)
-            d, se = paired(row["window_nll"], uniform["window_nll"])
+            d, se = paired_nll(row["window_nll"], uniform["window_nll"])
             gain_tuned = None if tuned is None else uniform["mean_nll"] - tuned["mean_nll"]
             kept = (uniform["mean_nll"] - row["mean_nll"]) / gain_tuned if gain_tuned and gain_tuned > 0 else None
             prune_s = row["seconds"]["prune"] + row["seconds"]["owl_ratios"]
@@ -250,7 +238,7 @@ def pipeline_defaults(args, study: Study, model, tok, calib_ids, rows: list[dict
                     "ppl_default": row["perplexity"],
                     "delta_nll": d,
                     "delta_se": se,
-                    "verdict": "better" if d < -2 * se else "worse" if d > 2 * se else "same within noise",
+                    "verdict": {-1: "better", 1: "worse", 0: "same within noise"}[resolved(d, se)],
                     "ppl_tuned": None if tuned is None else tuned["perplexity"],
                     "kept_of_tuned_gain": kept,
                     "tune_seconds": result["seconds"]["total"],
@@ -488,7 +476,7 @@ def main() -> None:
             and u["config"]["sparsity"] == c["sparsity"]
             and u["config"]["nm"] == c["nm"]
         )
-        d, se = paired(r["window_nll"], base["window_nll"])
+        d, se = paired_nll(r["window_nll"], base["window_nll"])
         name = f"{label(c)} vs {c['method']}" + (f" {c['nm']}" if c["nm"] else "")
         comparisons.append(
             {

@@ -57,6 +57,21 @@ def window_nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return float(-logp.gather(1, ids[1:, None]).mean())
 
 
+def paired_nll(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-window NLL difference a - b on the same windows (a paired test: the
+    windows' own difficulty cancels, which resolves differences far below either perplexity's spread)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired windows differ in number: {len(a)} and {len(b)}")
+    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+    se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return float(d.mean()), se
+
+
+def resolved(delta: float, se: float, k: float = 2.0) -> int:
+    """-1 when ``delta`` is below zero by more than ``k`` standard errors, +1 above, 0 when not resolved."""
+    return -1 if delta < -k * se else 1 if delta > k * se else 0
+
+
 def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, progress: bool = True) -> Perplexity:
     """Perplexity of any model exposed as ``logits_fn`` over ``tokens`` (torch, ORT or DeepSparse)."""
     start = time.perf_counter()

@@ -16,7 +16,6 @@ Held-out windows are the tail of each calibration source (``data.heldout_tokens`
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
@@ -26,7 +25,7 @@ from torch import nn
 from owl_deploy.allocation import outlier_ratio, owl_nm, owl_sparsities, uniform_sparsities
 from owl_deploy.calibrate import SequentialRunner
 from owl_deploy.configs import OwlConfig, PruneConfig, TuneConfig, build
-from owl_deploy.evaluate import perplexity, torch_logits_fn, windows_of
+from owl_deploy.evaluate import paired_nll, perplexity, torch_logits_fn, windows_of
 from owl_deploy.model import block_linears, decoder_blocks
 from owl_deploy.prune import COMPUTE_DTYPES
 from owl_deploy.prune.magnitude import magnitude_mask
@@ -105,13 +104,6 @@ def score_candidate(
             lin.weight.copy_(w)
 
 
-def _paired(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the per-window difference a - b (the same windows: a paired test)."""
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    se = float(d.std(unbiased=True) / math.sqrt(len(d))) if len(d) > 1 else float("inf")
-    return float(d.mean()), se
-
-
 def tune_owl(
     model: nn.Module,
     calib_ids: torch.Tensor,
@@ -156,7 +148,7 @@ def tune_owl(
             r["nll"] = r["nll"] + score(block_targets(prune, stats.ratios[r["m"]], r["lambda"]), tail)
     for r in rows:
         nll = r.pop("nll")
-        delta, se = _paired(nll, uniform[: len(nll)])
+        delta, se = paired_nll(nll, uniform[: len(nll)])
         r.update(mean_nll=sum(nll) / len(nll), delta_nll_vs_uniform=delta, delta_se=se, windows=len(nll))
         r["finalist"] = len(nll) == len(uniform)
     score_seconds = time.perf_counter() - t0

@@ -12,7 +12,7 @@ import torch
 
 from owl_deploy import assets, data
 from owl_deploy.errors import OwlError
-from owl_deploy.evaluate import perplexity, torch_logits_fn
+from owl_deploy.evaluate import paired_nll, perplexity, resolved, torch_logits_fn
 
 CLI = [sys.executable, "-m", "owl_deploy"]
 
@@ -240,3 +240,15 @@ def test_max_tokens_tokenizes_a_prefix_with_the_whole_texts_tokens(smollm2, tmp_
     line = tmp_path / "line.txt"
     line.write_text(("word " * 7 + "punctuation, and digits 12345! ") * 20_000)  # 1 MB, no newline
     assert torch.equal(data.eval_tokens(tok, str(line), 512), data.tokenize(tok, line.read_text())[:512])
+
+
+def test_paired_nll_is_the_mean_difference_with_its_standard_error_and_resolved_needs_two_of_them():
+    import numpy as np
+
+    a, b = [3.0, 2.5, 4.0, 3.2], [2.9, 2.6, 3.8, 3.1]
+    d = np.array(a) - np.array(b)
+    mean, se = paired_nll(a, b)
+    assert mean == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / 2)
+    assert resolved(-0.5, 0.2) == -1 and resolved(0.5, 0.2) == 1 and resolved(0.3, 0.2) == 0
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_nll(a, b[:3])

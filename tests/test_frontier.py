@@ -1,0 +1,37 @@
+"""benchmarks/frontier.py's bookkeeping: the deployments it plans and the answer it gives per budget."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import frontier
+
+
+def test_plan_covers_every_sparsity_precision_and_recovery():
+    rows = frontier.plan([0.5, 0.7], recover=True)
+    names = [r["name"] for r in rows]
+    assert names[:2] == ["dense-fp32", "dense-int8"]
+    assert "recovered-70-int8" in names and "pruned-50-fp32" in names and len(names) == 2 + 2 * 2 * 2
+    assert not [r for r in frontier.plan([0.6], recover=False) if r["recovered"]]
+
+
+def _pt(name: str, ppl: float, tok: float, source: str = "pruned", engine: str = "deepsparse") -> dict:
+    return {"name": name, "perplexity": ppl, "decode_tokens_per_s": tok, "source": source, "engine": engine,
+            "vs_dense_fp32_ort": tok / 10, "vs_dense_int8_ort": tok / 20}  # fmt: skip
+
+
+def test_answers_pick_the_fastest_within_each_budget_and_name_a_faster_peer():
+    pts = [
+        _pt("dense-fp32 (ort)", 20.0, 10.0, "dense", "onnxruntime"),
+        _pt("dense-int8", 21.0, 30.0, "dense"),
+        _pt("pruned-50-int8", 24.0, 45.0),  # +20%: only inside the 25% budget
+        _pt("pruned-70-int8", 90.0, 80.0),  # fast and broken: never chosen
+        _pt("llama.cpp/q4_k_m", 21.5, 40.0, "peer", "llama.cpp"),
+    ]
+    ten, twenty_five = frontier.answers(pts)
+    assert "the fastest deployment is dense-int8" in ten and "a peer is faster: llama.cpp/q4_k_m" in ten
+    assert "the fastest deployment is pruned-50-int8" in twenty_five and "peer is faster" not in twenty_five
+    assert "4.50x dense fp32 ONNX Runtime" in twenty_five
