@@ -183,8 +183,10 @@ class RecoverConfig(Config):
     eval_every: int = Field(25, ge=1, description="Steps between held-out evaluations (and checkpoints).")
     patience: int = Field(4, ge=1, description="Held-out evaluations without improvement before stopping.")
     heldout_tokens: int = Field(4096, ge=16, description="Held-out calibration tokens for early stopping.")
-    compute_dtype: Literal[COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
-        "float32", description="bfloat16: CPU autocast of the forward and backward passes."
+    compute_dtype: Literal["auto", *COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="bfloat16: CPU autocast of the forward and backward passes; auto: bfloat16 where the CPU "
+        "multiplies bf16 natively (AVX512-BF16 or AMX), float32 elsewhere.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
     seed: int = Field(0, ge=0, description="Seed of the data order, the adapters' init and dropout.")

@@ -46,6 +46,17 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         lin.weight.masked_fill_(masks[name], 0.0)
 
 
+def resolve_dtype(name: str) -> str:
+    """``auto`` -> bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else float32: on
+    SmolLM2 at 70% bf16 autocast trains 2.1x faster with the merged perplexity within noise (README), while
+    emulated bf16 (AVX2) would be slower than float32."""
+    if name != "auto":
+        return name
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    native = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return "bfloat16" if native else "float32"
+
+
 def _autocast(dtype: str):
     return torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
@@ -129,6 +140,7 @@ def recover_model(
     wrapper for LoRA —, the training record). Resumes from ``checkpoint_dir`` when it holds a checkpoint."""
     if len(windows) < cfg.steps * cfg.batch_size:
         raise OwlError(f"{cfg.steps} steps x {cfg.batch_size} windows need {cfg.steps * cfg.batch_size} windows")
+    cfg = cfg.model_copy(update={"compute_dtype": resolve_dtype(cfg.compute_dtype)})
     torch.manual_seed(cfg.seed)
     masks = masks_of(model)
     model, params = _trainable(model, cfg, masks)
@@ -233,6 +245,8 @@ def run_recover(
     from owl_deploy.specs import load_model, resolve_model
 
     calibration = calibration or CalibrationConfig()
+    requested = cfg.compute_dtype
+    cfg = cfg.model_copy(update={"compute_dtype": resolve_dtype(requested)})
     if cfg.distill > 0 and teacher_spec is None:
         raise OwlError("distill > 0 needs a dense teacher (--teacher)")
     t_start = time.perf_counter()
@@ -273,6 +287,7 @@ def run_recover(
         "model": str(model_spec),
         "teacher": teacher_spec,
         "settings": cfg.to_json(),
+        "compute_dtype_requested": requested,
         "calibration": calibration.to_json(),
         "perplexity_text": evaluate.text if evaluate is not None else "held-out calibration windows",
         **record,

@@ -145,3 +145,14 @@ def test_cli_recover_then_export_proves_the_zeros(tmp_path):
     exported = export_model(out, tmp_path / "odir", ExportConfig(sequence_length=64, greedy_tokens=4),
                             engines=("onnxruntime",))  # fmt: skip
     assert exported["zeros_preserved"] and exported["zeros"]["total_onnx_zeros"] == report["zeros"]["pruned"]
+
+
+def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    from owl_deploy import recover
+
+    assert RecoverConfig().compute_dtype == "auto"
+    assert recover.resolve_dtype("float32") == "float32" and recover.resolve_dtype("bfloat16") == "bfloat16"
+    for bf16, amx, want in ((True, False, "bfloat16"), (False, True, "bfloat16"), (False, False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert recover.resolve_dtype("auto") == want
