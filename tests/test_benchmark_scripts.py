@@ -86,3 +86,27 @@ def test_quality_configs_restrict_a_method_to_some_sparsities():
     wanda = [("wanda", a, s) for s in (0.5, 0.6, 0.7) for a in ("uniform", "owl", "owl-inverse")]
     assert sorted(got) == sorted([*wanda, ("sparsegpt", "uniform", 0.7), ("sparsegpt", "owl", 0.7)])
     assert all(owl == OwlConfig() for _, owl in quality.configs(args))  # the paper's M, λ unless tuned
+
+
+def test_recovery_compare_pairs_windows_before_and_after_recovery(tmp_path):
+    import json
+
+    import recovery_compare
+
+    def folder(name: str, pruned: list[float], merged: list[float], allocation: str) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        rec = {"window_nll": {"pruned": pruned, "merged_remasked": merged}, "settings": {}, "wall_seconds": 1.0,
+               "perplexity": {"pruned": 2.0, "merged_remasked": 1.5}, "perplexity_text": "wiki"}  # fmt: skip
+        (d / "recover.json").write_text(json.dumps(rec))
+        (d / "sparsity.json").write_text(json.dumps({"allocation": allocation}))
+        return f"{name}={d}"
+
+    uni = folder("uniform", [3.0, 3.2, 3.1, 2.9], [2.0, 2.2, 2.1, 1.9], "uniform")
+    owl = folder("owl", [2.8, 3.0, 2.9, 2.7], [2.01, 2.19, 2.12, 1.9], "owl")  # better pruned, same recovered
+    rows = recovery_compare.compare([recovery_compare.load(uni), recovery_compare.load(owl)])
+    assert rows[0]["pruned"]["verdict"] == "reference"
+    assert rows[1]["pruned"]["verdict"] == "better" and rows[1]["pruned"]["delta_nll"] == pytest.approx(-0.2)
+    assert rows[1]["merged_remasked"]["verdict"] == "same within noise"
+    with pytest.raises(SystemExit, match="LABEL=FOLDER"):
+        recovery_compare.load(f"x={tmp_path}")
