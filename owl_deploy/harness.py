@@ -13,10 +13,12 @@ it deploys.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -146,10 +148,11 @@ def evaluate_tasks(
 
             model, tokenizer = load_model(model_spec)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=1, device="cpu")
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=list(tasks), limit=limit, task_manager=TaskManager(include_path=include),
-            log_samples=False, bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-        )  # fmt: skip
+        with contextlib.redirect_stdout(sys.stderr):  # lm-eval prints progress on stdout; --json owns it
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), limit=limit, task_manager=TaskManager(include_path=include),
+                log_samples=False, bootstrap_iters=1000, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
+            )  # fmt: skip
     out = {}
     for task in tasks:
         r = results["results"][task]

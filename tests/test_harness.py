@@ -60,5 +60,7 @@ def test_torch_model_and_its_deployment_score_the_same(tmp_path):
     assert math.log(onnx_res["perplexity"]) == pytest.approx(math.log(torch_res["perplexity"]), rel=1e-3)
     res = CliRunner().invoke(main, ["eval", "--model", str(odir), "--tasks", "lambada_wiki", "--limit", "3"])
     assert res.exit_code == 0 and "lambada_wiki: accuracy" in res.output and "on 3 items" in res.output
+    res = CliRunner().invoke(main, ["eval", "--model", str(odir), "--tasks", "lambada_wiki", "--limit", "3", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["tasks"]["lambada_wiki"]["items"] == 3  # stdout: JSON only
     res = CliRunner().invoke(main, ["eval", "--model", str(odir), "--tasks", "nope"])
     assert res.exit_code == 1 and "unknown task(s) nope" in res.stderr
