@@ -35,3 +35,13 @@ def test_answers_pick_the_fastest_within_each_budget_and_name_a_faster_peer():
     assert "the fastest deployment is dense-int8" in ten and "a peer is faster: llama.cpp/q4_k_m" in ten
     assert "the fastest deployment is pruned-50-int8" in twenty_five and "peer is faster" not in twenty_five
     assert "4.50x dense fp32 ONNX Runtime" in twenty_five
+
+
+def test_versus_dense_int8_names_a_winner_or_how_far_the_best_sparse_one_is():
+    ref = _pt("dense-int8", 25.0, 100.0, "dense")
+    close = _pt("pruned-50-int8", 26.0, 120.0)  # +4%, faster: meets the bar
+    broken = _pt("pruned-70-int8", 800.0, 150.0)
+    assert frontier.versus_dense_int8([ref, close, broken]).startswith("pruned-50-int8 beats dense int8")
+    slow = _pt("pruned-50-int8", 26.0, 90.0)  # close in quality, but slower
+    line = frontier.versus_dense_int8([ref, slow, broken])
+    assert line.startswith("no sparse deployment beats dense int8") and "pruned-50-int8" in line and "0.90x" in line
