@@ -48,7 +48,7 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
 
 def resolve_dtype(name: str) -> str:
     """``auto`` -> bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else float32: on
-    SmolLM2 at 70% bf16 autocast trains 2.1x faster with the merged perplexity within noise (README), while
+    SmolLM2 at 70% bf16 autocast trains 2.1x faster and lands at the same perplexity (169.5 vs 170.7; README), while
     emulated bf16 (AVX2) would be slower than float32."""
     if name != "auto":
         return name
