@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owl_deploy.bench.machine import hardware_info, versions_info  # noqa: E402
-from owl_deploy.io import atomic_file, write_json  # noqa: E402
+from owl_deploy.io import atomic_file, write_json, write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CLI = [str(Path(sys.executable).with_name("owl-deploy"))]
@@ -215,8 +215,7 @@ def quality(a: argparse.Namespace, work: Path, name: str, odir: Path) -> dict:
     acc = json.loads(sh(["eval", "--model", str(odir), "--tasks", "lambada_wiki", "--limit", str(a.limit), "--json"]))
     res = {"perplexity": ppl, "tasks": acc["tasks"]}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(cache) as fh:
-        fh.write(json.dumps(res, sort_keys=True))
+    write_json(cache, res)
     return res
 
 
@@ -247,78 +246,36 @@ def points(
     checks: dict | None = None,
 ) -> list[dict]:
     """One point per deployment (and peer): perplexity, accuracy, decode tok/s and the two ratios."""
-    allocations = allocations or {}
+    allocations, checks = allocations or {}, checks or {}
     runs = res["runs"]
     ref = runs["onnxruntime/dense"]["decode_tokens_per_s"]["median"]
     ref8 = runs["onnxruntime/dense-int8"]["decode_tokens_per_s"]["median"]
+
+    def speed(key: str) -> dict:
+        tok = runs[key]["decode_tokens_per_s"]["median"]
+        return {"decode_tokens_per_s": tok, "decode_p10_p90": _spread(runs[key]), "timed_as": key,
+                "vs_dense_fp32_ort": tok / ref, "vs_dense_int8_ort": tok / ref8}  # fmt: skip
+
+    def scored(name: str) -> dict:
+        q, task = qual[name], qual[name]["tasks"]["lambada_wiki"]
+        return {"perplexity": q["perplexity"]["perplexity"], "accuracy": task["acc"],
+                "accuracy_stderr": task["acc_stderr"]}  # fmt: skip
+
     pts = []
     for r in rows:
         timed_as = r["name"].replace("recovered", "pruned")
         key = "deepsparse/dense" if timed_as == "dense-fp32" else f"deepsparse/{timed_as}"
-        tok, spread = runs[key]["decode_tokens_per_s"]["median"], _spread(runs[key])
-        q = qual[r["name"]]
-        task = q["tasks"]["lambada_wiki"]
         alloc = allocations.get(f"{r['sparsity']:g}", {})
-        pts.append(
-            {
-                **r,
-                **(checks or {}).get(r["name"], {}),
-                "allocation": _alloc_label(alloc),
-                "engine": "deepsparse",
-                "perplexity": q["perplexity"]["perplexity"],
-                "accuracy": task["acc"],
-                "accuracy_stderr": task["acc_stderr"],
-                "decode_tokens_per_s": tok,
-                "decode_p10_p90": spread,
-                "timed_as": key,
-                "vs_dense_fp32_ort": tok / ref,
-                "vs_dense_int8_ort": tok / ref8,
-            }
-        )
-    for name, key, label in (
-        ("dense-fp32", "onnxruntime/dense", "ort"),
-        ("dense-int8", "onnxruntime/dense-int8", "ort"),
-    ):
-        tok, spread = runs[key]["decode_tokens_per_s"]["median"], _spread(runs[key])
-        q = qual[name]
-        pts.append(
-            {
-                "name": f"{name} ({label})",
-                "source": "dense",
-                "precision": name.split("-")[1],
-                "sparsity": 0.0,
-                "recovered": False,
-                "engine": "onnxruntime",
-                "perplexity": q["perplexity"]["perplexity"],
-                "accuracy": q["tasks"]["lambada_wiki"]["acc"],
-                "accuracy_stderr": q["tasks"]["lambada_wiki"]["acc_stderr"],
-                "decode_tokens_per_s": tok,
-                "decode_p10_p90": spread,
-                "timed_as": key,
-                "vs_dense_fp32_ort": tok / ref,
-                "vs_dense_int8_ort": tok / ref8,
-            }
-        )
+        pts.append({**r, **checks.get(r["name"], {}), "allocation": _alloc_label(alloc), "engine": "deepsparse",
+                    **scored(r["name"]), **speed(key)})  # fmt: skip
+    dense = {"source": "dense", "sparsity": 0.0, "recovered": False, "engine": "onnxruntime"}
+    for name, key in (("dense-fp32", "onnxruntime/dense"), ("dense-int8", "onnxruntime/dense-int8")):
+        pts.append({**dense, "name": f"{name} (ort)", "precision": name.split("-")[1], **scored(name), **speed(key)})
     for key in res.get("peers") or {}:
-        tok, spread = runs[key]["decode_tokens_per_s"]["median"], _spread(runs[key])
-        pts.append(
-            {
-                "name": key,
-                "source": "peer",
-                "precision": key.split("/")[1],
-                "sparsity": 0.0,
-                "recovered": False,
-                "engine": key.split("/")[0],
-                "perplexity": (peers_quality.get(key) or {}).get("perplexity"),
-                "accuracy": None,
-                "accuracy_stderr": None,
-                "decode_tokens_per_s": tok,
-                "decode_p10_p90": spread,
-                "timed_as": key,
-                "vs_dense_fp32_ort": tok / ref,
-                "vs_dense_int8_ort": tok / ref8,
-            }
-        )
+        engine, label = key.split("/")
+        pts.append({"name": key, "source": "peer", "precision": label, "sparsity": 0.0, "recovered": False,
+                    "engine": engine, "perplexity": (peers_quality.get(key) or {}).get("perplexity"),
+                    "accuracy": None, "accuracy_stderr": None, **speed(key)})  # fmt: skip
     return pts
 
 
@@ -499,7 +456,6 @@ def main(argv: list[str] | None = None) -> None:
     rows = plan(a.sparsities, a.recover)
     folders, allocations = build(a, work, rows)
     qual = {n: quality(a, work, n, f) for n, f in folders.items()}
-    loadavg = [round(x, 2) for x in os.getloadavg()]
     res_bench = bench(a, work, folders)
     peers_file = RESULTS / f"peers-{name}.json"
     peers_quality = {}
@@ -520,18 +476,16 @@ def main(argv: list[str] | None = None) -> None:
         "allocations": allocations,
         "bench_noisy": res_bench["noise"]["noisy"],
         "bench_other_cpu": res_bench["noise"].get("other_cpu_mean", 0.0),
-        "loadavg_before": loadavg,
+        "loadavg_before": res_bench["noise"]["loadavg_before"],
         "minutes": (time.perf_counter() - t0) / 60,
         "argv": sys.argv[1:],
         "hardware": hardware_info(measure_bandwidth=False),
         "versions": versions_info(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"frontier-{name}.json", res)
-    with atomic_file(RESULTS / f"frontier-{name}.md") as fh:
-        fh.write(markdown(res))
+    md = markdown(res)
+    write_report(RESULTS / f"frontier-{name}", res, md)
     plot(res, RESULTS / f"frontier-{name}.png")
-    print(markdown(res))
+    print(md)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from owl_deploy.configs import (
 )
 from owl_deploy.data import calibration_windows, eval_tokens, heldout_tokens
 from owl_deploy.evaluate import paired_nll, resolved
-from owl_deploy.io import atomic_file, write_json
+from owl_deploy.io import atomic_file, write_json, write_report
 from owl_deploy.prune import peak_rss_mb
 from owl_deploy.specs import load_model
 from owl_deploy.study import Study, tune_grid
@@ -526,11 +526,10 @@ def main() -> None:
         "pipeline_default": defaults,
     }
     res["plots"] = plots(res, stem)
-    write_json(RESULTS / f"{stem}.json", res)
-    with atomic_file(RESULTS / f"{stem}.md") as fh:
-        fh.write(markdown(res))
+    md = markdown(res)
+    write_report(RESULTS / stem, res, md)
     done.remove()
-    print(markdown(res))
+    print(md)
 
 
 class Checkpoint:

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owl_deploy.evaluate import paired_nll, resolved  # noqa: E402
-from owl_deploy.io import atomic_file, write_json  # noqa: E402
+from owl_deploy.io import write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 VERDICT = {-1: "better", 1: "worse", 0: "same within noise"}
@@ -97,11 +97,9 @@ def main(argv: list[str] | None = None) -> None:
     base = runs[0]["recover"]
     res = {"rows": rows, "text": base.get("perplexity_text"), "windows": len(base["window_nll"]["pruned"]),
            "argv": sys.argv[1:]}  # fmt: skip
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"{a.out_stem}.json", res)
-    with atomic_file(RESULTS / f"{a.out_stem}.md") as fh:
-        fh.write(markdown(res))
-    print(markdown(res))
+    md = markdown(res)
+    write_report(RESULTS / a.out_stem, res, md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owl_deploy.bench.machine import CpuMonitor, hardware_info, versions_info  # noqa: E402
-from owl_deploy.io import atomic_file, write_json  # noqa: E402
+from owl_deploy.io import write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMA_SERVER = "llama-server"  # the ENGINE of --server LABEL=llama-server:PATH.gguf
@@ -394,11 +394,9 @@ def main(argv: list[str] | None = None) -> None:
         "versions": versions_info(),
         "argv": sys.argv[1:],
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"serve-load-{a.name}.json", res)
-    with atomic_file(RESULTS / f"serve-load-{a.name}.md") as fh:
-        fh.write(markdown(res))
-    print(markdown(res))
+    md = markdown(res)
+    write_report(RESULTS / f"serve-load-{a.name}", res, md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -93,3 +93,13 @@ def write_json(dest: Path, obj: Any) -> None:
     with atomic_file(dest) as fh:
         json.dump(obj, fh, indent=2, sort_keys=True)
         fh.write("\n")
+
+
+def write_report(stem: Path, obj: Any, markdown: str) -> None:
+    """A benchmark's record: ``<stem>.json`` (the numbers) and ``<stem>.md`` (their tables), each atomic.
+
+    ``stem`` may hold dots (``quality-qwen2.5-coder-1.5b``): the suffixes are appended, never substituted."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    write_json(stem.with_name(f"{stem.name}.json"), obj)
+    with atomic_file(stem.with_name(f"{stem.name}.md")) as fh:
+        fh.write(markdown)

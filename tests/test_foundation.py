@@ -252,3 +252,15 @@ def test_paired_nll_is_the_mean_difference_with_its_standard_error_and_resolved_
     assert resolved(-0.5, 0.2) == -1 and resolved(0.5, 0.2) == 1 and resolved(0.3, 0.2) == 0
     with pytest.raises(ValueError, match="differ in number"):
         paired_nll(a, b[:3])
+
+
+def test_write_report_appends_suffixes_to_a_dotted_stem_and_makes_the_folder(tmp_path):
+    from owl_deploy.io import write_report
+
+    write_report(tmp_path / "results" / "quality-qwen2.5-coder-1.5b", {"b": 1, "a": 2}, "# table\n")
+    assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+        "quality-qwen2.5-coder-1.5b.json",
+        "quality-qwen2.5-coder-1.5b.md",
+    ]
+    assert json.loads((tmp_path / "results" / "quality-qwen2.5-coder-1.5b.json").read_text()) == {"a": 2, "b": 1}
+    assert (tmp_path / "results" / "quality-qwen2.5-coder-1.5b.md").read_text() == "# table\n"
