@@ -5,7 +5,8 @@
 * ``session.forward(ids)`` feeds tokens after those already cached and returns their logits
   ``[len(ids), vocab]``: whole chunks of ``prefill_length`` go through the multi-token graph, the rest
   one at a time through the single-token graph — the same split DeepSparse's TextGeneration pipeline
-  makes (both graphs are the one ``model.onnx`` with its input shapes re-declared).
+  makes (both graphs are the one ``model.onnx`` with its input shapes re-declared). ONNX Runtime's one
+  graph takes any length: there the rest is one last, shorter chunk.
 * ``session.step(token)`` is ``forward([token])[0]``; ``session.reset()`` empties the cache.
 * ``session.generate(prompt_ids, max_new_tokens)`` is greedy decoding that yields token ids as they
   are produced (prefill, then decode, explicitly).
@@ -236,12 +237,12 @@ class Session:
         out = []
         pos = 0
         p = self.prefill_length
-        while p > 1 and len(ids) - pos >= p:
-            out.append(self._run(ids[pos : pos + p]))
-            pos += p
+        any_length = None in self._graphs  # ONNX Runtime: one graph takes any number of tokens
         while pos < len(ids):
-            out.append(self._run(ids[pos : pos + 1]))
-            pos += 1
+            left = len(ids) - pos
+            n = min(p, left) if any_length else (p if left >= p else 1)
+            out.append(self._run(ids[pos : pos + n]))
+            pos += n
         return np.concatenate(out, axis=0)
 
     def step(self, token: int) -> np.ndarray:

@@ -86,6 +86,21 @@ def test_forward_matches_torch_in_any_split(tiny, sessions, cfg):
     assert s.num_cached == len(IDS)
 
 
+def test_onnxruntime_feeds_the_rest_of_a_prompt_in_one_call(sessions):
+    """ONNX Runtime's graph takes any length: 19 tokens at prefill length 8 are 8 + 8 + 3, not 8 + 8 + 1 + 1 + 1;
+    DeepSparse's graphs have static lengths, so its rest goes one token at a time."""
+    for cfg, want in [(("onnxruntime", None, 8), [8, 8, 3]), (("deepsparse", "external", 8), [8, 8, 1, 1, 1])]:
+        s = sessions[cfg]
+        calls, run = [], s._run
+        s._run = lambda ids, run=run, calls=calls: calls.append(len(ids)) or run(ids)
+        try:
+            s.reset()
+            s.forward(IDS[:19])
+        finally:
+            del s._run
+        assert calls == want, cfg
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[0]}-{c[1]}-p{c[2]}")
 def test_generate_streams_torch_greedy_tokens(tiny, sessions, cfg):
     _, model, _ = tiny
