@@ -280,15 +280,20 @@ class ServeConfig(Config):
         description="Engine that prefills prompts; auto: ONNX Runtime for int8 deployments (DeepSparse's "
         "multi-token int8 kernels are inexact), the decode engine otherwise.",
     )
-    prefill_length: int = Field(16, ge=1, description="Prompt tokens per prefill call (1 or a multiple of 4).")
+    prefill_length: int | None = Field(
+        None,
+        ge=1,
+        description="Prompt tokens per prefill call (1 or a multiple of 4; default: 16 in DeepSparse, a graph "
+        "per length, and 128 in ONNX Runtime, one graph for any length).",
+    )
     sequence_length: int | None = Field(None, ge=2, description="Override the exported context length.")
     model_name: str | None = Field(None, description="Model id in the API (default: the folder's name).")
     drain_seconds: float = Field(60.0, ge=0, description="On SIGTERM, time given to in-flight requests.")
 
     @field_validator("prefill_length")
     @classmethod
-    def _prefill(cls, value: int) -> int:
-        return _check_prefill(value)
+    def _prefill(cls, value: int | None) -> int | None:
+        return None if value is None else _check_prefill(value)
 
     @model_validator(mode="after")
     def _batches(self) -> ServeConfig:

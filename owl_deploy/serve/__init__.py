@@ -32,6 +32,12 @@ def is_int8(folder: Path) -> bool:
     return any(n.op_type == "MatMulInteger" for n in proto.graph.node)
 
 
+#: prompt tokens per prefill call by engine: DeepSparse compiles a graph per length (16: what exports verify);
+#: ONNX Runtime's one graph takes any length, and a whole 128-token prompt in one call is cheaper than in
+#: chunks (each chunk reads the weights and the whole static-length cache again; README, "Serving")
+PREFILL_LENGTH = {"deepsparse": 16, "onnxruntime": 128}
+
+
 def build_scheduler(folder: Path, cfg: ServeConfig):
     """Compile the prefill session and the batched decoder; the scheduler that runs them (not started)."""
     from owl_deploy import runtime
@@ -41,11 +47,14 @@ def build_scheduler(folder: Path, cfg: ServeConfig):
     if prefill_engine == "auto":
         prefill_engine = "onnxruntime" if is_int8(folder) else cfg.engine
     decoder = runtime.compile_decoder(folder, cfg.engine, cfg.compiled_batch_sizes, cfg.sequence_length, cfg.threads)
+    prefill_length = cfg.prefill_length
+    if prefill_length is None:  # the engine's default, shortened to fit a short context
+        prefill_length = min(PREFILL_LENGTH[prefill_engine], (decoder.sequence_length - 1) // 4 * 4) or 1
     prefill = runtime.compile(
         folder,
         prefill_engine,
         sequence_length=decoder.sequence_length,
-        prefill_length=cfg.prefill_length,
+        prefill_length=prefill_length,
         kv_cache="external",
         threads=cfg.threads,
     )
