@@ -6,12 +6,13 @@
         --server dense-int8=onnxruntime:out/int8/dense-int8 \\
         --server dense-fp32=onnxruntime:out/int8/dense-fp32
 
-Every server is an ``owl-deploy serve`` subprocess (one at a time: a server beside another ruins both).
-A bounded, self-stopping client keeps ``c`` streaming requests in flight (each client sends its share of a
-fixed list of prompts cut from the evaluation text, then stops), and measures per request the time to the
-first token and between tokens, and per level the aggregate output tokens/s. Greedy answers at every
-concurrency are compared with the concurrency-1 answers for the same prompts: a batched server must answer
-exactly what it answers alone. Writes benchmarks/results/serve-load-<name>.{json,md}.
+Every server is an ``owl-deploy serve`` subprocess (one at a time: a server beside another ruins both). A bounded,
+self-stopping client keeps ``c`` streaming requests in flight (each client sends its share of a fixed list of
+prompts cut from the evaluation text, then stops; ``--arrivals staggered``, the default, spreads the clients' first
+requests over one c=1 request's time, ``burst`` starts them together), and measures per request the time to the
+first token and between tokens, and per level the aggregate output tokens/s. Greedy answers at every concurrency are
+compared with the concurrency-1 answers for the same prompts: a batched server must answer exactly what it answers
+alone. Writes benchmarks/results/serve-load-<name>.{json,md}.
 
 llama.cpp's own server is a peer: ``--server LABEL=llama-server:PATH.gguf`` starts the C++ ``llama-server``
 (continuous batching, ``--llama-slots`` parallel slots, default the largest concurrency) built by
@@ -23,14 +24,15 @@ llama.cpp's own server is a peer: ``--server LABEL=llama-server:PATH.gguf`` star
         --server llama.cpp-q8_0=llama-server:out/peers/smollm2-135m/llama.cpp-q8_0/model.gguf
 
 It runs as ``llama-server -m GGUF --host 127.0.0.1 --port P -t THREADS -c SLOTS*CTX -np SLOTS --cont-batching
---no-cache-prompt --cache-ram 0 -a LABEL``, CTX = prompt + max tokens + a margin (llama.cpp pads it to 256), so
-every slot holds a whole request. Its requests add ``"temperature": 0`` (greedy: llama.cpp's default is 0.8)
-and ``"cache_prompt": false``; with ``--no-cache-prompt --cache-ram 0`` neither a slot's KV cache nor the RAM
-prompt cache is reused across requests, so every request pays its whole prefill (as in ``owl-deploy serve``)
-and TTFT stays comparable. The same client drives both servers: llama-server streams one OpenAI
-``text_completion`` chunk per token and puts the ``usage`` (completion tokens) in its last chunk. The
-tokenizer that cuts the prompts is ``--tokenizer``, else the first ``owl-deploy`` folder, else the ``source``
-recorded in the ``peer.json`` beside the GGUF.
+--no-cache-prompt --cache-ram 0 -a LABEL``, CTX = prompt + max tokens + a margin, rounded up to 256 as llama.cpp
+does (``--sequence-length``), so every slot holds a whole request; the owl-deploy servers get the same context per
+sequence (``serve --sequence-length CTX``). Its requests add ``"temperature": 0`` (greedy: llama.cpp's default is
+0.8) and ``"cache_prompt": false``; with ``--no-cache-prompt --cache-ram 0`` neither a slot's KV cache nor the RAM
+prompt cache is reused across requests, so every request pays its whole prefill (as in ``owl-deploy serve``) and
+TTFT stays comparable. The same client drives both servers: llama-server streams one OpenAI ``text_completion``
+chunk per token and puts the ``usage`` (completion tokens) in its last chunk. The tokenizer that cuts the prompts is
+``--tokenizer``, else the first ``owl-deploy`` folder, else the ``source`` recorded in the ``peer.json`` beside the
+GGUF.
 """
 
 from __future__ import annotations
@@ -61,6 +63,35 @@ LLAMA_SERVER = "llama-server"  # the ENGINE of --server LABEL=llama-server:PATH.
 #: what a llama-server request adds to the body (owl-deploy's API forbids unknown fields): greedy, no prompt cache
 LLAMA_SERVER_BODY = {"temperature": 0.0, "cache_prompt": False}
 CTX_MARGIN = 16  # tokens per slot beyond prompt + max tokens: a BOS, and llama.cpp's own tokenization of the prompt
+CTX_PAD = 256  # llama.cpp rounds a slot's context up to a multiple of this
+
+
+ARRIVALS = {
+    "burst": "every level's clients start together",
+    "staggered": "clients start spread over one c=1 request's time (then each sends its next request as its last ends)",
+}
+
+
+def slot_context(prompt_tokens: int, max_tokens: int) -> int:
+    """The context every server gets per sequence: prompt + max tokens + margin, rounded up as llama.cpp does.
+
+    owl-deploy's graphs attend over their whole static length and llama-server over its padded slot, so both
+    serve at this length (the deployment's exported 512 would make every owl-deploy step read twice the cache).
+    """
+    need = prompt_tokens + max_tokens + CTX_MARGIN
+    return -(-need // CTX_PAD) * CTX_PAD
+
+
+def start_offsets(concurrency: int, request_seconds: float | None, arrivals: str) -> list[float]:
+    """When each client sends its first request: all at once (``burst``), or spread over one request's time.
+
+    With equal prompts and lengths, clients that start together finish together and arrive together again:
+    every request then queues behind the others' prefills (the burst case). Spread starts, they stay spread,
+    as independent users are; ``staggered`` spaces them by a c=1 request's time over the concurrency.
+    """
+    if arrivals == "burst" or concurrency == 1 or not request_seconds:
+        return [0.0] * concurrency
+    return [w * request_seconds / concurrency for w in range(concurrency)]
 
 
 def tokenizer_folder(given: str | None, servers: list[tuple[str, str, Path]]) -> Path:
@@ -134,9 +165,16 @@ async def one(client, url: str, model: str, prompt: str, max_tokens: int, extra:
 
 
 async def level(
-    url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int, extra: dict | None = None
+    url: str,
+    model: str,
+    prompts: list[str],
+    concurrency: int,
+    max_tokens: int,
+    extra: dict | None = None,
+    offsets: list[float] | None = None,
 ) -> dict:
-    """``concurrency`` clients, each sending its share of ``prompts`` one after another; then it stops."""
+    """``concurrency`` clients, each sending its share of ``prompts`` one after another (the first after its
+    ``offsets`` delay); then it stops."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -144,6 +182,8 @@ async def level(
         results: dict[int, dict] = {}
 
         async def worker(w: int) -> None:
+            if offsets:
+                await asyncio.sleep(offsets[w])
             for i in range(w, len(prompts), concurrency):
                 results[i] = await one(client, url, model, prompts[i], max_tokens, extra)
 
@@ -163,6 +203,7 @@ async def level(
 
     return {
         "concurrency": concurrency,
+        "start_offsets": [round(x, 3) for x in offsets or []],
         "requests": len(prompts),
         "errors": [r["error"] for r in results.values() if "error" in r],
         "wall_seconds": round(wall, 3),
@@ -170,6 +211,7 @@ async def level(
         "tokens_from_usage": sum(bool(r["usage"]) for r in ok),
         "aggregate_tokens_per_s": tokens / wall if wall else None,
         "per_stream_tokens_per_s": float(np.median([r["tokens"] / r["seconds"] for r in ok])) if ok else None,
+        "request_seconds_p50": float(np.median([r["seconds"] for r in ok])) if ok else None,
         "ttft_p50": pct(ttft, 50),
         "ttft_p99": pct(ttft, 99),
         "itl_p50": pct(itl, 50),
@@ -220,13 +262,13 @@ def _command(label: str, engine: str, target: Path, args, prompts: list[str], po
     if engine != LLAMA_SERVER:
         cmd = [sys.executable, "-m", "owl_deploy", "serve", str(target), "--engine", engine, "--port", str(port)]
         cmd += ["--max-batch", str(max(args.concurrency)), "--max-queue", str(4 * len(prompts))]
-        cmd += ["--model-name", label]
+        cmd += ["--model-name", label, "--sequence-length", str(args.sequence_length)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         return cmd, {}
     binary = llama_server_binary(args.llama_server_bin)
     slots = args.llama_slots or max(args.concurrency)
-    per_slot = args.prompt_tokens + args.max_tokens + CTX_MARGIN  # llama.cpp pads it to a multiple of 256
+    per_slot = args.sequence_length  # llama.cpp pads it to a multiple of CTX_PAD
     threads = args.threads or physical_cores()
     flags = ["-m", str(target), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
              "-c", str(slots * per_slot), "-np", str(slots), "--cont-batching", "--no-cache-prompt",
@@ -282,9 +324,13 @@ def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) 
             info["props"]["n_ctx_per_slot"] = props.get("default_generation_settings", {}).get("n_ctx")
         asyncio.run(level(url, label, prompts[:2], 1, 4, extra))  # warm-up (not recorded)
         levels = []
+        single = None  # a c=1 request's seconds: the spacing of staggered starts
         for c in args.concurrency:
-            levels.append(asyncio.run(level(url, label, prompts, c, args.max_tokens, extra)))
+            offsets = start_offsets(c, single, args.arrivals)
+            levels.append(asyncio.run(level(url, label, prompts, c, args.max_tokens, extra, offsets)))
             lv = levels[-1]
+            if c == 1:
+                single = lv["request_seconds_p50"]
             print(f"[serve-load] {label} c={c}: {_num(lv['aggregate_tokens_per_s'], '.1f')} tok/s aggregate, "
                   f"TTFT p50 {_num(lv['ttft_p50'], '.3f')} s p99 {_num(lv['ttft_p99'], '.3f')} s, ITL p50 "
                   f"{_num(lv['itl_p50'], '.1f', 1e3)} ms, {len(lv['errors'])} errors, {lv['output_tokens']} "
@@ -317,7 +363,8 @@ def markdown(res: dict) -> str:
         f"Generated by `benchmarks/serve_load.py` in {res['seconds'] / 60:.1f} min on {res['hardware']['cpu_model']} "
         f"({res['hardware']['physical_cores']} cores; flags {flags}). "
         f"{res['requests']} streaming requests per level, prompts of {res['prompt_tokens']} tokens from "
-        f"`{res['text']}`, {res['max_tokens']} greedy tokens each; every server alone; load average before "
+        f"`{res['text']}`, {res['max_tokens']} greedy tokens each, a context of {res['sequence_length']} tokens "
+        f"per sequence in every server; {ARRIVALS[res['arrivals']]}; every server alone; load average before "
         f"{res['loadavg_before']}, after {res['loadavg_after']}.",
         "",
         "| server | c | aggregate tok/s | per stream tok/s | TTFT p50 / p99 s | ITL p50 / p99 ms | errors "
@@ -363,12 +410,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--text", default="wiki")
+    p.add_argument(
+        "--arrivals",
+        choices=sorted(ARRIVALS),
+        default="staggered",
+        help="clients start together (burst) or spread over one c=1 request's time [staggered]",
+    )
+    p.add_argument(
+        "--sequence-length",
+        type=int,
+        default=None,
+        help="context per sequence of every server [prompt + max tokens + 16, rounded up to 256]",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--name", default="smollm2-135m")
     p.add_argument("--tokenizer", default=None, help="HF folder whose tokenizer cuts the prompts [see above]")
     p.add_argument("--llama-slots", type=int, default=None, help="llama-server -np [the largest concurrency]")
     p.add_argument("--llama-server-bin", default=None, help="[what benchmarks/build_llama_server.sh installs]")
     a = p.parse_args(argv)
+    need = a.prompt_tokens + a.max_tokens + CTX_MARGIN
+    a.sequence_length = a.sequence_length or slot_context(a.prompt_tokens, a.max_tokens)
+    if a.sequence_length < need:
+        p.error(f"--sequence-length {a.sequence_length} cannot hold a prompt, its max tokens and the margin ({need})")
+    if a.arrivals == "staggered" and a.concurrency[0] != 1:
+        p.error("--arrivals staggered spaces clients by a c=1 request's time: --concurrency must start with 1")
     servers = []
     for item in a.server:
         label, _, rest = item.partition("=")
@@ -386,6 +451,8 @@ def main(argv: list[str] | None = None) -> None:
         "requests": a.requests,
         "prompt_tokens": a.prompt_tokens,
         "max_tokens": a.max_tokens,
+        "sequence_length": a.sequence_length,
+        "arrivals": a.arrivals,
         "text": a.text,
         "loadavg_before": before,
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],

@@ -367,3 +367,23 @@ def test_smollm2_served_batched_equals_batch_1(smollm2_dir, tmp_path):
         chat = {"model": "smol", "messages": [{"role": "user", "content": "What is the capital of France?"}]}
         r = httpx.post(f"{base}/v1/chat/completions", json={**chat, "max_tokens": 20}, timeout=300)
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
+
+
+# ---------------------------------------------------------------- benchmarks/serve_load.py's client
+def test_load_client_staggers_starts_and_every_answer_matches_c1(server):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import asyncio
+
+    import serve_load
+
+    assert serve_load.slot_context(128, 64) == 256 and serve_load.slot_context(128, 113) == 512
+    assert serve_load.start_offsets(4, 2.0, "burst") == [0.0] * 4
+    assert serve_load.start_offsets(4, 2.0, "staggered") == [0.0, 0.5, 1.0, 1.5]
+    assert serve_load.start_offsets(1, 2.0, "staggered") == [0.0]
+    prompts = [f"Prompt number {i} says" for i in range(6)]
+    one = asyncio.run(serve_load.level(server, "tiny-odir", prompts, 1, 8))
+    offsets = serve_load.start_offsets(3, one["request_seconds_p50"], "staggered")
+    three = asyncio.run(serve_load.level(server, "tiny-odir", prompts, 3, 8, offsets=offsets))
+    assert not one["errors"] and not three["errors"] and three["start_offsets"] == [round(x, 3) for x in offsets]
+    assert three["texts"] == one["texts"] and all(t is not None for t in one["texts"].values())
+    assert three["wall_seconds"] >= offsets[-1]  # the last client really waited for its start
