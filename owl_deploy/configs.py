@@ -283,8 +283,7 @@ class ServeConfig(Config):
     prefill_length: int | None = Field(
         None,
         ge=1,
-        description="Prompt tokens per prefill call (1 or a multiple of 4; default: 16 in DeepSparse, a graph "
-        "per length, and 128 in ONNX Runtime, one graph for any length).",
+        description="Prompt tokens per prefill call (1 or a multiple of 4; default: 128, or what fits the context).",
     )
     sequence_length: int | None = Field(None, ge=2, description="Override the exported context length.")
     model_name: str | None = Field(None, description="Model id in the API (default: the folder's name).")

@@ -5,8 +5,10 @@
 * ``session.forward(ids)`` feeds tokens after those already cached and returns their logits
   ``[len(ids), vocab]``: whole chunks of ``prefill_length`` go through the multi-token graph, the rest
   one at a time through the single-token graph — the same split DeepSparse's TextGeneration pipeline
-  makes (both graphs are the one ``model.onnx`` with its input shapes re-declared). ONNX Runtime's one
-  graph takes any length: there the rest is one last, shorter chunk.
+  makes (both graphs are the one ``model.onnx`` with its input shapes re-declared). Past 16 tokens a
+  DeepSparse session also compiles the 16-token graph, so the rest goes in 16-token chunks before single
+  tokens (a 127-token prompt at 128 is 7 x 16 + 15 x 1 calls, not 127). ONNX Runtime's one graph takes any
+  length: there the rest is one last, shorter chunk.
 * ``session.step(token)`` is ``forward([token])[0]``; ``session.reset()`` empties the cache.
 * ``session.generate(prompt_ids, max_new_tokens)`` is greedy decoding that yields token ids as they
   are produced (prefill, then decode, explicitly).
@@ -238,9 +240,10 @@ class Session:
         pos = 0
         p = self.prefill_length
         any_length = None in self._graphs  # ONNX Runtime: one graph takes any number of tokens
+        lengths = sorted((n for n in self._graphs if n is not None), reverse=True)
         while pos < len(ids):
             left = len(ids) - pos
-            n = min(p, left) if any_length else (p if left >= p else 1)
+            n = min(p, left) if any_length else next(k for k in lengths if k <= left)
             out.append(self._run(ids[pos : pos + n]))
             pos += n
         return np.concatenate(out, axis=0)
@@ -320,6 +323,14 @@ class Session:
         return [np.concatenate([pad, a], axis=2) for a in self._cache]
 
 
+def prefill_cascade(prefill_length: int) -> list[int]:
+    """The static input lengths a DeepSparse session compiles: 1, ``prefill_length``, and between them
+    DEFAULT_PREFILL_LENGTH when it is shorter, so a prompt's rest is not fed one token at a time. (Whatever
+    ``prefill_length`` fits the cache, the shorter length fits too.)"""
+    step = DEFAULT_PREFILL_LENGTH
+    return sorted({1, prefill_length} | ({step} if 1 < step < prefill_length else set()))
+
+
 def compile(
     folder: str | os.PathLike | Deployment,
     engine: str = "deepsparse",
@@ -366,7 +377,7 @@ def compile(
     if engine == "onnxruntime":
         graphs[None] = _OrtGraph(contract.serialized(proto, dep.spec, total, None), dep.folder, threads)
     else:
-        for n in sorted({1, prefill_length}):
+        for n in prefill_cascade(prefill_length):
             with contract.declared_copy(dep.folder, proto, dep.spec, total, n) as path:
                 graphs[n] = _DeepSparseGraph(path, n, threads, kv_cache == "internal")
     seconds = time.perf_counter() - start

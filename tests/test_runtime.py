@@ -101,6 +101,23 @@ def test_onnxruntime_feeds_the_rest_of_a_prompt_in_one_call(sessions):
         assert calls == want, cfg
 
 
+@pytest.mark.parametrize("kv", ["internal", "external"])
+def test_deepsparse_feeds_a_rest_shorter_than_the_prefill_length_in_16_token_chunks(tiny, kv):
+    """A 19-token prompt at prefill length 24 (20 with an internal cache, which needs sequence_length > 2n) is
+    16 + 1 x 3 calls, not 19 single tokens; the logits are torch's."""
+    from owl_deploy import runtime
+
+    out, model, _ = tiny
+    assert runtime.prefill_cascade(24) == [1, 16, 24] and runtime.prefill_cascade(16) == [1, 16]
+    assert runtime.prefill_cascade(8) == [1, 8] and runtime.prefill_cascade(1) == [1]
+    s = runtime.compile(out, "deepsparse", prefill_length=24, kv_cache=kv, threads=1)
+    calls, run = [], s._run
+    s._run = lambda ids: calls.append(len(ids)) or run(ids)
+    logits = s.forward(IDS[:19])
+    assert calls == [16, 1, 1, 1]
+    assert np.abs(logits - _ref(model, IDS[:19])).max() < 1e-4
+
+
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[0]}-{c[1]}-p{c[2]}")
 def test_generate_streams_torch_greedy_tokens(tiny, sessions, cfg):
     _, model, _ = tiny

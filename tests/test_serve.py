@@ -138,7 +138,7 @@ def running(odir: Path, *args: str):
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300  # compiling: generous on a busy 2-core machine
         loading_seen = False
         while True:
             if proc.poll() is not None:
