@@ -165,8 +165,8 @@ def server(odir):
         yield base
 
 
-def _completion(base: str, prompt: str, **kw) -> httpx.Response:
-    return httpx.post(f"{base}/v1/completions", json={"model": "tiny-odir", "prompt": prompt, **kw}, timeout=60)
+def _completion(base: str, prompt: str, model: str = "tiny-odir", **kw) -> httpx.Response:
+    return httpx.post(f"{base}/v1/completions", json={"model": model, "prompt": prompt, **kw}, timeout=60)
 
 
 def _stream(base: str, path: str, body: dict) -> list[dict | str]:
@@ -257,15 +257,14 @@ def test_metrics_count_requests_and_time_tokens(server):
     assert "owl_generated_tokens_total" in text and "owl_queue_depth" in text
 
 
-def test_a_full_queue_answers_429_with_retry_after(odir):
-    with running(odir, "--engine", "onnxruntime", "--max-batch", "1", "--batch-sizes", "1", "--max-queue", "1") as (
-        base,
-        _,
-    ):
+def test_a_full_queue_answers_429_with_retry_after(slow_odir):
+    # the slow model: each request must outlast the arrival of the six (the tiny one answers in milliseconds)
+    args = ("--engine", "onnxruntime", "--max-batch", "1", "--batch-sizes", "1", "--max-queue", "1")
+    with running(slow_odir, *args) as (base, _):
         results = []
 
         def call():
-            results.append(_completion(base, "busy " * 3, max_tokens=40))
+            results.append(_completion(base, "busy " * 3, model="slow-odir", max_tokens=40))
 
         threads = [threading.Thread(target=call) for _ in range(6)]
         for t in threads:
@@ -276,7 +275,7 @@ def test_a_full_queue_answers_429_with_retry_after(odir):
         assert 429 in codes and 200 in codes, codes
         refused = next(r for r in results if r.status_code == 429)
         assert refused.headers["retry-after"] == "1" and refused.json()["error"]["type"] == "rate_limit_error"
-        assert _completion(base, "after", max_tokens=2).status_code == 200
+        assert _completion(base, "after", model="slow-odir", max_tokens=2).status_code == 200
 
 
 @pytest.fixture(scope="module")
