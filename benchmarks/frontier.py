@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owl_deploy.bench.machine import hardware_info, versions_info  # noqa: E402
+from owl_deploy.configs import OwlConfig  # noqa: E402
 from owl_deploy.io import atomic_file, write_json, write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -92,8 +93,14 @@ def _reuse(items: list[str], what: str) -> dict[str, Path]:
 
 def allocation_for(a: argparse.Namespace, work: Path, s: float) -> dict:
     """The allocation a prune at ``s`` uses: the tune stage's choice (cached), or the one forced."""
-    if a.allocation != "tuned":
-        return {"allocation": a.allocation, "m": 5.0, "lambda": 0.08, "reason": f"forced: --allocation {a.allocation}"}
+    if a.allocation != "tuned":  # prune's own OWL defaults
+        owl = OwlConfig()
+        return {
+            "allocation": a.allocation,
+            "m": owl.m,
+            "lambda": owl.lambda_,
+            "reason": f"forced: --allocation {a.allocation}",
+        }
     cache = work / "tune" / f"tune-{round(s * 100)}.json"
     if not cache.exists():
         out = sh(["tune", "--model", a.model, "--sparsity", str(s), "--json"], work / "logs" / f"{cache.stem}.log")

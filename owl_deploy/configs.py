@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from owl_deploy.contract import PREFILL_RULE, PROJECTION_KINDS, valid_prefill_length
+from owl_deploy.contract import LONG_PREFILL_LENGTH, PREFILL_RULE, PROJECTION_KINDS, valid_prefill_length
 from owl_deploy.errors import OwlError
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -340,7 +340,7 @@ class BenchConfig(Config):
     steps: int = Field(32, ge=1, description="Decode steps per round.")
     context: int = Field(128, ge=1, description="Tokens in the cache before the timed decode steps.")
     prefill_length: int = Field(
-        128,  # measured: 1.8-3.4x the prefill tok/s of 16-token calls on 128/512-token prompts (README)
+        LONG_PREFILL_LENGTH,
         ge=0,
         validation_alias=AliasChoices("prefill_length", "prefill_chunk"),
         description="Tokens per multi-token prefill call (1 or a multiple of 4; 0 = 1).",

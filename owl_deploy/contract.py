@@ -46,9 +46,19 @@ PROJECTION_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pro
 PREFILL_RULE = "1 or a multiple of 4"
 
 
+#: tokens per prefill call wherever owl_deploy chooses (bench, eval of a deployment, serve): 128-token calls
+#: measured 1.8-3.4x the prompt throughput of 16-token calls on 128/512-token prompts (README)
+LONG_PREFILL_LENGTH = 128
+
+
 def valid_prefill_length(n: int) -> bool:
     """True when ``n`` tokens per call is something DeepSparse's multi-token engine accepts."""
     return isinstance(n, int) and (n == 1 or (n > 1 and n % 4 == 0))
+
+
+def prefill_length_within(n: int, limit: int) -> int:
+    """``n`` tokens per call, or the longest valid length up to ``limit`` when ``n`` does not fit (1 at least)."""
+    return min(n, limit // 4 * 4) or 1
 
 
 def weight_kind(name: str) -> str | None:

@@ -111,18 +111,14 @@ def check_seqlen(model: torch.nn.Module, seqlen: int) -> None:
         raise OwlError(f"seqlen {seqlen} exceeds the model's max_position_embeddings ({limit})")
 
 
-#: tokens per engine call when scoring an exported model (multi-token prefill graph; a multiple of 4)
-ONNX_EVAL_CHUNK = 128
-
-
 def deployment_chunk(prefill_length: int | None, seqlen: int) -> int:
-    """Tokens per engine call when scoring a deployment: ``prefill_length`` (default ONNX_EVAL_CHUNK), at most
-    the window rounded down to a multiple of 4."""
-    from owl_deploy.contract import PREFILL_RULE, valid_prefill_length
+    """Tokens per engine call when scoring a deployment: ``prefill_length`` (default LONG_PREFILL_LENGTH), at
+    most the window rounded down to a multiple of 4."""
+    from owl_deploy.contract import LONG_PREFILL_LENGTH, PREFILL_RULE, prefill_length_within, valid_prefill_length
 
     if prefill_length is not None and not valid_prefill_length(prefill_length):
         raise OwlError(f"prefill length must be {PREFILL_RULE}, got {prefill_length}")
-    return min(prefill_length or ONNX_EVAL_CHUNK, seqlen // 4 * 4) or 1
+    return prefill_length_within(prefill_length or LONG_PREFILL_LENGTH, seqlen)
 
 
 def onnx_logits_fn(session) -> LogitsFn:

@@ -32,15 +32,10 @@ def is_int8(folder: Path) -> bool:
     return any(n.op_type == "MatMulInteger" for n in proto.graph.node)
 
 
-#: prompt tokens per prefill call: a 128-token prompt in one call is 1.8-3.4x the prompt throughput of
-#: 16-token calls (each call reads the weights and the whole static-length cache again; README, "Where sparsity
-#: wins"); a shorter rest goes in one call (ONNX Runtime) or 16-token calls, then single tokens (DeepSparse)
-PREFILL_LENGTH = 128
-
-
 def build_scheduler(folder: Path, cfg: ServeConfig):
     """Compile the prefill session and the batched decoder; the scheduler that runs them (not started)."""
     from owl_deploy import runtime
+    from owl_deploy.contract import LONG_PREFILL_LENGTH, prefill_length_within
     from owl_deploy.serve.scheduler import Scheduler
 
     prefill_engine = cfg.prefill_engine
@@ -48,8 +43,8 @@ def build_scheduler(folder: Path, cfg: ServeConfig):
         prefill_engine = "onnxruntime" if is_int8(folder) else cfg.engine
     decoder = runtime.compile_decoder(folder, cfg.engine, cfg.compiled_batch_sizes, cfg.sequence_length, cfg.threads)
     prefill_length = cfg.prefill_length
-    if prefill_length is None:  # the engine's default, shortened to fit a short context
-        prefill_length = min(PREFILL_LENGTH, (decoder.sequence_length - 1) // 4 * 4) or 1
+    if prefill_length is None:  # the long default, shortened to leave the cache a slot in a short context
+        prefill_length = prefill_length_within(LONG_PREFILL_LENGTH, decoder.sequence_length - 1)
     prefill = runtime.compile(
         folder,
         prefill_engine,
