@@ -41,7 +41,7 @@ from owl_deploy.configs import (
 from owl_deploy.data import calibration_windows, eval_tokens, heldout_tokens
 from owl_deploy.evaluate import paired_nll, resolved
 from owl_deploy.io import atomic_file, write_json, write_report
-from owl_deploy.prune import peak_rss_mb
+from owl_deploy.memory import peak_rss_mb
 from owl_deploy.specs import load_model
 from owl_deploy.study import Study, tune_grid
 from owl_deploy.tune import chosen, tune_owl

@@ -212,6 +212,18 @@ def assets_list() -> None:
 
 
 _MODEL = click.option("--model", "model_spec", required=True, help="Asset name, Hugging Face folder or .gguf file.")
+_MAX_MEMORY = click.option(
+    "--max-memory",
+    default="auto",
+    show_default=True,
+    help="Refuse up front when the stage's estimated peak memory passes this: auto (what is free), a size (9G), off.",
+)
+
+
+def _limit(text: str):
+    from owl_deploy.memory import parse_limit
+
+    return parse_limit(text)
 
 
 @main.command("eval")
@@ -283,13 +295,15 @@ def eval_cmd(
 @OWL
 @CALIBRATION
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output Hugging Face folder.")
-def prune_cmd(model_spec: str, out: str, **kw) -> None:
+@_MAX_MEMORY
+def prune_cmd(model_spec: str, out: str, max_memory: str, **kw) -> None:
     """Prune every decoder block's linear layers and write a Hugging Face folder plus sparsity.json."""
     from owl_deploy.prune import run_prune
 
     prune, owl, calibration = PRUNE.build(kw), OWL.build(kw), CALIBRATION.build(kw)
+    limit = _limit(max_memory)
     with writing(out):
-        report = run_prune(model_spec, Path(out), prune, owl, calibration)
+        report = run_prune(model_spec, Path(out), prune, owl, calibration, max_memory=limit)
     t = report["timings"]
     click.echo(
         f"{prune.method} + {prune.allocation}: global sparsity {report['global_sparsity']:.4f} "
@@ -396,7 +410,8 @@ def bench_cmd(sparse, dense, extra_models, peer_items, baseline, tolerance, out,
 )
 @click.option("--rerun", multiple=True, metavar="STAGE", help="Recompute STAGE and everything downstream of it.")
 @click.option("--dry-run", is_flag=True, help="Validate the recipe and show which stages would run; compute nothing.")
-def run_cmd(recipe: str, out: str, rerun: tuple[str, ...], dry_run: bool) -> None:
+@_MAX_MEMORY
+def run_cmd(recipe: str, out: str, rerun: tuple[str, ...], dry_run: bool, max_memory: str) -> None:
     """Run a pipeline recipe: fetch, prune, evaluate, export, compile, bench; cached and resumable.
 
     Each stage is stored under a key derived from its inputs: a second run does nothing, a changed
@@ -408,13 +423,14 @@ def run_cmd(recipe: str, out: str, rerun: tuple[str, ...], dry_run: bool) -> Non
     from owl_deploy.recipe import load_recipe
 
     rec, name = load_recipe(recipe)
+    limit = _limit(max_memory)
     if dry_run:
         for line in pipeline.plan_lines(pipeline.plan(rec, Path(out))):
             click.echo(line)
         return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: the stage's partial output is removed
     with writing(out):
-        report = pipeline.run_recipe(rec, Path(out), name, rerun=rerun)
+        report = pipeline.run_recipe(rec, Path(out), name, rerun=rerun, max_memory=limit)
     for line in pipeline.summary_lines(report.summary):
         click.echo(line)
 
@@ -426,15 +442,18 @@ def run_cmd(recipe: str, out: str, rerun: tuple[str, ...], dry_run: bool) -> Non
 @QUANTIZE
 @click.option("--no-smooth", is_flag=True, help="int8: no SmoothQuant (smooth_alpha null in a recipe).")
 @EXPORT_CALIBRATION
-def export_cmd(model_spec: str, out: str, no_smooth: bool, **kw) -> None:
+@_MAX_MEMORY
+def export_cmd(model_spec: str, out: str, no_smooth: bool, max_memory: str, **kw) -> None:
     """Export to ONNX (KV cache, DeepSparse contract), verify in both engines, write OUT/export.json."""
     from owl_deploy.export import export_model
 
     cfg = EXPORT.build(kw)
     quantize = QUANTIZE.build(kw, **({"smooth_alpha": None} if no_smooth else {}))
     calibration = EXPORT_CALIBRATION.build(kw)
+    limit = _limit(max_memory)
     with writing(out):
-        report = export_model(model_spec, out, cfg, quantize, calibration, log=lambda msg: click.echo(msg, err=True))
+        say = lambda msg: click.echo(msg, err=True)  # noqa: E731
+        report = export_model(model_spec, out, cfg, quantize, calibration, log=say, max_memory=limit)
     t = report["timings_s"]
     click.echo(
         f"{out}: zeros_preserved={str(report['zeros_preserved']).lower()} "
@@ -521,14 +540,16 @@ RECOVER_EVAL = Options(
 @EXPORT_CALIBRATION
 @RECOVER_EVAL
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output Hugging Face folder.")
-def recover_cmd(model_spec: str, teacher: str | None, out: str, **kw) -> None:
+@_MAX_MEMORY
+def recover_cmd(model_spec: str, teacher: str | None, out: str, max_memory: str, **kw) -> None:
     """Win back the quality pruning cost with a short fine-tune (LoRA merged, or masked) that keeps every
     zero; writes a Hugging Face folder plus recover.json. A killed run resumes from its last checkpoint."""
     from owl_deploy.recover import run_recover
 
     cfg, calibration, evaluate = RECOVER.build(kw), EXPORT_CALIBRATION.build(kw), RECOVER_EVAL.build(kw)
+    limit = _limit(max_memory)
     with writing(out):
-        report = run_recover(model_spec, Path(out), cfg, calibration, evaluate, teacher)
+        report = run_recover(model_spec, Path(out), cfg, calibration, evaluate, teacher, max_memory=limit)
     p = report["perplexity"]
     click.echo(
         f"{cfg.method}: perplexity ({evaluate.text}) {p['pruned']:.2f} -> {p['merged_remasked']:.2f} merged and "

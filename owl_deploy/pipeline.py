@@ -51,6 +51,7 @@ from typing import Any
 
 from owl_deploy.errors import OwlError
 from owl_deploy.io import atomic_dir, remove_stale, write_json
+from owl_deploy.memory import Limit
 from owl_deploy.recipe import Recipe
 from owl_deploy.stages import DONE, STAGES, Done, Stage, StageContext
 from owl_deploy.versions import package_versions
@@ -205,10 +206,12 @@ def run_recipe(
     stages: dict[str, Stage] | None = None,
     rerun: tuple[str, ...] = (),
     log: Callable[[str], None] | None = None,
+    max_memory: Limit = None,
 ) -> RunReport:
     """Run every stage that is not complete yet, in order; returns what ran, what was cached, and the summary.
 
-    ``rerun`` names stages to recompute even if complete (with everything downstream of them).
+    ``rerun`` names stages to recompute even if complete (with everything downstream of them);
+    ``max_memory`` (``memory.parse_limit``) is checked by each heavy stage before it loads a model.
     """
     stages = STAGES if stages is None else stages
     log = log or _stderr
@@ -251,6 +254,7 @@ def run_recipe(
                     final=step.path,
                     upstream={u: report.done[u] for u in stage.upstream},
                     log=log,
+                    max_memory=max_memory,
                 )
                 try:
                     result = stage.run(ctx)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from owl_deploy import memory
 from owl_deploy.configs import CalibrationConfig, EvalConfig, RecoverConfig
 from owl_deploy.errors import OwlError
 from owl_deploy.io import atomic_dir, atomic_file, write_json
@@ -232,10 +233,10 @@ def run_recover(
     calibration: CalibrationConfig | None = None,
     evaluate: EvalConfig | None = None,
     teacher_spec: str | None = None,
+    max_memory: memory.Limit = None,
 ) -> dict:
     """``owl-deploy recover``: train, merge, re-mask, check the zeros, score, write ``out`` (HF folder +
     recover.json) atomically; checkpoints beside ``out`` make a killed run resumable."""
-    import resource
     import shutil
     import sys
 
@@ -254,6 +255,11 @@ def run_recover(
     out = Path(out)
     if out.resolve() == (src if src.is_dir() else src.parent).resolve():
         raise OwlError(f"--out {out} is the model's own folder; choose another")
+    shape = memory.model_shape(src)
+    if shape is not None:
+        bf16 = cfg.compute_dtype == "bfloat16"
+        args = (cfg.batch_size, cfg.seqlen, cfg.method, bf16, teacher_spec is not None, cfg.gradient_checkpointing)
+        memory.check(memory.recover_estimate(shape, *args), max_memory)
     model, tokenizer = load_model(src)
     masks = masks_of(model)
     zeros_before = int(sum(m.sum() for m in masks.values()))
@@ -299,7 +305,7 @@ def run_recover(
         },
         "window_nll": {"pruned": pruned_ppl.window_nll, "merged_remasked": merged_ppl.window_nll},
         "wall_seconds": round(time.perf_counter() - t_start, 2),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_rss_mb": memory.peak_rss_mb(),
     }
     if not identical:
         raise OwlError("internal: the recovered model's zeros differ from the pruned model's")

@@ -243,7 +243,9 @@ class Session:
         lengths = sorted((n for n in self._graphs if n is not None), reverse=True)
         while pos < len(ids):
             left = len(ids) - pos
-            n = min(p, left) if any_length else next(k for k in lengths if k <= left)
+            n = min(p, left) if any_length else next((k for k in lengths if k <= left), 0)
+            if not n:
+                raise OwlError(f"no compiled graph takes {left} tokens (this session has {lengths})")
             out.append(self._run(ids[pos : pos + n]))
             pos += n
         return np.concatenate(out, axis=0)
@@ -338,11 +340,14 @@ def compile(
     prefill_length: int = DEFAULT_PREFILL_LENGTH,
     kv_cache: str | None = None,
     threads: int | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> Session:
     """Compile a deployment folder with ``engine`` (``deepsparse`` or ``onnxruntime``).
 
     ``sequence_length`` defaults to the export's; ``prefill_length`` 1 disables the multi-token graph.
-    ``kv_cache`` is ``internal`` (DeepSparse only, its default) or ``external``.
+    ``kv_cache`` is ``internal`` (DeepSparse only, its default) or ``external``. ``lengths`` (DeepSparse):
+    compile exactly these static input lengths instead of ``prefill_cascade`` — each DeepSparse graph
+    holds its own copy of the weights, so a check that needs less memory compiles one at a time.
     """
     if engine not in ENGINES:
         raise OwlError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -377,7 +382,7 @@ def compile(
     if engine == "onnxruntime":
         graphs[None] = _OrtGraph(contract.serialized(proto, dep.spec, total, None), dep.folder, threads)
     else:
-        for n in prefill_cascade(prefill_length):
+        for n in lengths or prefill_cascade(prefill_length):
             with contract.declared_copy(dep.folder, proto, dep.spec, total, n) as path:
                 graphs[n] = _DeepSparseGraph(path, n, threads, kv_cache == "internal")
     seconds = time.perf_counter() - start

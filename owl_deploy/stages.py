@@ -18,6 +18,7 @@ from typing import Any
 
 from owl_deploy.errors import OwlError
 from owl_deploy.io import write_json
+from owl_deploy.memory import Limit
 from owl_deploy.recipe import Recipe
 
 DONE = "done.json"
@@ -51,6 +52,7 @@ class StageContext:
     final: Path
     upstream: dict[str, Done]
     log: Callable[[str], None]
+    max_memory: Limit = None  # memory.parse_limit: checked by prune, recover and export before they load
 
 
 StageFn = Callable[[StageContext], dict[str, Any]]
@@ -157,7 +159,8 @@ def _prune(ctx: StageContext) -> dict[str, Any]:
     r = ctx.recipe
     prune, owl = chosen(r.prune, r.owl, ctx.upstream["tune"].result)
     decision = {k: ctx.upstream["tune"].result.get(k) for k in ("tuned", "choice", "owl_wins", "reason")}
-    report = run_prune(str(ctx.upstream["fetch"].file("model")), ctx.out / "model", prune, owl, r.calibration, decision)
+    model = str(ctx.upstream["fetch"].file("model"))
+    report = run_prune(model, ctx.out / "model", prune, owl, r.calibration, decision, max_memory=ctx.max_memory)
     keep = ("method", "allocation", "granularity", "target_sparsity", "nm", "global_sparsity", "mean_block_sparsity")
     return {
         "model": "model",
@@ -182,7 +185,7 @@ def _recover(ctx: StageContext) -> dict[str, Any]:
     from owl_deploy.recover import run_recover
 
     teacher = str(ctx.upstream["fetch"].file("model")) if r.recover.distill > 0 else None
-    report = run_recover(str(pruned), ctx.out / "model", r.recover, r.calibration, None, teacher)
+    report = run_recover(str(pruned), ctx.out / "model", r.recover, r.calibration, None, teacher, ctx.max_memory)
     ppl = report["perplexity"]
     ctx.log(
         f"  held-out perplexity {ppl['pruned']:.2f} -> {ppl['merged_remasked']:.2f} (unmerged {ppl['adapter']:.2f}); "
@@ -223,6 +226,7 @@ def _export_at(model_dir: Path, ctx: StageContext, quantized: bool = False) -> d
         r.quantize if quantized else QuantizeConfig(),
         r.calibration,
         log=ctx.log,
+        max_memory=ctx.max_memory,
     )
     if r.export.require_ok and not report.get("ok", False):
         problems = "; ".join(report.get("problems") or ["unknown"])

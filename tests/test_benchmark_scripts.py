@@ -110,3 +110,57 @@ def test_recovery_compare_pairs_windows_before_and_after_recovery(tmp_path):
     assert rows[1]["merged_remasked"]["verdict"] == "same within noise"
     with pytest.raises(SystemExit, match="LABEL=FOLDER"):
         recovery_compare.load(f"x={tmp_path}")
+
+
+def _cgroup_writable() -> bool:
+    import os
+
+    import export_memory as script
+
+    return any(os.access(p, os.W_OK) and p.exists() for p in (script.CGROUP_V1, script.CGROUP_V2))
+
+
+def test_memory_script_runs_an_export_and_reads_an_earlier_one(tmp_path):
+    """benchmarks/export_memory.py on a tiny model: one export run in its own process, one reused, each beside its
+    estimate; bad --run specs are refused before anything runs."""
+    import json
+
+    import export_memory as script
+    from tiny_models import save_tiny
+
+    from owl_deploy.configs import ExportConfig
+    from owl_deploy.export import export_model
+
+    model = save_tiny("llama", tmp_path / "m", hidden=32, layers=2)
+    earlier = tmp_path / "earlier"
+    export_model(model, earlier, ExportConfig(sequence_length=64, greedy_tokens=4), engines=("onnxruntime",))
+    stem = tmp_path / "res" / "memory-tiny"
+    argv = ["--model", str(model), "--sequence-length", "64", "--out", str(stem)]
+    assert script.main([*argv, "--run", "fp32", "--reuse", f"old={earlier}"]) == 0
+    result = json.loads(stem.with_name("memory-tiny.json").read_text())
+    run, old = result["runs"]["fp32"], result["runs"]["old"]
+    assert run["exit_code"] == 0 and run["cgroup"] is None and "--max-memory off" in run["command"]
+    for m in (run["measured"], old["measured"]):
+        assert m["ok"] and m["peak_rss_gb"] > 0 and m["estimate_gb"] > 0 and "export_onnx" in m["phases_mb"]
+    assert run["measured"]["anon_peak_gb"] <= run["measured"]["peak_rss_gb"]
+    assert "| fp32 | — | 0 |" in stem.with_name("memory-tiny.md").read_text()
+    assert script.main(["--model", str(model), "--run", "fp16", "--out", str(stem)]) == 1
+    assert script.main(["--model", str(model), "--run", "fp32@lots", "--out", str(stem)]) == 1
+
+
+@pytest.mark.skipif(not _cgroup_writable(), reason="needs a writable memory cgroup (root)")
+def test_memory_script_hard_limit_kills_an_export_past_it(tmp_path):
+    """Under a cgroup far below what it needs, the export is refused up front by its own guard (same limit
+    passed as --max-memory) and the run records the failure with its one-line reason."""
+    import json
+
+    import export_memory as script
+    from tiny_models import save_tiny
+
+    model = save_tiny("llama", tmp_path / "m", hidden=32, layers=2)
+    stem = tmp_path / "memory-tiny"
+    argv = ["--model", str(model), "--sequence-length", "64", "--out", str(stem)]
+    assert script.main([*argv, "--run", "fp32@500M"]) == 0
+    run = json.loads(stem.with_name("memory-tiny.json").read_text())["runs"]["fp32@500M"]
+    assert run["exit_code"] == 1 and run["error"].startswith("error: export would need about")
+    assert run["cgroup"]["limit_bytes"] == 500_000_000 and "measured" not in run

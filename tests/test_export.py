@@ -129,6 +129,40 @@ def test_logits_and_greedy_match_torch_in_both_engines(exported):
     assert report["logits"]["engines"]["deepsparse"]["kv_cache"] == "internal"
 
 
+def test_deepsparse_graphs_checked_one_at_a_time_when_they_do_not_fit_together(tiny_dir, tmp_path):
+    """--max-memory between one DeepSparse graph and all of them: each graph is compiled and checked alone
+    (the same tolerance, the same greedy tokens); below one graph, the export is refused before it starts."""
+    from owl_deploy import memory
+    from owl_deploy.configs import ExportConfig
+    from owl_deploy.export import export_model
+    from owl_deploy.runtime import prefill_cascade
+
+    shape = memory.model_shape(tiny_dir)
+    cfg = ExportConfig(sequence_length=SEQ, prefill_length=4, greedy_tokens=12)
+    one = memory.export_estimate(shape, False, 1).total
+    full = memory.export_estimate(shape, False, len(prefill_cascade(4))).total
+    assert one < full
+    report = export_model(tiny_dir, tmp_path / "odir", cfg, max_memory=(one + full) / 2)
+    ds = report["logits"]["engines"]["deepsparse"]
+    assert report["ok"], report["problems"]
+    assert ds["max_abs_diff"] < 1e-3 and int(ds["one_graph_at_a_time"]["chunks_checked"]["4"]) > 0
+    assert len(ds["per_prompt"]) > len(report["logits"]["prompts"])  # every prompt by decode, plus 4-token chunks
+    assert report["greedy"]["engines"]["deepsparse"] == report["greedy"]["torch"]
+    assert "one_graph_at_a_time" not in report["logits"]["engines"]["onnxruntime"]
+    with pytest.raises(OwlError, match=r"^export would need about"):
+        export_model(tiny_dir, tmp_path / "refused", cfg, max_memory=one * 0.9)
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_session_refuses_a_length_it_has_no_graph_for(exported):
+    from owl_deploy import runtime
+
+    session = runtime.compile(exported[0], "deepsparse", prefill_length=4, lengths=(4,))
+    assert session.forward([1, 2, 3, 4, 5, 6, 7, 8]).shape[0] == 8
+    with pytest.raises(OwlError, match="no compiled graph takes 3 tokens"):
+        session.forward([1, 2, 3])
+
+
 def test_engine_sparsity_report(exported):
     _, report = exported
     sp = report["engine_sparsity"]

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from owl_deploy import memory
 from owl_deploy.configs import CalibrationConfig, ExportConfig, QuantizeConfig
 from owl_deploy.contract import MODEL_ONNX
 from owl_deploy.errors import OwlError
@@ -43,6 +44,7 @@ def export_model(
     calibration: CalibrationConfig | None = None,
     engines: tuple[str, ...] = ("onnxruntime", "deepsparse"),
     log: Callable[[str], None] | None = None,
+    max_memory: memory.Limit = None,
 ) -> dict:
     """Export ``model`` (asset name, HF folder or .gguf) to the deployment folder ``out``; return export.json.
 
@@ -76,26 +78,42 @@ def export_model(
     if out.resolve() == Path(source).resolve() or Path(source).resolve() in out.resolve().parents:
         raise OwlError(f"--out {out} must not be the model folder or inside it")
     sequence_length, threads = cfg.sequence_length, cfg.threads
+    prefill = cfg.prefill_length if cfg.prefill_length < sequence_length else 1
+    # DeepSparse's prefill and decode graphs each hold the weights: where both do not fit (fp32), check them
+    # one at a time, each on what it can run alone (see _deepsparse_one_graph_at_a_time)
+    separate = False
+    shape = memory.model_shape(source)
+    if shape is not None:
+        graphs = len(runtime.prefill_cascade(prefill)) if "deepsparse" in engines else 1
+        full = memory.export_estimate(shape, int8, graphs)
+        one = memory.export_estimate(shape, int8, 1)
+        separate = graphs > 1 and not int8 and not memory.fits(full, max_memory) and memory.fits(one, max_memory)
+        memory.check(one if separate else full, max_memory)
+        if separate:
+            say(f"memory: checking DeepSparse's graphs one at a time (all at once: about {full.describe()})")
 
     timings: dict[str, float] = {}
+    phases = memory.Phases()
     start = time.perf_counter()
     hf_model, tokenizer = load_model(source)
     timings["load_model"] = time.perf_counter() - start
+    phases.mark("load_model")
     spec, _ = graph_spec(hf_model)
     check_sequence_length(spec, sequence_length)
-    prefill = cfg.prefill_length if cfg.prefill_length < sequence_length else 1
     rewrite = None
     if int8:
         t = time.perf_counter()
         say(f"int8: calibrating activation ranges on {quantize.nsamples}x{quantize.seqlen} tokens")
         rewrite = _int8_rewrite(hf_model, tokenizer, quantize, calibration)
         timings["int8_calibration"] = time.perf_counter() - t
+        phases.mark("int8_calibration")
 
     with atomic_dir(out) as tmp:
         say(f"exporting {source} → {out} (sequence length {sequence_length}, {cfg.attention} attention)")
         t = time.perf_counter()
         info = export_onnx(hf_model, tmp, sequence_length, cfg.attention, cfg.external_data_threshold, rewrite=rewrite)
         timings["export_onnx"] = time.perf_counter() - t
+        phases.mark("export_onnx")
         t = time.perf_counter()
         _write_side_files(hf_model, tokenizer, source, tmp)
         timings["write_side_files"] = time.perf_counter() - t
@@ -105,6 +123,7 @@ def export_model(
         t = time.perf_counter()
         zeros = verify.zeros_report(hf_model, tmp / MODEL_ONNX, info["weights"])
         timings["zeros_check"] = time.perf_counter() - t
+        phases.mark("zeros_check")
         say(
             f"  zeros preserved: {zeros['zeros_preserved']} ({zeros['total_onnx_zeros']}/{zeros['total_torch_zeros']}"
             f" in {zeros['num_tensors']} linears, sparsity {zeros['overall_sparsity']:.1%})"
@@ -123,11 +142,25 @@ def export_model(
         model_type = hf_model.config.model_type
         del hf_model
         gc.collect()
+        phases.mark("torch_reference")  # and torch's weights released
         logits: dict = {"tolerance": verify.LOGITS_TOLERANCE, "prompts": list(verify.PROMPTS), "engines": {}}
         greedy: dict = {"prompt": verify.PROMPTS[0], "num_tokens": n_greedy, "torch": greedy_ref, "engines": {}}
         engine_refs = None  # int8: the first engine's logits are the reference of the others
         for engine in engines:
             t = time.perf_counter()
+            if engine == "deepsparse" and separate:
+                res, tokens, timings["compile_deepsparse"] = _deepsparse_one_graph_at_a_time(
+                    tmp, prompts, refs, sequence_length, prefill, threads, n_greedy
+                )
+                logits["engines"][engine], greedy["engines"][engine] = res, tokens
+                timings["verify_deepsparse"] = time.perf_counter() - t
+                phases.mark("verify_deepsparse")
+                say(
+                    f"  deepsparse (one graph at a time): compiled in {timings['compile_deepsparse']:.1f} s, max "
+                    f"|Δlogits| {res['max_abs_diff']:.2e}, greedy {n_greedy} tokens "
+                    f"{'identical' if tokens == greedy_ref else 'DIFFER'}"
+                )
+                continue
             session = runtime.compile(
                 tmp, engine, sequence_length=sequence_length, prefill_length=prefill, threads=threads
             )
@@ -147,6 +180,7 @@ def export_model(
             del session
             gc.collect()  # the engine's copy of the weights goes before the next engine (or the analysis) compiles
             timings[f"verify_{engine}"] = time.perf_counter() - t
+            phases.mark(f"verify_{engine}")
             diff = res["max_abs_diff"] if "max_abs_diff" in res else res["vs_torch_fp32"]["max_abs_diff"]
             vs_fp32 = ""
             if int8 and "with_prefill" in res:
@@ -176,6 +210,7 @@ def export_model(
             t = time.perf_counter()
             sparsity = verify.engine_sparsity(tmp, sequence_length, threads=threads)
             timings["engine_sparsity"] = time.perf_counter() - t
+            phases.mark("engine_sparsity")
             say(
                 f"  deepsparse kernels: {sparsity['num_sparse_kernels']}/{sparsity['num_layers_reported']} "
                 f"sparse, mean detected sparsity {sparsity['mean_detected_sparsity']}"
@@ -225,6 +260,8 @@ def export_model(
             "logits": logits,
             "greedy": greedy,
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
+            "memory_mb": phases.record,
+            "peak_rss_mb": round(memory.peak_rss_mb()),
             "versions": {"python": python_version(), **package_versions(_VERSIONED)},
         }
         write_json(tmp / "export.json", report)
@@ -232,6 +269,42 @@ def export_model(
 
 
 _VERSIONED = ("torch", "transformers", "onnx", "onnxruntime", "deepsparse")
+
+
+def _deepsparse_one_graph_at_a_time(
+    folder: Path, prompts: list[list[int]], refs: list, total: int, prefill: int, threads: int | None, n_greedy: int
+) -> tuple[dict, list[int], float]:
+    """The fp32 DeepSparse check with one compiled graph in memory at a time: each multi-token graph alone on
+    every whole chunk of each prompt (from an empty cache), then the decode graph alone on every position
+    (one token per call, its own cache filling up) and the greedy tokens. What it does not run is the
+    hand-over of a cache from the prefill graph to the decode graph. Returns (logits check, greedy, compile s)."""
+    from owl_deploy import runtime
+    from owl_deploy.export import verify
+
+    got, want, seconds, chunks = [], [], 0.0, {}
+    for n in runtime.prefill_cascade(prefill)[1:]:
+        session = runtime.compile(folder, "deepsparse", total, prefill_length=n, threads=threads, lengths=(n,))
+        seconds += session.compile_seconds
+        for ids, ref in zip(prompts, refs, strict=True):
+            whole = len(ids) // n * n
+            if whole:
+                session.reset()
+                got.append(session.forward(ids[:whole]))
+                want.append(ref[:whole])
+                chunks[n] = chunks.get(n, 0) + whole // n
+        del session
+        gc.collect()
+    session = runtime.compile(folder, "deepsparse", total, prefill_length=1, threads=threads, lengths=(1,))
+    seconds += session.compile_seconds
+    decode = verify.engine_prompt_logits(session, prompts, decode_only=True)
+    tokens = list(session.generate(prompts[0], n_greedy)) if n_greedy else []
+    kv_cache = session.kv_cache
+    del session
+    gc.collect()
+    res = verify.compare_logits([*decode, *got], [*refs, *want])
+    res |= {"sequence_length": total, "prefill_length": prefill, "kv_cache": kv_cache}
+    res["one_graph_at_a_time"] = {"chunks_checked": {str(n): c for n, c in chunks.items()}}
+    return res, tokens, seconds
 
 
 def _int8_rewrite(hf_model, tokenizer, cfg: QuantizeConfig, calibration: CalibrationConfig) -> Callable:

@@ -27,7 +27,6 @@ Design decisions:
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from owl_deploy import memory
 from owl_deploy.allocation import allocate, outlier_ratio
 from owl_deploy.calibrate import SequentialRunner
 from owl_deploy.configs import CalibrationConfig, OwlConfig, PruneConfig
@@ -86,11 +86,6 @@ def _check_nm_shapes(linears: list[dict[str, nn.Linear]], nm: tuple[int, int] | 
                     f"N:M {nm[0]}:{nm[1]} needs in_features divisible by {nm[1]}; "
                     f"block {i} {name} has {lin.in_features}"
                 )
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def prune_model(
@@ -179,6 +174,7 @@ def run_prune(
     owl: OwlConfig | None = None,
     calibration: CalibrationConfig | None = None,
     tune: dict | None = None,
+    max_memory: memory.Limit = None,
 ) -> dict:
     """The ``prune`` command: load, calibrate, prune, and write ``out`` (HF folder + sparsity.json).
     ``tune``: the tune stage's decision (choice, reason), recorded in sparsity.json so the allocation used —
@@ -205,12 +201,18 @@ def run_prune(
         # replacing a previous prune output is fine; silently replacing anything else is not
         raise OwlError(f"--out {out} exists and is not an earlier prune output; remove it or choose another")
     timings: dict[str, float] = {}
+    calibrated = needs_calibration(prune)
+    shape = memory.model_shape(src)
+    if shape is not None:
+        windows = calibration.nsamples if calibrated else 0
+        hessian = prune.method == "sparsegpt"
+        estimate = memory.prune_estimate(shape, windows, calibration.seqlen, prune.batch_size, hessian)
+        memory.check(estimate, max_memory)
 
     t0 = time.perf_counter()
     model, tokenizer = load_model(src)
     decoder_blocks(model)  # fail early on a model without recognisable decoder blocks
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    calibrated = needs_calibration(prune)
     if calibrated and isinstance(max_pos, int) and calibration.seqlen > max_pos:
         raise OwlError(f"seqlen {calibration.seqlen} exceeds the model's max_position_embeddings ({max_pos})")
     timings["load_model"] = time.perf_counter() - t0
@@ -238,7 +240,7 @@ def run_prune(
             **({"tune": tune} if tune is not None else {}),
             versions=package_versions(("torch", "transformers")),
             timings=timings,
-            peak_rss_mb=peak_rss_mb(),
+            peak_rss_mb=memory.peak_rss_mb(),
         )
         write_json(tmp / "sparsity.json", report)
     return report
