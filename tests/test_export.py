@@ -621,6 +621,17 @@ def test_save_with_external_data_streams_every_large_tensor_into_one_file(tmp_pa
     onnx.checker.check_model(str(out / "model.onnx"))  # every external reference resolves
 
 
+def test_int8_quantize_graph_refuses_truncated_external_weights(tmp_path):
+    from owl_deploy.export.int8 import quantize_graph
+
+    proto, raw, _, _, _ = _matmul_model(tmp_path, external=True)
+    for f in raw.iterdir():
+        if f.suffix != ".onnx":
+            f.write_bytes(f.read_bytes()[:-4])
+    with pytest.raises(OwlError, match="external data ends early"):
+        quantize_graph(proto, {"proj": 1.0}, {"proj.weight": "W"}, raw)
+
+
 def test_int8_quantize_graph_reads_external_weights_one_at_a_time(tmp_path):
     from onnx import numpy_helper
 
