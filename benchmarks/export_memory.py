@@ -30,6 +30,7 @@ from owl_deploy.io import write_report
 from owl_deploy.runtime import prefill_cascade
 from owl_deploy.specs import resolve_model
 
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 CGROUP_V1 = Path("/sys/fs/cgroup/memory")
 CGROUP_V2 = Path("/sys/fs/cgroup/unified")
 
@@ -77,12 +78,24 @@ class Cgroup:
         self.path.rmdir()
 
 
+def drop_page_cache() -> bool:
+    """Start from a cold page cache where we may (root): pages another process read are charged to *its*
+    cgroup, so a warm checkpoint would sit outside the limit of the run being measured."""
+    try:
+        os.sync()
+        DROP_CACHES.write_text("1")
+        return True
+    except OSError:
+        return False
+
+
 def run_export(model: str, scheme: str, limit: float | None, folder: Path, sequence_length: int | None) -> dict:
     cmd = [str(Path(sys.executable).parent / "owl-deploy"), "export", "--model", model, "--out", str(folder)]
     cmd += ["--sequence-length", str(sequence_length)] if sequence_length else []
     cmd += ["--quantize", "int8"] if scheme == "int8" else []
     cmd += ["--max-memory", f"{limit / 1e9:g}G" if limit else "off"]
     group = Cgroup(limit) if limit else None
+    cold = drop_page_cache()
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(group.wrap(cmd) if group else cmd, capture_output=True, text=True)
@@ -95,31 +108,38 @@ def run_export(model: str, scheme: str, limit: float | None, folder: Path, seque
             time.sleep(0.5)
             group.remove()
     out = {"command": " ".join(cmd), "exit_code": proc.returncode, "wall_seconds": round(wall, 1), "cgroup": cgroup}
+    out["cold_page_cache"] = cold
     if proc.returncode != 0:
         out["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
     return out
+
+
+def estimate(shape: memory.Shape, measured: dict) -> dict:
+    """The estimate for a measured run, from what it recorded (so a changed formula can be re-rendered)."""
+    graphs = 1 if measured["deepsparse_one_graph_at_a_time"] else len(prefill_cascade(measured["prefill_length"]))
+    est = memory.export_estimate(shape, measured["scheme"] == "int8", graphs)
+    return {"estimate_gb": round(est.total / 1e9, 2), "estimate": est.describe()}
 
 
 def describe(report: dict, shape: memory.Shape, scheme: str, limit: float | None) -> dict:
     """The export's measured memory beside the estimate it was checked against."""
     ds = (report.get("logits") or {}).get("engines", {}).get("deepsparse", {})
     separate = "one_graph_at_a_time" in ds
-    graphs = 1 if separate else len(prefill_cascade(report["prefill_length"]))
-    est = memory.export_estimate(shape, scheme == "int8", graphs)
     phases = report.get("memory_mb") or {}
     anon = max((p["anon_peak_mb"] for p in phases.values() if "anon_peak_mb" in p), default=None)
-    return {
-        "peak_rss_gb": round(report["peak_rss_mb"] / 1024, 2),
-        "anon_peak_gb": None if anon is None else round(anon / 1024, 2),
+    measured = {
+        "scheme": scheme,
+        "prefill_length": report["prefill_length"],
+        "peak_rss_gb": round(report["peak_rss_mb"] * memory.MB / 1e9, 2),
+        "anon_peak_gb": None if anon is None else round(anon * memory.MB / 1e9, 2),
         "fp32_weights_gb": round(shape.fp32_bytes / 1e9, 2),
         "peak_over_weights": round(report["peak_rss_mb"] * memory.MB / shape.fp32_bytes, 2),
-        "estimate_gb": round(est.total / 1e9, 2),
-        "estimate": est.describe(),
         "deepsparse_one_graph_at_a_time": separate,
         "ok": report.get("ok"),
         "phases_mb": phases,
         "timings_s": report.get("timings_s"),
     }
+    return measured | estimate(shape, measured)
 
 
 def markdown(result: dict) -> str:
@@ -130,7 +150,10 @@ def markdown(result: dict) -> str:
         "",
         f"fp32 weights {result['fp32_weights_gb']} GB. Peak RSS counts the mapped checkpoint and files the "
         "engines read (the kernel can drop those pages); the anonymous peak is what the process allocated.",
-        "A hard limit is a memory cgroup around the process (page cache included, no swap).",
+        "A hard limit is a memory cgroup around the process (page cache included, no swap); each run starts from",
+        "a dropped page cache where the script may drop it (root), so the files it reads are charged to its limit.",
+        "GB = 10^9 bytes;",
+        "the phases' table is in MiB as export.json records them.",
         "",
         "| run | hard limit | exit | wall s | peak RSS GB | x weights | anon peak GB | estimate GB | "
         "DeepSparse graphs | cgroup peak GB |",
@@ -147,7 +170,7 @@ def markdown(result: dict) -> str:
             f"{m.get('peak_rss_gb', '—')} | {m.get('peak_over_weights', '—')} | {m.get('anon_peak_gb', '—')} | "
             f"{m.get('estimate_gb', '—')} | {mode if m else '—'} | {peak} |"
         )
-    lines += ["", "Anonymous peak per phase (MB):", ""]
+    lines += ["", "Anonymous peak per phase (MiB):", ""]
     names = sorted({p for r in result["runs"].values() for p in ((r.get("measured") or {}).get("phases_mb") or {})})
     lines += ["| run | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for label, r in result["runs"].items():
@@ -166,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reuse", action="append", default=[], metavar="LABEL=DIR", help="An earlier export's folder.")
     ap.add_argument("--sequence-length", type=int, default=None, help="The export's (default: its own default).")
     ap.add_argument("--out", required=True, type=Path, help="Result stem (writes .json and .md).")
+    ap.add_argument("--rerender", action="store_true", help="Recompute the estimates of OUT.json; run nothing.")
     args = ap.parse_args(argv)
     try:
         source = resolve_model(args.model)
@@ -179,6 +203,15 @@ def main(argv: list[str] | None = None) -> int:
     except OwlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if args.rerender:
+        stem = args.out.with_name(f"{args.out.name}.json")
+        result = json.loads(stem.read_text())
+        for run in result["runs"].values():
+            if run.get("measured"):
+                run["measured"] |= estimate(shape, run["measured"])
+        write_report(args.out, result, markdown(result))
+        print(markdown(result))
+        return 0
     result = {
         "model": args.model,
         "fp32_weights_gb": round(shape.fp32_bytes / 1e9, 2),

@@ -226,8 +226,8 @@ def export_estimate(shape: Shape, int8: bool, deepsparse_graphs: int) -> Estimat
     """The largest of the export's phases (measured on Qwen2.5-Coder-1.5B, README "Memory").
 
     The trace holds torch's fp32 weights (an fp32 checkpoint is mapped and streamed from the file, not held;
-    int8's SmoothQuant rescales them, which copies them) and the tracer's own memory (1.5 GB + 0.2x the
-    weights; int8: 1.5 GB + 1.2x the weights, a spike at the end of the int8 rewrite not yet explained).
+    int8's SmoothQuant rescales them, which copies them), the tracer's own memory (1.5 GB + 0.2x the
+    weights) and, for int8, the quantized projections kept in the graph until it is written.
     An engine check holds the compiler's scratch (1.8 GB) and what its graphs hold: each DeepSparse
     graph about 0.8x the weights it runs (int8: a quarter of the projections, the embeddings in fp32)."""
     embeddings = 4.0 * shape.vocab * shape.hidden
@@ -237,7 +237,8 @@ def export_estimate(shape: Shape, int8: bool, deepsparse_graphs: int) -> Estimat
         "trace": {
             "libraries": BASE_BYTES,
             "fp32 weights": held,
-            "tracer": 1.5 * GB + (1.2 if int8 else 0.2) * shape.fp32_bytes,
+            "tracer": 1.5 * GB + 0.2 * shape.fp32_bytes,
+            "int8 projections": (shape.fp32_bytes - embeddings) / 4 if int8 else 0.0,
         },
         "engines": {
             "libraries": BASE_BYTES,

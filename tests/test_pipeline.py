@@ -562,3 +562,23 @@ def test_dockerfile_installs_the_serving_install_from_pyproject_alone():
     assert "EXPOSE 8000" in instructions and any(line.startswith("HEALTHCHECK") for line in instructions)
     ignore = (ROOT / ".dockerignore").read_text().split()
     assert ignore[ignore.index("*") :][:4] == ["*", "!pyproject.toml", "!README.md", "!owl_deploy/"]
+
+
+def test_run_max_memory_stops_at_the_first_stage_that_would_not_fit(tmp_path, tiny_dir):
+    """``owl-deploy run --max-memory 1M``: fetch and tune (no estimate) run, prune refuses before it loads the
+    model with the guard's one line under the stage's name, and leaves no prune folder; ``off`` lets it run."""
+    from click.testing import CliRunner
+
+    from owl_deploy.cli import main
+
+    recipe = write_recipe(tmp_path, tiny_dir)
+    out = tmp_path / "cache"
+    res = CliRunner().invoke(main, ["run", str(recipe), "--out", str(out), "--max-memory", "1M", "--dry-run"])
+    assert res.exit_code == 0, res.output  # a dry run estimates nothing
+    res = CliRunner().invoke(main, ["run", str(recipe), "--out", str(out), "--max-memory", "1M"])
+    assert res.exit_code == 1
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: stage prune failed: prune would need about"), errors
+    assert (out / "tune").is_dir() and not any((out / "prune").glob("*/done.json"))
+    res = CliRunner().invoke(main, ["run", str(recipe), "--out", str(out), "--max-memory", "bogus"])
+    assert res.exit_code == 1 and "--max-memory must be" in res.output
