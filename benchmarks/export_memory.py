@@ -159,7 +159,7 @@ def markdown(result: dict) -> str:
         "DeepSparse graphs | cgroup peak GB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for label, r in result["runs"].items():
+    for label, r in sorted(result["runs"].items()):
         m = r.get("measured") or {}
         cg = r.get("cgroup") or {}
         limit = f"{cg['limit_bytes'] / 1e9:g} GB" if cg else "—"
@@ -173,10 +173,10 @@ def markdown(result: dict) -> str:
     lines += ["", "Anonymous peak per phase (MiB):", ""]
     names = sorted({p for r in result["runs"].values() for p in ((r.get("measured") or {}).get("phases_mb") or {})})
     lines += ["| run | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    for label, r in result["runs"].items():
+    for label, r in sorted(result["runs"].items()):
         ph = (r.get("measured") or {}).get("phases_mb") or {}
         lines.append(f"| {label} | " + " | ".join(str(ph.get(n, {}).get("anon_peak_mb", "—")) for n in names) + " |")
-    for label, r in result["runs"].items():
+    for label, r in sorted(result["runs"].items()):
         if r.get("error"):
             lines += ["", f"{label}: {r['error']}"]
     return "\n".join(lines) + "\n"

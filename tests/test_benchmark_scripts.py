@@ -143,7 +143,11 @@ def test_memory_script_runs_an_export_and_reads_an_earlier_one(tmp_path):
     for m in (run["measured"], old["measured"]):
         assert m["ok"] and m["peak_rss_gb"] > 0 and m["estimate_gb"] > 0 and "export_onnx" in m["phases_mb"]
     assert run["measured"]["anon_peak_gb"] <= run["measured"]["peak_rss_gb"]
-    assert "| fp32 | — | 0 |" in stem.with_name("memory-tiny.md").read_text()
+    md = stem.with_name("memory-tiny.md").read_text()
+    assert "| fp32 | — | 0 |" in md
+    assert script.main([*argv, "--rerender"]) == 0  # the estimates again from what was recorded: same numbers
+    assert stem.with_name("memory-tiny.md").read_text() == md
+    assert json.loads(stem.with_name("memory-tiny.json").read_text()) == result
     assert script.main(["--model", str(model), "--run", "fp16", "--out", str(stem)]) == 1
     assert script.main(["--model", str(model), "--run", "fp32@lots", "--out", str(stem)]) == 1
 
