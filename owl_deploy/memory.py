@@ -65,19 +65,23 @@ class Phases:
     def __init__(self, interval: float = 0.2) -> None:
         self.record: dict[str, dict[str, float]] = {}
         self._anon = [rss_anon_mb()]  # the running phase's peak, shared with the sampler
+        self._lock = threading.Lock()  # a sample read before a mark must not land in the next phase
         stop = threading.Event()
-        threading.Thread(target=_sample_anon, args=(self._anon, stop, interval), daemon=True).start()
+        args = (self._anon, self._lock, stop, interval)
+        threading.Thread(target=_sample_anon, args=args, daemon=True).start()
         weakref.finalize(self, stop.set)  # the sampler ends with the stage that made it
 
     def mark(self, phase: str) -> None:
-        now = rss_anon_mb()
-        anon, self._anon[0] = max(self._anon[0], now), now
+        with self._lock:
+            now = rss_anon_mb()
+            anon, self._anon[0] = max(self._anon[0], now), now
         self.record[phase] = {"peak_mb": round(peak_rss_mb()), "anon_peak_mb": round(anon), "rss_mb": round(rss_mb())}
 
 
-def _sample_anon(peak: list[float], stop: threading.Event, interval: float) -> None:
+def _sample_anon(peak: list[float], lock: threading.Lock, stop: threading.Event, interval: float) -> None:
     while not stop.wait(interval):
-        peak[0] = max(peak[0], rss_anon_mb())
+        with lock:
+            peak[0] = max(peak[0], rss_anon_mb())
 
 
 # ---------------------------------------------------------------- limits
