@@ -365,6 +365,8 @@ def initializer_array(tensor, folder: Path, mmap: bool = False) -> np.ndarray:
         arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
     else:
         arr = np.fromfile(path, dtype=dtype, count=count, offset=offset)
+        if arr.size != count:
+            raise OwlError(f"{tensor.name}: its external data ends early ({arr.size} of {count} values in {path.name})")
     return arr.reshape(tuple(tensor.dims))
 
 

@@ -186,16 +186,23 @@ class Estimate:
         return f"{self.total / GB:.1f} GB ({parts})"
 
 
+def _allowed(limit: Limit) -> float:
+    """A limit in bytes (``auto``: what is free now; None: unbounded)."""
+    if limit is None:
+        return math.inf
+    return available_bytes() if limit == "auto" else float(limit)
+
+
 def fits(estimate: Estimate, limit: Limit) -> bool:
     """Whether ``estimate`` is within ``limit`` (None: always)."""
-    return limit is None or estimate.total <= (available_bytes() if limit == "auto" else float(limit))
+    return estimate.total <= _allowed(limit)
 
 
 def check(estimate: Estimate | None, limit: Limit) -> None:
     """Refuse before the stage loads anything when its estimate passes ``limit`` (see ``parse_limit``)."""
-    if estimate is None or limit is None:
+    if estimate is None:
         return
-    allowed = available_bytes() if limit == "auto" else float(limit)
+    allowed = _allowed(limit)
     if estimate.total > allowed:
         what = "free now" if limit == "auto" else "allowed by --max-memory"
         raise OwlError(

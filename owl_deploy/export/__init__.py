@@ -152,33 +152,24 @@ def export_model(
                 res, tokens, timings["compile_deepsparse"] = _deepsparse_one_graph_at_a_time(
                     tmp, prompts, refs, sequence_length, prefill, threads, n_greedy
                 )
-                logits["engines"][engine], greedy["engines"][engine] = res, tokens
-                timings["verify_deepsparse"] = time.perf_counter() - t
-                phases.mark("verify_deepsparse")
-                say(
-                    f"  deepsparse (one graph at a time): compiled in {timings['compile_deepsparse']:.1f} s, max "
-                    f"|Δlogits| {res['max_abs_diff']:.2e}, greedy {n_greedy} tokens "
-                    f"{'identical' if tokens == greedy_ref else 'DIFFER'}"
-                )
-                continue
-            session = runtime.compile(
-                tmp, engine, sequence_length=sequence_length, prefill_length=prefill, threads=threads
-            )
-            timings[f"compile_{engine}"] = session.compile_seconds
-            got = verify.engine_prompt_logits(session, prompts)
-            if not int8:
-                res = verify.compare_logits(got, refs)
             else:
-                decode = verify.engine_prompt_logits(session, prompts, decode_only=True)
-                res = verify.int8_engine_check(got, decode, refs, engine_refs)
-                engine_refs = engine_refs or (got, decode)
-            res |= {"sequence_length": session.sequence_length, "prefill_length": session.prefill_length}
-            res["kv_cache"] = session.kv_cache
-            logits["engines"][engine] = res
-            tokens = list(session.generate(prompts[0], n_greedy)) if n_greedy else []
-            greedy["engines"][engine] = tokens
-            del session
-            gc.collect()  # the engine's copy of the weights goes before the next engine (or the analysis) compiles
+                session = runtime.compile(
+                    tmp, engine, sequence_length=sequence_length, prefill_length=prefill, threads=threads
+                )
+                timings[f"compile_{engine}"] = session.compile_seconds
+                got = verify.engine_prompt_logits(session, prompts)
+                if not int8:
+                    res = verify.compare_logits(got, refs)
+                else:
+                    decode = verify.engine_prompt_logits(session, prompts, decode_only=True)
+                    res = verify.int8_engine_check(got, decode, refs, engine_refs)
+                    engine_refs = engine_refs or (got, decode)
+                res |= {"sequence_length": session.sequence_length, "prefill_length": session.prefill_length}
+                res["kv_cache"] = session.kv_cache
+                tokens = list(session.generate(prompts[0], n_greedy)) if n_greedy else []
+                del session
+                gc.collect()  # the engine's weights go before the next engine (or the analysis) compiles
+            logits["engines"][engine], greedy["engines"][engine] = res, tokens
             timings[f"verify_{engine}"] = time.perf_counter() - t
             phases.mark(f"verify_{engine}")
             diff = res["max_abs_diff"] if "max_abs_diff" in res else res["vs_torch_fp32"]["max_abs_diff"]
@@ -190,8 +181,9 @@ def export_model(
                 )
             elif int8:
                 vs_fp32 = " (vs fp32 torch: the quantization error)"
+            mode = " (one graph at a time)" if "one_graph_at_a_time" in res else ""
             say(
-                f"  {engine}: compiled in {timings[f'compile_{engine}']:.1f} s, max |Δlogits| {diff:.2e}"
+                f"  {engine}{mode}: compiled in {timings[f'compile_{engine}']:.1f} s, max |Δlogits| {diff:.2e}"
                 + vs_fp32
                 + f", greedy {n_greedy} tokens {'identical' if tokens == greedy_ref else 'DIFFER'}"
             )

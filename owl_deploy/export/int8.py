@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from owl_deploy.configs import QuantizeConfig
+from owl_deploy.contract import initializer_array
 from owl_deploy.errors import OwlError
 
 #: uint8 zero point of weights and activations (symmetric: the stored zero)
@@ -207,27 +208,6 @@ def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float
 
 
 # ---------------------------------------------------------------- the ONNX rewrite
-def _initializer_array(init, base_dir: Path) -> np.ndarray:
-    """An initializer's values, read from its external file when it has one *without* storing them in the
-    proto: onnx's ``to_array`` would load them into the tensor, and protobuf's arena keeps replaced bytes
-    until the whole model is freed, so a model's worth of fp32 weights would pile up (measured: +1.2x the
-    weights on the 1.5B model's int8 export)."""
-    from onnx import helper, numpy_helper
-    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
-
-    if not uses_external_data(init):
-        return numpy_helper.to_array(init)
-    info = ExternalDataInfo(init)
-    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type))
-    count = int(np.prod(init.dims, dtype=np.int64))
-    with open(base_dir / info.location, "rb") as fh:
-        fh.seek(info.offset or 0)
-        data = np.fromfile(fh, dtype=dtype, count=count)
-    if data.size != count:
-        raise OwlError(f"int8: {init.name}: its external data ends early ({data.size} of {count} values)")
-    return data.reshape(tuple(init.dims))
-
-
 def quantize_graph(proto, act_absmax: dict[str, float], weights: dict[str, str], base_dir: str | Path = "") -> dict:
     """Rewrite ``proto`` in place: each MatMul whose weight is listed becomes the MatMulInteger pattern.
 
@@ -266,7 +246,8 @@ def quantize_graph(proto, act_absmax: dict[str, float], weights: dict[str, str],
             quantized_inputs[key] = f"{tag}.x_q"
         xq = quantized_inputs[key]
         init = inits[w_name]
-        w = _initializer_array(init, Path(base_dir))
+        # its own bytes, never loaded into the proto: protobuf's arena would keep them until the end
+        w = initializer_array(init, Path(base_dir))
         q, s_w = quantize_weight(w)
         init.CopyFrom(numpy_helper.from_array(q, w_name))
         base = node.name or w_name
