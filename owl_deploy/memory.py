@@ -136,12 +136,13 @@ class Shape:
         return 0.0 if self.fp32_checkpoint else self.checkpoint_bytes
 
 
-def _safetensors_header(path: Path) -> dict:
-    """The tensors of one .safetensors file (dtype, shape), from its JSON header: the weights are not read."""
+def safetensors_header(path: Path) -> tuple[dict, int]:
+    """The tensors of one .safetensors file (dtype, shape, data_offsets) from its JSON header, and where their
+    data starts in the file: the weights are not read."""
     with open(path, "rb") as fh:
         (size,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(size))
-    return {k: v for k, v in header.items() if k != "__metadata__"}
+    return {k: v for k, v in header.items() if k != "__metadata__"}, 8 + size
 
 
 def model_shape(folder: str | Path) -> Shape | None:
@@ -153,7 +154,7 @@ def model_shape(folder: str | Path) -> Shape | None:
         cfg = cfg.get("text_config", cfg)  # multimodal wrappers keep the decoder's sizes inside
         if not files:
             return None
-        tensors = [t for f in files for t in _safetensors_header(f).values()]
+        tensors = [t for f in files for t in safetensors_header(f)[0].values()]
         fp32 = all(t["dtype"] == "F32" for t in tensors)
         return Shape(
             params=sum(math.prod(t["shape"]) for t in tensors),
@@ -211,23 +212,34 @@ def check(estimate: Estimate | None, limit: Limit) -> None:
         )
 
 
+def _block_params(shape: Shape) -> int:
+    """A decoder block's linear weights, at most (attention as if it had as many key/value heads as queries)."""
+    return 4 * shape.hidden**2 + 3 * shape.hidden * shape.intermediate
+
+
 def _block_forward(shape: Shape, tokens: int, seqlen: int) -> float:
     """fp32 temporaries of one block's forward over ``tokens`` tokens in windows of ``seqlen``: the MLP's
     three intermediate-wide tensors, a handful of hidden-wide ones and the attention scores."""
     return 4.0 * tokens * (3 * shape.intermediate + 6 * shape.hidden + 2 * shape.heads * seqlen)
 
 
-def prune_estimate(shape: Shape, nsamples: int, seqlen: int, batch_size: int, hessian: bool) -> Estimate:
-    """The model in fp32 (blocks are pruned in place), every calibration window's hidden states twice (a
-    block's inputs and outputs), one batch's block temporaries, and SparseGPT's float64 ``X^T X`` per linear
-    of the block being pruned (plus its inverse)."""
-    terms = {
-        "libraries": BASE_BYTES,
-        "fp32 weights": shape.fp32_bytes,
-        "mapped checkpoint": shape.mapped_bytes,
-        "calibration activations": 2 * 4.0 * nsamples * seqlen * shape.hidden,
-        "block forward": _block_forward(shape, min(batch_size, nsamples) * seqlen, seqlen),
-    }
+def prune_estimate(
+    shape: Shape, nsamples: int, seqlen: int, batch_size: int, hessian: bool, streamed: bool = False
+) -> Estimate:
+    """Whole model: the model in fp32 (blocks are pruned in place) and the mapped checkpoint. Streamed
+    (``owl_deploy.lazy``): one block in fp32 plus the largest tensor outside the blocks (the embeddings, held
+    for the capture of block 0's inputs and again when copied to the output). Either way every calibration
+    window's hidden states twice (a block's inputs and outputs), one batch's block temporaries, and
+    SparseGPT's float64 ``X^T X`` per linear of the block being pruned (plus its inverse)."""
+    terms = {"libraries": BASE_BYTES}
+    if streamed:
+        terms["one block"] = 4.0 * _block_params(shape)
+        terms["embeddings"] = 4.0 * shape.vocab * shape.hidden
+    else:
+        terms["fp32 weights"] = shape.fp32_bytes
+        terms["mapped checkpoint"] = shape.mapped_bytes
+    terms["calibration activations"] = 2 * 4.0 * nsamples * seqlen * shape.hidden
+    terms["block forward"] = _block_forward(shape, min(batch_size, nsamples) * seqlen, seqlen)
     if hessian:
         terms["hessians"] = 2 * 8.0 * (6 * shape.hidden**2 + shape.intermediate**2)
     return Estimate("prune", terms)
@@ -262,15 +274,24 @@ def export_estimate(shape: Shape, int8: bool, deepsparse_graphs: int) -> Estimat
 
 
 def recover_estimate(
-    shape: Shape, batch_size: int, seqlen: int, method: str, bf16: bool, teacher: bool, checkpointing: bool
+    shape: Shape,
+    batch_size: int,
+    seqlen: int,
+    method: str,
+    bf16: bool,
+    teacher: bool,
+    checkpointing: bool,
+    lean: bool = False,
 ) -> Estimate:
     """The fp32 model, its masks (a byte per weight), bf16 copies when autocasting, the optimizer (masked:
     gradients and AdamW's two moments of every weight), the activations kept for the backward pass and the
-    logits (cross-entropy and its gradient)."""
+    logits (cross-entropy and its gradient). ``lean`` (LoRA in bf16, owl_deploy.recover): the block linears
+    train in bf16 with no masks and no copies, then the fp32 model and its masks come back for the merge; the
+    larger of the two phases."""
     tokens = batch_size * seqlen
     per_layer = 4.0 * tokens * (12 * shape.hidden + 4 * shape.intermediate + 2 * shape.heads * seqlen)
     activations = (2 * per_layer if checkpointing else shape.layers * per_layer) * (0.7 if bf16 else 1.0)
-    terms = {
+    train = {
         "libraries": BASE_BYTES,
         "fp32 weights": shape.fp32_bytes,
         "mapped checkpoint": shape.mapped_bytes,
@@ -280,6 +301,14 @@ def recover_estimate(
         "activations": activations,
         "logits": 4 * 4.0 * tokens * shape.vocab,
     }
+    if lean:
+        blocks = min(shape.fp32_bytes, 4.0 * shape.layers * _block_params(shape))
+        train |= {"fp32 weights": shape.fp32_bytes - blocks, "bf16 block weights": blocks / 2}
+        train |= {"masks": 0.0, "bf16 weight copies": 0.0}
+        merge = {"libraries": BASE_BYTES, "fp32 weights": shape.fp32_bytes, "mapped checkpoint": shape.mapped_bytes}
+        merge |= {"masks": shape.fp32_bytes / 4, "logits": 4 * 4.0 * 512 * shape.vocab}
+        if sum(merge.values()) > sum(train.values()):
+            train = merge
     if teacher:
-        terms["teacher"] = shape.fp32_bytes + 4.0 * tokens * shape.vocab
-    return Estimate("recover", terms)
+        train["teacher"] = shape.fp32_bytes + 4.0 * tokens * shape.vocab
+    return Estimate("recover", train)

@@ -19,7 +19,7 @@ from owl_deploy.errors import OwlError, one_line
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' informational chatter; real errors still raise."""
     from transformers.utils import logging as hf_logging
 
@@ -40,7 +40,7 @@ def load_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if path.is_file():
                 return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
             return AutoTokenizer.from_pretrained(path)
@@ -54,7 +54,7 @@ def load_causal_lm(path: Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if path.is_file():
                 # GGUF dequantization shows its own progress bar: it takes tens of seconds
                 hf_logging_bars(True)
@@ -108,8 +108,13 @@ def forget_gguf_quantization(model: nn.Module) -> None:
 
 def save_model(model: nn.Module, tokenizer, out: Path) -> None:
     """Save as safetensors with the tokenizer, quietly (progress bars off)."""
-    with _quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
+    with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
         model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    with quiet_transformers(), contextlib.redirect_stderr(io.StringIO()):
         tokenizer.save_pretrained(out)
 
 

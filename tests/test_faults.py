@@ -109,16 +109,24 @@ def _hidden(folder: Path) -> list[Path]:
     return [p for p in folder.rglob(".*") if ".tmp-" in p.name or ".old-" in p.name]
 
 
+def _weights_hash(out: Path) -> str:
+    """One digest of every safetensors shard of a model folder, in name order."""
+    digest = hashlib.sha256()
+    for f in sorted(out.glob("*.safetensors")):
+        digest.update(f.name.encode() + f.read_bytes())
+    return digest.hexdigest()
+
+
 def _result(cmd: str, out: Path) -> object:
     """What must be the same after an interrupted run and its re-run as after one clean run."""
     if cmd == "prune":
         report = json.loads((out / "sparsity.json").read_text())
         report.pop("timings"), report.pop("peak_rss_mb")
-        return report, hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+        return report, _weights_hash(out)
     if cmd == "recover":
         report = json.loads((out / "recover.json").read_text())
         kept = ("zeros", "perplexity", "evals", "best", "steps_run")
-        return {k: report[k] for k in kept}, hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+        return {k: report[k] for k in kept}, _weights_hash(out)
     if cmd == "export":
         report = json.loads((out / "export.json").read_text())
         kept = ("zeros", "greedy", "files", "spec", "ok", "weight_bytes", "contract")
@@ -181,8 +189,9 @@ def test_disk_faults_are_one_line_and_leave_nothing(inputs, tmp_path, cmd, fault
 
 # ---------------------------------------------------------------- SIGKILL at exact points, then a re-run
 KILLS = [
-    ("prune", "owl_deploy.model:save_model", "kill-before"),  # the output folder just created, empty
-    ("prune", "owl_deploy.model:save_model", "kill-after"),  # weights written, no sparsity.json yet
+    ("prune", "safetensors.torch:save_file", "kill-before"),  # the output folder just created, empty
+    ("prune", "safetensors.torch:save_file", "kill-after"),  # the first pruned block written, the rest not
+    ("prune", "owl_deploy.model:save_tokenizer", "kill-after"),  # weights written, no sparsity.json yet
     ("prune", "owl_deploy.io:write_json", "kill-after"),  # everything written, not renamed into place
     ("recover", "owl_deploy.recover:_save_checkpoint", "kill-after"),  # half-trained: the re-run resumes
     ("recover", "owl_deploy.model:save_model", "kill-after"),  # merged weights written, no recover.json

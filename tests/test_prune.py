@@ -266,8 +266,9 @@ def test_cli_prune_writes_a_loadable_folder(tiny_dir, tmp_path):
     res = _prune(*args, "--out", str(out))
     assert res.exit_code == 0, res.output
     assert "global sparsity" in res.output
-    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    assert (out / "model.safetensors.index.json").is_file() and (out / "tokenizer.json").is_file()
     report = json.loads((out / "sparsity.json").read_text())
+    assert report["loading"] == "block by block"
     for key in (
         "method",
         "allocation",
@@ -389,12 +390,17 @@ def test_cli_model_without_decoder_blocks(tmp_path):
 
 
 def test_failure_during_save_leaves_no_folder(tiny_dir, tmp_path, monkeypatch):
-    import owl_deploy.model as model_mod
+    """A write failing after the first pruned block was written out leaves nothing behind."""
+    from owl_deploy.lazy import Streamed
 
-    def boom(*_a, **_k):
-        raise OwlError("disk full")
+    write = Streamed._write_shard
 
-    monkeypatch.setattr(model_mod, "save_model", boom)
+    def boom(self, index, tensors):
+        if index == 1:
+            raise OwlError("disk full")
+        write(self, index, tensors)
+
+    monkeypatch.setattr(Streamed, "_write_shard", boom)
     out = tmp_path / "out"
     res = _prune(*MAGNITUDE_UNIFORM, "--model", str(tiny_dir), "--out", str(out))
     assert res.exit_code == 1 and "disk full" in res.stderr

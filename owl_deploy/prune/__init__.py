@@ -40,9 +40,10 @@ from owl_deploy.allocation import allocate, outlier_ratio
 from owl_deploy.calibrate import SequentialRunner
 from owl_deploy.configs import CalibrationConfig, OwlConfig, PruneConfig
 from owl_deploy.errors import OwlError
+from owl_deploy.lazy import Resident, Streamed
 from owl_deploy.model import block_linears, blocks_prefix, decoder_blocks
 from owl_deploy.prune.methods import METHODS
-from owl_deploy.prune.report import sparsity_report
+from owl_deploy.prune.report import sparsity_report, zero_counts
 from owl_deploy.prune.wanda import wanda_scores
 
 COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
@@ -58,16 +59,25 @@ def owl_windows(owl: OwlConfig, nsamples: int) -> int:
 
 
 def block_ratios(
-    model: nn.Module, ids: torch.Tensor, prune: PruneConfig, owl: OwlConfig, progress: bool
+    model: nn.Module,
+    ids: torch.Tensor,
+    prune: PruneConfig,
+    owl: OwlConfig,
+    progress: bool,
+    store: Resident | Streamed | None = None,
 ) -> tuple[list[float], list[dict[str, float]]]:
     """Dense sequential pass: each block's pooled outlier ratio and each linear's own ratio (ref 1-3)."""
-    runner = SequentialRunner(model, ids, prune.batch_size, COMPUTE_DTYPES[prune.compute_dtype])
+    store = store or Resident()
+    with store.outside():
+        runner = SequentialRunner(model, ids, prune.batch_size, COMPUTE_DTYPES[prune.compute_dtype])
     blocks = runner.blocks
     ratios: list[float] = []
     layer_ratios: list[dict[str, float]] = []
     for i in tqdm(range(len(blocks)), desc="OWL dense pass", disable=not progress, leave=False):
+        store.load(i)
         stats = runner.collect(i, advance=i < len(blocks) - 1)
         scores = {name: wanda_scores(lin.weight, stats[name].sq_norm) for name, lin in block_linears(blocks[i]).items()}
+        store.release(i)
         ratios.append(outlier_ratio(list(scores.values()), owl.m))
         layer_ratios.append(
             {name: outlier_ratio([a], owl.m) for name, a in scores.items()} if prune.granularity == "layer" else {}
@@ -95,6 +105,7 @@ def prune_model(
     calib_ids: torch.Tensor | None = None,
     progress: bool | None = None,
     ratios: tuple[list[float], list[dict[str, float]]] | None = None,
+    store: Resident | Streamed | None = None,
 ) -> dict:
     """Prune ``model`` in place and return the report (sparsity.json without the I/O parts).
 
@@ -102,8 +113,11 @@ def prune_model(
     calibration. Timings are in ``report["timings"]`` (seconds per phase), the only non-deterministic part.
     ``ratios`` lets a caller that prunes the same dense model many times (the quality study) pass the
     output of :func:`block_ratios` computed once, instead of repeating the dense pass.
+    ``store`` (a :class:`~owl_deploy.lazy.Streamed`) holds one block's weights at a time and writes each
+    pruned block out; by default the model is in memory.
     """
     owl = owl or OwlConfig()
+    store = store or Resident()
     if progress is None:
         progress = sys.stderr.isatty()
     method = METHODS[prune.method]
@@ -121,7 +135,7 @@ def prune_model(
     if prune.allocation != "uniform":
         assert calib_ids is not None
         windows = owl_windows(owl, len(calib_ids))
-        ratios, layer_ratios = ratios or block_ratios(model, calib_ids[:windows], prune, owl, progress)
+        ratios, layer_ratios = ratios or block_ratios(model, calib_ids[:windows], prune, owl, progress, store)
     names = [list(d) for d in linears]
     sizes = [[lin.weight.numel() for lin in d.values()] for d in linears]
     targets = allocate(
@@ -140,23 +154,26 @@ def prune_model(
 
     # 2. pruning pass: hooks -> prune -> re-run the pruned block for the next block's inputs
     t0 = time.perf_counter()
-    runner = (
-        SequentialRunner(model, calib_ids, prune.batch_size, COMPUTE_DTYPES[prune.compute_dtype])
-        if method.needs_calibration
-        else None
-    )
+    runner = None
+    if method.needs_calibration:
+        with store.outside():
+            runner = SequentialRunner(model, calib_ids, prune.batch_size, COMPUTE_DTYPES[prune.compute_dtype])
+    counts = []
     for i in tqdm(range(len(blocks)), desc=f"pruning ({prune.method})", disable=not progress, leave=False):
+        store.load(i)
         stats = runner.collect(i, hessian=method.needs_hessian) if runner is not None else {}
         for name, lin in linears[i].items():
             tgt = targets[i][name]
             method.prune(lin, stats.get(name), tgt.sparsity, tgt.nm)
         del stats
+        counts.append(zero_counts(linears[i]))
         if runner is not None and i < len(blocks) - 1:
             runner.advance(i)
+        store.finish(i)
     del runner
     timings["prune"] = time.perf_counter() - t0
 
-    report = sparsity_report(prune, owl, linears, targets, ratios, layer_ratios, windows)
+    report = sparsity_report(prune, owl, counts, targets, ratios, layer_ratios, windows)
     report["structure"] = {
         "model_class": type(model).__name__,
         "blocks_prefix": blocks_prefix(model),
@@ -165,6 +182,16 @@ def prune_model(
     }
     report["timings"] = timings
     return report
+
+
+def _block_store(src: Path) -> tuple[Streamed | None, str]:
+    """A store that reads ``src`` block by block, or None (and why) when it must be loaded whole."""
+    if not src.is_dir():
+        return None, "whole model (a .gguf is dequantized as a whole)"
+    try:
+        return Streamed(src), "block by block"
+    except OwlError as exc:
+        return None, f"whole model ({exc})"
 
 
 def run_prune(
@@ -182,11 +209,14 @@ def run_prune(
 
     Everything that can fail is checked before ``out`` is touched, and ``out`` itself is written through
     ``atomic_dir``: a failure at any point leaves no output folder (an existing one is left as it was).
+    A safetensors folder is pruned block by block (``owl_deploy.lazy``): one block's weights are resident at a
+    time and each is written to the output as it finishes; a .gguf (or a checkpoint whose names transformers
+    would rewrite on load) is loaded whole. ``sparsity.json`` says which (``loading``).
     """
     from owl_deploy.data import calibration_windows
     from owl_deploy.io import atomic_dir, write_json
-    from owl_deploy.model import save_model
-    from owl_deploy.specs import load_model, resolve_model
+    from owl_deploy.model import save_model, save_tokenizer
+    from owl_deploy.specs import load_model, load_tokenizer, resolve_model
     from owl_deploy.versions import package_versions
 
     owl = owl or OwlConfig()
@@ -202,15 +232,19 @@ def run_prune(
         raise OwlError(f"--out {out} exists and is not an earlier prune output; remove it or choose another")
     timings: dict[str, float] = {}
     calibrated = needs_calibration(prune)
+
+    t0 = time.perf_counter()
+    store, loading = _block_store(src)
     shape = memory.model_shape(src)
     if shape is not None:
         windows = calibration.nsamples if calibrated else 0
         hessian = prune.method == "sparsegpt"
-        estimate = memory.prune_estimate(shape, windows, calibration.seqlen, prune.batch_size, hessian)
-        memory.check(estimate, max_memory)
-
-    t0 = time.perf_counter()
-    model, tokenizer = load_model(src)
+        args = (shape, windows, calibration.seqlen, prune.batch_size, hessian)
+        memory.check(memory.prune_estimate(*args, streamed=store is not None), max_memory)
+    if store is not None:
+        model, tokenizer = store.model, load_tokenizer(src)
+    else:
+        model, tokenizer = load_model(src)
     decoder_blocks(model)  # fail early on a model without recognisable decoder blocks
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if calibrated and isinstance(max_pos, int) and calibration.seqlen > max_pos:
@@ -224,13 +258,18 @@ def run_prune(
         ids = calibration_windows(tokenizer, c.text, c.nsamples, c.seqlen, c.seed)
     timings["calibration_data"] = time.perf_counter() - t0
 
-    report = prune_model(model, prune, owl, ids)
-    timings.update(report.pop("timings"))
-
-    t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
-        model.config.use_cache = True  # load_model turned the KV cache off for calibration only
-        save_model(model, tokenizer, tmp)
+        if store is not None:
+            store.out = tmp  # each pruned block is written as it finishes
+        report = prune_model(model, prune, owl, ids, store=store)
+        timings.update(report.pop("timings"))
+        t0 = time.perf_counter()
+        if store is not None:
+            store.write_rest()
+            save_tokenizer(tokenizer, tmp)
+        else:
+            model.config.use_cache = True  # load_model turned the KV cache off for calibration only
+            save_model(model, tokenizer, tmp)
         timings["save"] = time.perf_counter() - t0
         timings["total"] = time.perf_counter() - t_start
         report.update(
@@ -238,6 +277,7 @@ def run_prune(
             calibration={**calibration.to_json(), "used": calibrated},
             config={"prune": prune.to_json(), "owl": owl.to_json()},
             **({"tune": tune} if tune is not None else {}),
+            loading=loading,
             versions=package_versions(("torch", "transformers")),
             timings=timings,
             peak_rss_mb=memory.peak_rss_mb(),

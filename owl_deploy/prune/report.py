@@ -8,26 +8,32 @@ from owl_deploy.allocation import MAX_BLOCK_SPARSITY, MIN_BLOCK_SPARSITY, Target
 from owl_deploy.configs import OwlConfig, PruneConfig
 
 
+def zero_counts(linears: dict[str, nn.Linear]) -> dict[str, tuple[int, int]]:
+    """(zeros, weights) of each linear of one block, counted while its weights are loaded."""
+    return {name: (int((lin.weight == 0).sum()), lin.weight.numel()) for name, lin in linears.items()}
+
+
 def sparsity_report(
     prune: PruneConfig,
     owl: OwlConfig,
-    linears: list[dict[str, nn.Linear]],
+    counts: list[dict[str, tuple[int, int]]],
     targets: list[dict[str, Target]],
     ratios: list[float] | None,
     layer_ratios: list[dict[str, float]] | None,
     owl_windows: int,
 ) -> dict:
-    """Measured zeros per linear and block, the allocated targets, OWL's ratios and whether any was clipped."""
+    """``counts``: per block, each linear's (zeros, weights) as measured after pruning it.
+
+    Measured zeros per linear and block, the allocated targets, OWL's ratios and whether any was clipped."""
     total_zero = total = 0
     blocks = []
-    for i, block in enumerate(linears):
+    for i, block in enumerate(counts):
         layers = {}
-        for name, lin in block.items():
-            zeros = int((lin.weight == 0).sum())
-            layers[name] = zeros / lin.weight.numel()
+        for name, (zeros, numel) in block.items():
+            layers[name] = zeros / numel
             total_zero += zeros
-            total += lin.weight.numel()
-        sizes = {n: lin.weight.numel() for n, lin in block.items()}
+            total += numel
+        sizes = {n: numel for n, (_, numel) in block.items()}
         distinct = {t.sparsity for t in targets[i].values()}
         # one value per block, except in the per-layer ablation: then its parameter-weighted mean
         block_target = (
