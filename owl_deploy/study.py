@@ -8,12 +8,15 @@ once per M and shared by every method, allocation, sparsity and λ that uses the
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from owl_deploy.configs import OwlConfig, PruneConfig, replace
+from owl_deploy.configs import OwlConfig, PruneConfig, TuneConfig, replace
 from owl_deploy.evaluate import Perplexity, check_seqlen, perplexity, torch_logits_fn
 from owl_deploy.model import block_linears, decoder_blocks
 from owl_deploy.prune import block_ratios, owl_windows, prune_model
@@ -115,3 +118,110 @@ def tune_grid(
         "grid": rows,
         "best": best,
     }
+
+
+# ---------------------------------------------------------------- the same study in another process (Ray)
+@dataclass(frozen=True)
+class StudySpec:
+    """What a :class:`Study` is built from, so a worker process builds exactly the driver's study: the model,
+    its calibration windows, and the scoring tokens (the first ``score_tokens`` of ``score_text``, or with
+    ``heldout`` its held-out tail, as tuning scores)."""
+
+    model: str
+    calib: str
+    nsamples: int
+    calib_seqlen: int
+    seed: int
+    score_text: str
+    score_tokens: int
+    seqlen: int
+    heldout: bool = False
+
+    def scoring(self, tokenizer) -> torch.Tensor:
+        from owl_deploy.data import eval_tokens, heldout_tokens
+
+        fetch = heldout_tokens if self.heldout else eval_tokens
+        return fetch(tokenizer, self.score_text, self.score_tokens)
+
+    def _base(self) -> tuple:
+        return (self.model, self.calib, self.nsamples, self.calib_seqlen, self.seed, self.seqlen)
+
+    def build(self, built: dict | None = None) -> Study:
+        """A study on this spec; one already ``built`` on the same model and calibration is shared (scored on
+        other tokens through :meth:`Study.on`), so a worker holds one model."""
+        from owl_deploy.data import calibration_windows
+        from owl_deploy.specs import load_model
+
+        same = next((st for sp, st in (built or {}).items() if sp._base() == self._base()), None)
+        if same is not None:
+            return same.on(self.scoring(same.tokenizer))
+        model, tok = load_model(self.model)
+        ids = calibration_windows(tok, self.calib, self.nsamples, self.calib_seqlen, self.seed)
+        return Study(model, tok, ids, self.scoring(tok), self.seqlen)
+
+
+# jobs: functions of a study (owl_deploy.cluster runs them by name in a worker)
+def run_config(study: Study, prune: PruneConfig, owl: OwlConfig) -> dict:
+    return study.run(prune, owl)
+
+
+def score_dense(study: Study) -> dict:
+    study.restore()
+    return study.score().to_json(full=True)
+
+
+def tune(study: Study, prune: PruneConfig, owl: OwlConfig, grid: TuneConfig) -> dict:
+    """The tune stage on the study's model, scored on the study's (held-out) tokens."""
+    from owl_deploy.tune import tune_owl
+
+    study.restore()
+    return tune_owl(study.model, study.calib_ids, study.score_tokens, prune, owl, grid, dense=study.dense)
+
+
+class Checkpoint:
+    """Results already computed by an interrupted run with the same arguments, kept in a hidden file next to
+    the results: a crash or a kill after an hour loses one configuration, not the table. Keys are the job
+    keys (``tag + repr(config)`` for a scored configuration)."""
+
+    def __init__(self, path: Path, args: dict, say: Callable[[str], None] = print):
+        self.path, self.args = path, args
+        self.rows: dict[str, dict] = {}
+        self.failed: dict[str, str] = {}
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("args") == self.args:
+                self.rows = saved["rows"]
+                say(f"resuming: {len(self.rows)} results already computed in {path.name}")
+
+    def run(self, study: Study | None, cfg: tuple[PruneConfig, OwlConfig], tag: str = "") -> dict:
+        key = tag + repr(cfg)
+        if key not in self.rows:
+            if study is None:
+                raise RuntimeError(f"internal: {key} was not computed by the workers")
+            self.rows[key] = study.run(*cfg)
+            self.save()
+        return self.rows[key]
+
+    def fill(self, jobs: list, address: str | None, threads: int, actors: int | None = None) -> dict[str, int]:
+        """Compute the ``jobs`` (owl_deploy.cluster.Job) not already here on Ray; each result is saved as it
+        arrives, each failure recorded in ``failed`` (one line) and left to the next run."""
+        from owl_deploy.cluster import run_jobs
+
+        def keep(job, result, error) -> None:
+            if error is None:
+                self.rows[job.key] = result
+                self.failed.pop(job.key, None)
+                self.save()
+            else:
+                self.failed[job.key] = error
+
+        todo = [j for j in dict((j.key, j) for j in jobs).values() if j.key not in self.rows]
+        return run_jobs(todo, keep, address=address, threads=threads, actors=actors)
+
+    def save(self) -> None:
+        from owl_deploy.io import write_json
+
+        write_json(self.path, {"args": self.args, "rows": self.rows})
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)

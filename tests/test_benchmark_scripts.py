@@ -37,14 +37,14 @@ def test_quality_checkpoint_resumes_only_for_the_same_arguments(tmp_path):
     path = tmp_path / ".quality-m.partial.json"
     a, b = (PruneConfig(sparsity=0.5), OwlConfig()), (PruneConfig(sparsity=0.6), OwlConfig())
     study = CountingStudy()
-    first = quality.Checkpoint(path, _args())
+    first = quality.checkpoint(path, _args())
     row_a = first.run(study, a)
     assert first.run(study, a) is row_a and len(study.calls) == 1  # the same config is scored once
     assert path.is_file()  # written after every configuration
 
     # a new run with the same arguments (the "crash" happened before b): a is reused, b is scored
     again = CountingStudy()
-    resumed = quality.Checkpoint(path, _args())
+    resumed = quality.checkpoint(path, _args())
     assert resumed.run(again, a)["perplexity"] == row_a["perplexity"] and again.calls == []
     resumed.run(again, b)
     assert again.calls == [b]
@@ -54,7 +54,7 @@ def test_quality_checkpoint_resumes_only_for_the_same_arguments(tmp_path):
 
     # other arguments (here the evaluation size): nothing is reused
     other = CountingStudy()
-    quality.Checkpoint(path, _args(eval_tokens=2048)).run(other, a)
+    quality.checkpoint(path, _args(eval_tokens=2048)).run(other, a)
     assert other.calls == [a]
     resumed.remove()
     assert not path.exists()
@@ -167,4 +167,45 @@ def test_memory_script_hard_limit_kills_an_export_past_it(tmp_path):
     assert script.main([*argv, "--run", "fp32@500M"]) == 0
     run = json.loads(stem.with_name("memory-tiny.json").read_text())["runs"]["fp32@500M"]
     assert run["exit_code"] == 1 and run["error"].startswith("error: export would need about")
+    assert run["cgroup"]["limit_bytes"] == 500_000_000 and "measured" not in run
+
+
+def test_prune_memory_script_runs_prunes_in_their_own_processes(tmp_path):
+    """benchmarks/prune_memory.py on a tiny model: two runs of the same options, each in its own process, prune
+    block by block and write the same weights; each is recorded beside its estimate."""
+    import json
+
+    import prune_memory as script
+    from tiny_models import save_tiny
+
+    model = save_tiny("llama", tmp_path / "m", hidden=32, layers=2)
+    stem = tmp_path / "res" / "prune-memory-tiny"
+    args = ["--", "--method", "magnitude", "--allocation", "uniform", "--sparsity", "0.5"]
+    assert script.main(["--model", str(model), "--run", "a", "--run", "b", "--out", str(stem), *args]) == 0
+    result = json.loads(stem.with_name("prune-memory-tiny.json").read_text())
+    a, b = result["runs"]["a"], result["runs"]["b"]
+    assert a["exit_code"] == b["exit_code"] == 0 and "--max-memory off" in a["command"]
+    assert a["weights_digest"] == b["weights_digest"]
+    for m in (a["measured"], b["measured"]):
+        assert m["loading"] == "block by block" and m["global_sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert m["peak_rss_gb"] > 0 and m["estimate_gb"] > 0 and m["estimate"].startswith(f"{m['estimate_gb']:.1f}")
+    assert "| a | block by block | — | 0 |" in stem.with_name("prune-memory-tiny.md").read_text()
+    bad = ["--model", str(model), "--run", "a", "--out", str(stem), "--", "--out", "x"]
+    assert script.main(bad) == 1
+
+
+@pytest.mark.skipif(not _cgroup_writable(), reason="needs a writable memory cgroup (root)")
+def test_prune_memory_script_under_a_hard_limit(tmp_path):
+    """Under a cgroup below its estimate, the prune is refused up front by its own guard and the run records why."""
+    import json
+
+    import prune_memory as script
+    from tiny_models import save_tiny
+
+    model = save_tiny("llama", tmp_path / "m", hidden=32, layers=2)
+    stem = tmp_path / "prune-memory-tiny"
+    argv = ["--model", str(model), "--run", "x@500M", "--out", str(stem), "--", "--sparsity", "0.5"]
+    assert script.main(argv) == 0
+    run = json.loads(stem.with_name("prune-memory-tiny.json").read_text())["runs"]["x@500M"]
+    assert run["exit_code"] == 1 and run["error"].startswith("error: prune would need about")
     assert run["cgroup"]["limit_bytes"] == 500_000_000 and "measured" not in run

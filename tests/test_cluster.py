@@ -1,0 +1,173 @@
+"""Studies as Ray jobs (owl_deploy.cluster): the same results as a serial run, on an embedded local Ray and on a
+real two-node cluster on loopback; a failing job is reported without losing the others; a re-run resumes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import save_tiny
+
+from owl_deploy.cluster import Job
+from owl_deploy.configs import OwlConfig, PruneConfig
+from owl_deploy.study import Checkpoint, StudySpec, run_config, score_dense
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+RAY = Path(sys.executable).parent / "ray"
+
+
+def _text(tmp: Path) -> Path:
+    words = ["alpha", "beta", "gamma", "delta", "sparse", "outlier", "weight", "layer", "block", "token"]
+    gen = torch.Generator().manual_seed(0)
+    path = tmp / "text.txt"
+    path.write_text(" ".join(words[i] for i in torch.randint(0, len(words), (3000,), generator=gen).tolist()) + "\n")
+    return path
+
+
+def _spec(tmp: Path) -> StudySpec:
+    model = save_tiny("qwen2", tmp / "model", hidden=64, layers=3)
+    text = str(_text(tmp))
+    return StudySpec(str(model), text, 4, 32, 0, text, 1024, 64)
+
+
+CONFIGS = [
+    (PruneConfig(method="wanda", allocation="uniform", sparsity=0.6), OwlConfig()),
+    (PruneConfig(method="wanda", allocation="owl", sparsity=0.6), OwlConfig()),
+    (PruneConfig(method="sparsegpt", allocation="owl", sparsity=0.7), OwlConfig(m=3.0, lambda_=0.15)),
+    (PruneConfig(method="magnitude", allocation="owl", sparsity=0.5), OwlConfig()),
+]
+
+
+def _strip(row: dict) -> dict:
+    """A row without its timings (the only part that may differ between runs)."""
+    out = {k: v for k, v in row.items() if k != "seconds"}
+    if isinstance(out.get("tune"), dict):
+        out["tune"] = {k: v for k, v in out["tune"].items() if k != "seconds"}
+    return out
+
+
+def _serial(spec: StudySpec, threads: int | None = None) -> dict[str, dict]:
+    """The rows of a serial run in this process (with ``threads`` torch threads, as the workers will use)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        study = spec.build()
+        out = {"dense": score_dense(study)}
+        out.update({repr(c): _strip(run_config(study, *c)) for c in CONFIGS})
+    finally:
+        torch.set_num_threads(before)
+    out["dense"].pop("seconds", None)
+    return out
+
+
+def _jobs(spec: StudySpec) -> list[Job]:
+    return [Job("dense", spec, score_dense)] + [Job(repr(c), spec, run_config, c) for c in CONFIGS]
+
+
+def _results(done: Checkpoint) -> dict[str, dict]:
+    out = {k: _strip(v) for k, v in done.rows.items()}
+    out["dense"].pop("seconds", None)
+    return out
+
+
+def test_local_ray_equals_serial_reports_a_failure_and_resumes(tmp_path):
+    """Embedded local Ray: every row equal to the serial run's (window NLLs to the last bit); a job that raises
+    is recorded with its one-line reason, the others saved; a re-run computes only what is missing."""
+    spec = _spec(tmp_path)
+    serial = _serial(spec)
+    bad = (PruneConfig(method="wanda", allocation="uniform", nm="3:7"), OwlConfig())  # 64 inputs: not a multiple of 7
+    done = Checkpoint(tmp_path / "partial.json", {"study": 1})
+    threads = torch.get_num_threads()
+    counts = done.fill([*_jobs(spec), Job(repr(bad), spec, run_config, bad)], None, threads)
+    assert counts["done"] == len(CONFIGS) + 1 and counts["failed"] == 1
+    assert list(done.failed) == [repr(bad)] and "divisible by 7" in done.failed[repr(bad)]
+    assert _results(done) == serial
+    saved = json.loads((tmp_path / "partial.json").read_text())["rows"]
+    assert set(saved) == set(serial)  # every finished row on disk the moment it arrived
+    again = Checkpoint(tmp_path / "partial.json", {"study": 1})
+    assert again.fill(_jobs(spec), None, threads) == {"done": 0, "failed": 0, "actors": 0}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str) -> None:
+    import os
+
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    proc = subprocess.run([str(RAY), *args], capture_output=True, text=True, env=env, timeout=180)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ray {' '.join(args)} failed: {proc.stderr[-2000:]}")
+
+
+@pytest.fixture
+def two_nodes(tmp_path):
+    """A Ray head and a second node on 127.0.0.1, each with its own ports and 1 CPU; stopped afterwards."""
+    if not RAY.exists():
+        pytest.skip("the ray CLI is not installed")
+    port = _free_port()
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
+    agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+    try:
+        _ray("start", "--head", f"--port={port}", "--include-dashboard=false", *common, *agent)
+        agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+        _ray("start", f"--address=127.0.0.1:{port}", *common, *agent)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_two_node_loopback_cluster_equals_serial(tmp_path, two_nodes):
+    """A real two-node cluster (two raylets on loopback): two workers, one per node, and the same rows."""
+    import ray
+
+    spec = _spec(tmp_path)
+    serial = _serial(spec, threads=1)
+    done = Checkpoint(tmp_path / "partial.json", {"study": 2})
+    ray.init(address=two_nodes, include_dashboard=False, log_to_driver=False)
+    try:
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        assert len(nodes) == 2 and ray.cluster_resources()["CPU"] == 2
+        counts = done.fill(_jobs(spec), two_nodes, threads=1)
+    finally:
+        ray.shutdown()
+    assert counts == {"done": len(CONFIGS) + 1, "failed": 0, "actors": 2}
+    assert _results(done) == serial
+
+
+def test_quality_study_on_ray_gives_the_serial_table(tmp_path, monkeypatch):
+    """benchmarks/quality.py end to end on a tiny model: the Ray run's JSON rows, comparisons and tuning equal
+    the serial run's."""
+    import quality
+
+    spec = _spec(tmp_path)
+    monkeypatch.setattr(quality, "RESULTS", tmp_path / "results")
+    argv = ["quality.py", "--model", spec.model, "--calib", spec.calib, "--eval-text", spec.calib, "--quick",
+            "--seqlen", "64", "--calib-seqlen", "32", "--default-tune-tokens", "1024",
+            "--default-tune-nsamples", "4"]  # fmt: skip
+    results = {}
+    for mode in ("--serial", None):
+        stem = f"q-{'serial' if mode else 'ray'}"
+        monkeypatch.setattr(sys, "argv", [*argv, "--out-stem", stem, *([mode] if mode else [])])
+        quality.main()
+        results[stem] = json.loads((tmp_path / "results" / f"{stem}.json").read_text())
+    a, b = results["q-serial"], results["q-ray"]
+    assert b["meta"]["ray"]["address"] == "local" and a["meta"]["ray"] is None
+    assert [_strip(r) for r in a["rows"]] == [_strip(r) for r in b["rows"]] and len(a["rows"]) > 4
+    assert a["comparisons"] == b["comparisons"] and a["dense"] | {"seconds": 0} == b["dense"] | {"seconds": 0}
+    for t in (a, b):
+        for r in t["pipeline_default"]["rows"]:
+            r.pop("tune_seconds"), r.pop("tune_fraction_of_prune")
+    assert a["pipeline_default"] == b["pipeline_default"]
+    assert not list((tmp_path / "results").glob(".*partial*"))
+    shutil.rmtree(tmp_path / "results")
