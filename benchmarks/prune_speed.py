@@ -6,6 +6,12 @@ phase timings from its sparsity.json. Writes JSON + Markdown (default benchmarks
 
     .venv/bin/python benchmarks/prune_speed.py                      # the issue's setting (~tens of minutes on 2 cores)
     .venv/bin/python benchmarks/prune_speed.py --nsamples 16 --configs wanda,owl+wanda
+    .venv/bin/python benchmarks/prune_speed.py --configs owl+wanda --compute-dtypes float32,bfloat16 \
+        --eval-tokens 16384 --stem-suffix -epyc          # bf16 calibration forwards against fp32, paired
+
+With ``--eval-tokens N`` every pruned model is scored on the first N tokens of ``wiki`` (windows of 512) and
+each bfloat16 run is paired with the float32 run of the same config: the per-window NLL difference with its
+standard error, and the fraction of the mask that differs.
 
 Targets (issue 3): OWL+Wanda <= 60 s, OWL overhead (its dense-pass + allocation time) <= 5% of Wanda's
 time, peak RSS <= 2.5 GB. The load average is recorded: the machine is shared, and time is only
@@ -34,9 +40,9 @@ CONFIGS = {
 TARGETS = {"owl_wanda_seconds": 60.0, "owl_overhead_fraction": 0.05, "peak_rss_mb": 2500.0}
 
 
-def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
+def run_one(name: str, dtype: str, args: argparse.Namespace, workdir: Path) -> dict:
     method, allocation = CONFIGS[name]
-    out = workdir / name.replace("+", "_")
+    out = workdir / f"{name.replace('+', '_')}-{dtype}"
     cmd = [
         sys.executable,
         "-m",
@@ -56,6 +62,8 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
         str(args.seqlen),
         "--seed",
         str(args.seed),
+        "--compute-dtype",
+        dtype,
         "--out",
         str(out),
     ]
@@ -68,9 +76,10 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr}")
     report = json.loads((out / "sparsity.json").read_text())
-    shutil.rmtree(out)
     return {
         "name": name,
+        "compute_dtype": dtype,
+        "folder": str(out),
         "method": method,
         "allocation": allocation,
         "wall_seconds": wall,  # includes interpreter start-up and imports
@@ -83,6 +92,34 @@ def run_one(name: str, args: argparse.Namespace, workdir: Path) -> dict:
     }
 
 
+def score(runs: list[dict], args: argparse.Namespace) -> None:
+    """Perplexity of every pruned model on the same windows; each bfloat16 run paired with its float32 twin."""
+    import torch
+
+    from owl_deploy.data import eval_tokens
+    from owl_deploy.evaluate import paired_nll, perplexity, resolved, torch_logits_fn
+    from owl_deploy.model import load_causal_lm, load_tokenizer
+    from owl_deploy.recover import masks_of
+
+    tokens = eval_tokens(load_tokenizer(Path(runs[0]["folder"])), "wiki", args.eval_tokens)
+    masks: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for r in runs:
+        model = load_causal_lm(Path(r["folder"]))
+        ppl = perplexity(torch_logits_fn(model), tokens, 512, progress=False)
+        r.update(perplexity=ppl.perplexity, mean_nll=ppl.mean_nll, window_nll=ppl.window_nll)
+        masks[(r["name"], r["compute_dtype"])] = masks_of(model)
+        del model
+    for r in runs:
+        twin = next((f for f in runs if f["name"] == r["name"] and f["compute_dtype"] == "float32"), None)
+        if r["compute_dtype"] == "float32" or twin is None:
+            continue
+        d, se = paired_nll(r["window_nll"], twin["window_nll"])
+        a, b = masks[(r["name"], r["compute_dtype"])], masks[(r["name"], "float32")]
+        differs = sum(int((a[k] != b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
+        verdict = {-1: "better", 1: "worse", 0: "same within noise"}[resolved(d, se)]
+        r["vs_float32"] = {"delta_nll": d, "delta_se": se, "verdict": verdict, "mask_differs": differs}
+
+
 def markdown(result: dict) -> str:
     a = result["args"]
     lines = [
@@ -93,16 +130,22 @@ def markdown(result: dict) -> str:
         f"load average (1 min) {result['machine']['loadavg_start'][0]:.2f} before the runs and "
         f"{result['machine']['loadavg_end'][0]:.2f} after (2 cores: above ~1 the machine is shared).",
         "",
-        "| config | wall s | total s | load s | calib data s | OWL ratios s | prune s | save s "
-        "| peak RSS MB | global sparsity |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"CPU: {result['machine'].get('cpu_model', '?')}.",
+        "",
+        "| config | compute | wall s | total s | load s | calib data s | OWL ratios s | prune s | save s "
+        "| peak RSS MB | global sparsity | perplexity | vs float32: Δ NLL ± s.e. | mask differs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
         t = r["timings"]
+        pair = r.get("vs_float32")
+        vs = f"{pair['delta_nll']:+.4f} ± {pair['delta_se']:.4f} ({pair['verdict']})" if pair else "—"
+        differs = f"{pair['mask_differs']:.2%}" if pair else "—"
+        ppl = f"{r['perplexity']:.2f}" if r.get("perplexity") else "—"
         lines.append(
-            f"| {r['name']} | {r['wall_seconds']:.1f} | {t['total']:.1f} | {t['load_model']:.1f} | "
-            f"{t['calibration_data']:.1f} | {t['owl_ratios']:.1f} | {t['prune']:.1f} | {t['save']:.1f} | "
-            f"{r['peak_rss_mb']:.0f} | {r['global_sparsity']:.4f} |"
+            f"| {r['name']} | {r.get('compute_dtype', 'float32')} | {r['wall_seconds']:.1f} | {t['total']:.1f} | "
+            f"{t['load_model']:.1f} | {t['calibration_data']:.1f} | {t['owl_ratios']:.1f} | {t['prune']:.1f} | "
+            f"{t['save']:.1f} | {r['peak_rss_mb']:.0f} | {r['global_sparsity']:.4f} | {ppl} | {vs} | {differs} |"
         )
     lines += ["", "| target | value | limit | met |", "|---|---|---|---|"]
     for key, check in result["targets"].items():
@@ -121,7 +164,13 @@ def main() -> None:
     p.add_argument("--owl-nsamples", default="8", help="windows of the dense OWL pass, or 'all' (default 8)")
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--out-dir", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--compute-dtypes", default="float32", help="comma-separated: float32, bfloat16 (each config)")
+    p.add_argument("--eval-tokens", type=int, default=0, help="score each pruned model on wiki's first N tokens")
+    p.add_argument("--stem-suffix", default="", help="appended to the result's file stem (e.g. -epyc)")
     args = p.parse_args()
+    dtypes = [d.strip() for d in args.compute_dtypes.split(",") if d.strip()]
+    if not dtypes or set(dtypes) - {"float32", "bfloat16"}:
+        raise SystemExit(f"--compute-dtypes: choose from float32, bfloat16 (got {args.compute_dtypes!r})")
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = set(names) - set(CONFIGS)
     if unknown:
@@ -129,7 +178,10 @@ def main() -> None:
 
     import torch
 
+    from owl_deploy.bench.machine import hardware_info
+
     machine = {
+        "cpu_model": hardware_info(measure_bandwidth=False, deepsparse_view=False).get("cpu_model"),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
@@ -139,14 +191,19 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory(prefix="prune_speed-") as tmp:
         for name in names:
-            print(f"running {name} ...", file=sys.stderr, flush=True)
-            runs.append(run_one(name, args, Path(tmp)))
-            print(
-                f"  {runs[-1]['timings']['total']:.1f} s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB",
-                file=sys.stderr,
-                flush=True,
-            )
-    machine["loadavg_end"] = os.getloadavg()
+            for dtype in dtypes:
+                print(f"running {name} ({dtype}) ...", file=sys.stderr, flush=True)
+                runs.append(run_one(name, dtype, args, Path(tmp)))
+                print(
+                    f"  {runs[-1]['timings']['total']:.1f} s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        machine["loadavg_end"] = os.getloadavg()  # the timed part ends here; scoring follows
+        if args.eval_tokens:
+            score(runs, args)
+        for r in runs:
+            shutil.rmtree(r.pop("folder"), ignore_errors=True)
     by = {r["name"]: r for r in runs}
     targets = {}
     if "owl+wanda" in by:
@@ -165,6 +222,9 @@ def main() -> None:
     stem = f"prune_speed_{args.nsamples}x{args.seqlen}"
     if names != list(CONFIGS):
         stem += "_" + "-".join(n.replace("+", "_") for n in names)
+    if dtypes != ["float32"]:
+        stem += "_" + "-".join(dtypes)
+    stem += args.stem_suffix
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     (args.out_dir / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
