@@ -156,3 +156,42 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkey
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
         assert recover.resolve_dtype("auto") == want
+
+
+def test_lean_bf16_training_changes_no_number(tmp_path, monkeypatch):
+    """LoRA in bf16 with the frozen linears stored in bf16 (the default) against the same run with them in fp32:
+    the same loss curve, held-out losses, perplexities and merged weights, to the last bit; the masks are
+    read back from the fp32 weights for the merge."""
+    from safetensors.torch import load_file
+
+    from owl_deploy import recover
+
+    dense = save_tiny("qwen2", tmp_path / "dense", hidden=64, layers=2)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n" * 400)
+    pruned = tmp_path / "pruned"
+    res = CliRunner().invoke(main, ["prune", "--model", str(dense), "--sparsity", "0.6", "--nsamples", "4",
+                                    "--seqlen", "32", "--calib", str(text), "--out", str(pruned)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    args = ["recover", "--model", str(pruned), "--steps", "6", "--batch-size", "2", "--seqlen", "32",
+            "--eval-every", "3", "--heldout-tokens", "128", "--calib", str(text), "--eval-text", str(text),
+            "--eval-seqlen", "32", "--eval-tokens", "256", "--compute-dtype", "bfloat16", "--lr", "0.01"]  # fmt: skip
+    reports, weights = {}, {}
+    for name in ("lean", "fp32"):
+        if name == "fp32":
+            monkeypatch.setattr(recover, "lean", lambda cfg: False)
+        out = tmp_path / name
+        res = CliRunner().invoke(main, [*args, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        reports[name] = json.loads((out / "recover.json").read_text())
+        weights[name] = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    a, b = reports["lean"], reports["fp32"]
+    assert a["frozen_weights"] == "bfloat16" and b["frozen_weights"] == "float32"
+    for key in ("curve", "evals", "best", "perplexity", "window_nll", "zeros"):
+        if key == "curve":
+            a[key] = [{k: v for k, v in c.items() if k != "tokens_per_s"} for c in a[key]]
+            b[key] = [{k: v for k, v in c.items() if k != "tokens_per_s"} for c in b[key]]
+        assert a[key] == b[key], key
+    assert a["zeros"]["identical_mask"] and a["curve"][-1]["loss"] < a["curve"][0]["loss"]
+    assert weights["lean"].keys() == weights["fp32"].keys()
+    assert all(torch.equal(weights["lean"][k], weights["fp32"][k]) for k in weights["lean"])
