@@ -89,11 +89,10 @@ def drop_page_cache() -> bool:
         return False
 
 
-def run_export(model: str, scheme: str, limit: float | None, folder: Path, sequence_length: int | None) -> dict:
-    cmd = [str(Path(sys.executable).parent / "owl-deploy"), "export", "--model", model, "--out", str(folder)]
-    cmd += ["--sequence-length", str(sequence_length)] if sequence_length else []
-    cmd += ["--quantize", "int8"] if scheme == "int8" else []
-    cmd += ["--max-memory", f"{limit / 1e9:g}G" if limit else "off"]
+def run_limited(cmd: list[str], limit: float | None) -> dict:
+    """Run ``cmd`` (an owl-deploy command) from a dropped page cache, inside a cgroup of ``limit`` bytes if given,
+    with ``--max-memory`` set to the same limit; what it did, its wall time and the cgroup's peak."""
+    cmd = [*cmd, "--max-memory", f"{limit / 1e9:g}G" if limit else "off"]
     group = Cgroup(limit) if limit else None
     cold = drop_page_cache()
     t0 = time.perf_counter()
@@ -112,6 +111,13 @@ def run_export(model: str, scheme: str, limit: float | None, folder: Path, seque
     if proc.returncode != 0:
         out["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
     return out
+
+
+def run_export(model: str, scheme: str, limit: float | None, folder: Path, sequence_length: int | None) -> dict:
+    cmd = [str(Path(sys.executable).parent / "owl-deploy"), "export", "--model", model, "--out", str(folder)]
+    cmd += ["--sequence-length", str(sequence_length)] if sequence_length else []
+    cmd += ["--quantize", "int8"] if scheme == "int8" else []
+    return run_limited(cmd, limit)
 
 
 def estimate(shape: memory.Shape, measured: dict) -> dict:

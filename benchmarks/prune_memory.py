@@ -18,13 +18,11 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from export_memory import Cgroup, drop_page_cache
+from export_memory import run_limited
 
 from owl_deploy import memory
 from owl_deploy.bench.machine import hardware_info, versions_info
@@ -51,25 +49,7 @@ def weights_digest(folder: Path) -> str:
 
 def run_prune(model: str, limit: float | None, folder: Path, prune_args: list[str]) -> dict:
     cmd = [str(Path(sys.executable).parent / "owl-deploy"), "prune", "--model", model, "--out", str(folder)]
-    cmd += [*prune_args, "--max-memory", f"{limit / 1e9:g}G" if limit else "off"]
-    group = Cgroup(limit) if limit else None
-    cold = drop_page_cache()
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(group.wrap(cmd) if group else cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        cgroup = None if group is None else {"limit_bytes": int(limit), "peak_bytes": group.peak_bytes()}
-        if group is not None:
-            cgroup["limit_hits"] = group.oom_kills()
-    finally:
-        if group is not None:
-            time.sleep(0.5)
-            group.remove()
-    out = {"command": " ".join(cmd), "exit_code": proc.returncode, "wall_seconds": round(wall, 1), "cgroup": cgroup}
-    out["cold_page_cache"] = cold
-    if proc.returncode != 0:
-        out["error"] = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-    return out
+    return run_limited([*cmd, *prune_args], limit)
 
 
 def describe(report: dict, shape: memory.Shape) -> dict:
