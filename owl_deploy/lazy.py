@@ -50,8 +50,6 @@ def read_tensor(fh, data_start: int, entry: dict) -> torch.Tensor:
 class Resident:
     """Blocks already in memory: nothing to load, release or write."""
 
-    streamed = False
-
     def load(self, index: int) -> None:
         pass
 
@@ -89,8 +87,6 @@ class Streamed:
     the blocks plus the shard index. Raises ``OwlError`` when the checkpoint's tensor names are not the
     model's own (a checkpoint transformers would rename or re-tie on load): the caller then loads it whole.
     """
-
-    streamed = True
 
     def __init__(self, folder: Path, out: Path | None = None, dtype: torch.dtype = torch.float32):
         from accelerate import init_empty_weights
@@ -139,7 +135,7 @@ class Streamed:
         self.capture_keys = [k for k in self.rest_keys if k not in out_names]  # what runs before the blocks
         self.shards: dict[str, str] = {}  # tensor name -> shard file in ``out``
         self.total_bytes = 0
-        self.n_shards = len(self.blocks) + self._rest_shard_count()
+        self.n_shards = len(self.blocks) + len(self._rest_groups())
 
     def _check_names(self) -> None:
         """Every parameter must come from the checkpoint (tied output embeddings aside) and every checkpoint
@@ -216,9 +212,6 @@ class Streamed:
             groups[-1].append(k)
             size += n
         return groups
-
-    def _rest_shard_count(self) -> int:
-        return len(self._rest_groups())
 
     def _shard_name(self, number: int) -> str:
         return f"model-{number:05d}-of-{self.n_shards:05d}.safetensors"
