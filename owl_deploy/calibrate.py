@@ -18,6 +18,7 @@ which see every token of every linear input, avoid converting whole activations 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -67,18 +68,22 @@ class _Collector:
             self.stats[name] = LayerStats(torch.zeros(n, dtype=torch.float64), xtx)
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.batch = 0  # samples in the block call under way (set by the runner: OPT flattens to 2-D)
+        self.seconds = 0.0  # spent in the hooks (reductions + accumulation), inside the block forwards
 
     def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._last is not None and self._last[0] is x:
             return self._last[1], self._last[2]
         flat = x.detach().reshape(-1, x.shape[-1]).float()
         sq = flat.square().sum(0).double()
-        xtx = (flat.T @ flat).double() if self.hessian else None
+        # the hooks run inside the block's autocast region: without this, X^T X would be a bf16 matmul
+        with torch.autocast("cpu", enabled=False):
+            xtx = (flat.T @ flat).double() if self.hessian else None
         self._last = (x, sq, xtx)
         return sq, xtx
 
     def _hook(self, name: str):
         def hook(_module: nn.Module, args: tuple, _output: Any) -> None:
+            t0 = time.perf_counter()
             x = args[0]
             sq, xtx = self._reduce(x)
             st = self.stats[name]
@@ -86,6 +91,7 @@ class _Collector:
             if xtx is not None:
                 st.xtx += xtx
             st.nsamples += self.batch
+            self.seconds += time.perf_counter() - t0
 
         return hook
 
@@ -181,6 +187,24 @@ def capture_block_inputs(
     return hidden, calls
 
 
+def resolve_dtype(name: str) -> str:
+    """``auto`` -> bfloat16 where the CPU multiplies bf16 natively (AVX512-BF16 or AMX), else float32.
+
+    Measured (README): recovery on SmolLM2 at 70% trains 2.1x faster in bf16 autocast at the same perplexity;
+    OWL+Wanda calibration forwards run 2.2-2.4x faster on an AMX Xeon with a perplexity change within noise at
+    50% sparsity. Emulated bf16 (AVX2) would be slower than float32."""
+    if name != "auto":
+        return name
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    native = any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+    return "bfloat16" if native else "float32"
+
+
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """The dtype the calibration forwards autocast to (None: plain float32) for a compute-dtype setting."""
+    return torch.bfloat16 if resolve_dtype(name) == "bfloat16" else None
+
+
 class SequentialRunner:
     """Holds the hidden-state stream at the current block and moves it forward one block at a time.
 
@@ -204,6 +228,8 @@ class SequentialRunner:
         self.nsamples = len(input_ids)
         self.hidden, self._calls = capture_block_inputs(model, self.blocks, input_ids, batch_size)
         self.position = 0  # index of the block whose inputs the stream holds
+        # where the time goes: block forwards (hooks excluded) and the statistics the hooks reduce
+        self.seconds = {"forward": 0.0, "statistics": 0.0}
 
     def _check(self, index: int) -> None:
         if index != self.position:
@@ -223,6 +249,7 @@ class SequentialRunner:
         self._check(index)
         block = self.blocks[index]
         collector = _Collector(block_linears(block), hessian)
+        t0 = time.perf_counter()
         with collector.attached():
             for b, h in enumerate(self.hidden):
                 collector.batch = len(h)
@@ -231,6 +258,8 @@ class SequentialRunner:
                 collector.end_batch()
                 if advance:
                     self.hidden[b] = out
+        self.seconds["forward"] += time.perf_counter() - t0 - collector.seconds
+        self.seconds["statistics"] += collector.seconds
         if advance:
             self.position += 1
         return collector.stats
@@ -240,7 +269,9 @@ class SequentialRunner:
         """Replace the stream by block ``index``'s outputs (after the caller pruned it)."""
         self._check(index)
         block = self.blocks[index]
+        t0 = time.perf_counter()
         for b, h in enumerate(self.hidden):
             with self._autocast():
                 self.hidden[b] = _run_block(block, h, self._call(index, h))
+        self.seconds["forward"] += time.perf_counter() - t0
         self.position += 1

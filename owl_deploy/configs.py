@@ -126,8 +126,10 @@ class PruneConfig(Config):
     sparsity: float | None = Field(None, gt=0, lt=1, allow_inf_nan=False, description="Target global sparsity.")
     nm: str | None = Field(None, pattern=NM_PATTERN, description="N:M pattern, e.g. 2:4 (OWL varies N per block).")
     batch_size: int = Field(8, ge=1, description="Calibration windows per block forward.")
-    compute_dtype: Literal[COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
-        "float32", description="Dtype of the calibration forwards (bfloat16: CPU autocast); statistics stay float64."
+    compute_dtype: Literal["auto", *COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
+        "auto",
+        description="Dtype of the calibration forwards (bfloat16: CPU autocast; auto: bfloat16 where the CPU "
+        "multiplies bf16 natively, AMX or AVX512-BF16, float32 elsewhere); statistics stay float64.",
     )
 
     @model_validator(mode="after")

@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 from owl_deploy.allocation import outlier_ratio, owl_nm, owl_sparsities, uniform_sparsities
-from owl_deploy.calibrate import SequentialRunner
+from owl_deploy.calibrate import SequentialRunner, autocast_dtype
 from owl_deploy.configs import OwlConfig, PruneConfig, TuneConfig, build
 from owl_deploy.evaluate import paired_nll, perplexity, torch_logits_fn, windows_of
 from owl_deploy.model import block_linears, decoder_blocks
-from owl_deploy.prune import COMPUTE_DTYPES
 from owl_deploy.prune.magnitude import magnitude_mask
 from owl_deploy.prune.masks import row_ranks
 from owl_deploy.prune.wanda import wanda_scores
@@ -45,7 +44,7 @@ class DenseStats:
 def dense_stats(model: nn.Module, calib_ids: torch.Tensor, prune: PruneConfig, ms: list[float]) -> DenseStats:
     """One dense sequential forward: the block ratios for each M and every linear's Wanda score ranks."""
     t0 = time.perf_counter()
-    runner = SequentialRunner(model, calib_ids, prune.batch_size, COMPUTE_DTYPES[prune.compute_dtype])
+    runner = SequentialRunner(model, calib_ids, prune.batch_size, autocast_dtype(prune.compute_dtype))
     blocks = runner.blocks
     ratios: dict[float, list[float]] = {m: [] for m in ms}
     ranks: list[dict[str, torch.Tensor]] | None = None if prune.method == "magnitude" else []

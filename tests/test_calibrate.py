@@ -126,3 +126,37 @@ def test_bfloat16_autocast_forwards_keep_float64_statistics(family):
     for name, st in ref.items():
         assert fast[name].sq_sum.dtype == torch.float64
         torch.testing.assert_close(fast[name].sq_norm, st.sq_norm, rtol=0.03, atol=1e-6)
+
+
+def test_hessian_under_bfloat16_autocast_is_a_float32_product():
+    """The hooks run inside the block's bf16 autocast region; X^T X must still be a float32 product of the
+    inputs the linear saw (a bf16 matmul made o_proj's Hessian indefinite on a tiny model, failing SparseGPT)."""
+    model = tiny_model("llama", hidden=128, layers=2)
+    runner = SequentialRunner(model, calib_ids(8, 32), batch_size=8, autocast=torch.bfloat16)
+    block = decoder_blocks(model)[0]
+    seen: dict[str, torch.Tensor] = {}
+    handles = [
+        lin.register_forward_hook(lambda _m, args, _o, n=name: seen.__setitem__(n, args[0].detach()))
+        for name, lin in block_linears(block).items()
+    ]
+    try:
+        stats = runner.collect(0, hessian=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, st in stats.items():
+        x = seen[name].reshape(-1, seen[name].shape[-1]).float()
+        torch.testing.assert_close(st.xtx, (x.T @ x).double(), rtol=1e-5, atol=1e-5)
+        assert float(torch.linalg.eigvalsh(st.hessian).min()) > -1e-6 * float(st.hessian.diagonal().max()), name
+
+
+def test_auto_compute_dtype_follows_the_cpu(monkeypatch):
+    """auto -> bfloat16 only where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); explicit names win."""
+    from owl_deploy.calibrate import autocast_dtype, resolve_dtype
+
+    assert resolve_dtype("float32") == "float32" and autocast_dtype("float32") is None
+    assert autocast_dtype("bfloat16") is torch.bfloat16
+    for avx512_bf16, amx, want in [(False, False, None), (True, False, torch.bfloat16), (False, True, torch.bfloat16)]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        assert autocast_dtype("auto") is want

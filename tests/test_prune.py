@@ -285,6 +285,13 @@ def test_cli_prune_writes_a_loadable_folder(tiny_dir, tmp_path):
     assert report["calibration"] == {"text": str(_text_file()), "nsamples": 6, "seqlen": 32, "seed": 0, "used": True}
     assert report["config"]["prune"]["sparsity"] == 0.5 and report["config"]["owl"]["lambda"] == 0.1
     assert {"load_model", "calibration_data", "owl_ratios", "prune", "save", "total"} <= set(report["timings"])
+    split = [report["timings"][f"prune_{k}"] for k in ("forward", "statistics", "mask", "io")]
+    assert all(x >= 0 for x in split) and sum(split) <= report["timings"]["prune"]
+    # the default compute dtype is auto: what it resolved to on this CPU is recorded
+    from owl_deploy.calibrate import resolve_dtype
+
+    assert report["config"]["prune"]["compute_dtype"] == "auto"
+    assert report["compute_dtype"] == resolve_dtype("auto") in ("float32", "bfloat16")
     assert [b["index"] for b in report["blocks"]] == [0, 1, 2]
     assert all({"outlier_ratio", "sparsity", "layers"} <= set(b) for b in report["blocks"])
     # the folder reloads, and the zeros are there

@@ -17,9 +17,10 @@ Design decisions:
   stays the target (allocation.owl_sparsities); impossible targets raise OwlError.
 - N:M with OWL: per-block N from allocation.owl_nm (ref item 7); the global mean is then not
   guaranteed, and the report says what it is.
-- ``compute_dtype="bfloat16"`` (opt-in) runs the calibration forwards under CPU autocast, which uses AMX
-  matmuls where present; statistics stay float64 and weights float32. It changes the masks measurably
-  (README, "Prune speed"), so float32 stays the default.
+- ``compute_dtype`` ``auto`` (the default) runs the calibration forwards under bf16 CPU autocast where the
+  CPU multiplies bf16 natively (AMX, AVX512-BF16), float32 elsewhere; statistics stay float64 and weights
+  float32. On an AMX Xeon it is 2.2-2.4x faster and moves perplexity within noise at 50% (0.27% of the mask
+  differs; README, "Prune speed"); ``float32`` reproduces the reference's arithmetic.
 - Per-layer ablation (``granularity="layer"``): one outlier ratio per linear and the allocation spread
   over all linears of the model; the linears' sparsities are then shifted by one common amount so the
   parameter-weighted mean (the measured global sparsity) stays the target.
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from owl_deploy import memory
 from owl_deploy.allocation import allocate, outlier_ratio
-from owl_deploy.calibrate import SequentialRunner
+from owl_deploy.calibrate import SequentialRunner, autocast_dtype, resolve_dtype
 from owl_deploy.configs import CalibrationConfig, OwlConfig, PruneConfig
 from owl_deploy.errors import OwlError
 from owl_deploy.lazy import Resident, Streamed
@@ -45,8 +46,6 @@ from owl_deploy.model import block_linears, blocks_prefix, decoder_blocks
 from owl_deploy.prune.methods import METHODS
 from owl_deploy.prune.report import sparsity_report, zero_counts
 from owl_deploy.prune.wanda import wanda_scores
-
-COMPUTE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 
 def needs_calibration(prune: PruneConfig) -> bool:
@@ -69,7 +68,7 @@ def block_ratios(
     """Dense sequential pass: each block's pooled outlier ratio and each linear's own ratio (ref 1-3)."""
     store = store or Resident()
     with store.outside():
-        runner = SequentialRunner(model, ids, prune.batch_size, COMPUTE_DTYPES[prune.compute_dtype])
+        runner = SequentialRunner(model, ids, prune.batch_size, autocast_dtype(prune.compute_dtype))
     blocks = runner.blocks
     ratios: list[float] = []
     layer_ratios: list[dict[str, float]] = []
@@ -157,21 +156,32 @@ def prune_model(
     runner = None
     if method.needs_calibration:
         with store.outside():
-            runner = SequentialRunner(model, calib_ids, prune.batch_size, COMPUTE_DTYPES[prune.compute_dtype])
+            runner = SequentialRunner(model, calib_ids, prune.batch_size, autocast_dtype(prune.compute_dtype))
     counts = []
+    io = mask = 0.0  # seconds reading/writing blocks (streamed) and computing + applying the masks
     for i in tqdm(range(len(blocks)), desc=f"pruning ({prune.method})", disable=not progress, leave=False):
+        t = time.perf_counter()
         store.load(i)
+        io += time.perf_counter() - t
         stats = runner.collect(i, hessian=method.needs_hessian) if runner is not None else {}
+        t = time.perf_counter()
         for name, lin in linears[i].items():
             tgt = targets[i][name]
             method.prune(lin, stats.get(name), tgt.sparsity, tgt.nm)
+        mask += time.perf_counter() - t
         del stats
         counts.append(zero_counts(linears[i]))
         if runner is not None and i < len(blocks) - 1:
             runner.advance(i)
+        t = time.perf_counter()
         store.finish(i)
-    del runner
+        io += time.perf_counter() - t
     timings["prune"] = time.perf_counter() - t0
+    # the pruning pass split: block forwards, hook statistics, masks, block I/O (the rest: bookkeeping)
+    if runner is not None:
+        timings.update({f"prune_{k}": v for k, v in runner.seconds.items()})
+    timings.update(prune_mask=mask, prune_io=io)
+    del runner
 
     report = sparsity_report(prune, owl, counts, targets, ratios, layer_ratios, windows)
     report["structure"] = {
@@ -180,6 +190,7 @@ def prune_model(
         "n_blocks": len(blocks),
         "linears_per_block": list(linears[0]),
     }
+    report["compute_dtype"] = resolve_dtype(prune.compute_dtype)
     report["timings"] = timings
     return report
 
