@@ -120,6 +120,26 @@ def score(runs: list[dict], args: argparse.Namespace) -> None:
         r["vs_float32"] = {"delta_nll": d, "delta_se": se, "verdict": verdict, "mask_differs": differs}
 
 
+def targets_of(runs: list[dict], dtypes: list[str]) -> dict:
+    """The issue's targets, one set per compute dtype (named after it when there are several)."""
+    targets: dict = {}
+    for dtype in dtypes:  # one set of targets per compute dtype, named after it when there are several
+        by = {r["name"]: r for r in runs if r["compute_dtype"] == dtype}
+        tag = f" ({dtype})" if len(dtypes) > 1 else ""
+        if "owl+wanda" in by:
+            v = by["owl+wanda"]["timings"]["total"]
+            targets["owl_wanda_seconds" + tag] = {"value": v, "limit": TARGETS["owl_wanda_seconds"]}
+        if "owl+wanda" in by and "wanda" in by:
+            v = by["owl+wanda"]["timings"]["owl_ratios"] / by["wanda"]["timings"]["total"]
+            targets["owl_overhead_fraction" + tag] = {"value": v, "limit": TARGETS["owl_overhead_fraction"]}
+    if runs:
+        v = max(r["peak_rss_mb"] for r in runs)
+        targets["peak_rss_mb"] = {"value": v, "limit": TARGETS["peak_rss_mb"]}
+    for check in targets.values():
+        check["met"] = check["value"] <= check["limit"]
+    return targets
+
+
 def markdown(result: dict) -> str:
     a = result["args"]
     lines = [
@@ -182,7 +202,16 @@ def main() -> None:
     p.add_argument("--compute-dtypes", default="float32", help="comma-separated: float32, bfloat16 (each config)")
     p.add_argument("--eval-tokens", type=int, default=0, help="score each pruned model on wiki's first N tokens")
     p.add_argument("--stem-suffix", default="", help="appended to the result's file stem (e.g. -epyc)")
+    p.add_argument("--render", type=Path, help="re-write the Markdown (and targets) of a recorded JSON; run nothing")
     args = p.parse_args()
+    if args.render:
+        result = json.loads(args.render.read_text())
+        dtypes = list(dict.fromkeys(r.get("compute_dtype", "float32") for r in result["runs"]))
+        result["targets"] = targets_of(result["runs"], dtypes)
+        args.render.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        args.render.with_suffix(".md").write_text(markdown(result))
+        print(markdown(result))
+        return
     dtypes = [d.strip() for d in args.compute_dtypes.split(",") if d.strip()]
     if not dtypes or set(dtypes) - {"float32", "bfloat16"}:
         raise SystemExit(f"--compute-dtypes: choose from float32, bfloat16 (got {args.compute_dtypes!r})")
@@ -219,21 +248,7 @@ def main() -> None:
             score(runs, args)
         for r in runs:
             shutil.rmtree(r.pop("folder"), ignore_errors=True)
-    targets = {}
-    for dtype in dtypes:  # one set of targets per compute dtype, named after it when there are several
-        by = {r["name"]: r for r in runs if r["compute_dtype"] == dtype}
-        tag = f" ({dtype})" if len(dtypes) > 1 else ""
-        if "owl+wanda" in by:
-            v = by["owl+wanda"]["timings"]["total"]
-            targets["owl_wanda_seconds" + tag] = {"value": v, "limit": TARGETS["owl_wanda_seconds"]}
-        if "owl+wanda" in by and "wanda" in by:
-            v = by["owl+wanda"]["timings"]["owl_ratios"] / by["wanda"]["timings"]["total"]
-            targets["owl_overhead_fraction" + tag] = {"value": v, "limit": TARGETS["owl_overhead_fraction"]}
-    if runs:
-        v = max(r["peak_rss_mb"] for r in runs)
-        targets["peak_rss_mb"] = {"value": v, "limit": TARGETS["peak_rss_mb"]}
-    for check in targets.values():
-        check["met"] = check["value"] <= check["limit"]
+    targets = targets_of(runs, dtypes)
     result = {"args": vars(args) | {"out_dir": str(args.out_dir)}, "machine": machine, "runs": runs, "targets": targets}
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"prune_speed_{args.nsamples}x{args.seqlen}"
