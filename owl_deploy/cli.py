@@ -574,20 +574,36 @@ TUNE = Options(
 @TUNE
 @CALIBRATION
 @click.option("--json", "as_json", is_flag=True, help="Print the whole result as one JSON object.")
-def tune_cmd(model_spec, as_json, **kw):
+@click.option("--ray", "use_ray", is_flag=True, help="Score the candidates on Ray workers (an embedded local Ray).")
+@click.option(
+    "--ray-address", default=None, metavar="HOST:PORT", help="Score them on this Ray cluster (implies --ray)."
+)
+@click.option(
+    "--ray-workers", default=None, type=click.IntRange(min=1), help="Ray workers [the cluster's CPUs / threads]."
+)
+def tune_cmd(model_spec, as_json, use_ray, ray_address, ray_workers, **kw):
     """Choose OWL's (M, λ) on held-out *calibration* text (never the evaluation text), or show that no
     setting beats uniform: what the pipeline's tune stage does. Prune with the printed options."""
     import json
 
     from owl_deploy.data import calibration_windows, heldout_tokens
-    from owl_deploy.specs import load_model
-    from owl_deploy.tune import tune_owl
+    from owl_deploy.specs import load_model, resolve_model
+    from owl_deploy.tune import TuneSpec, tune_on_ray, tune_owl
 
     prune, cfg, calib = TUNE_PRUNE.build(kw, allocation="owl"), TUNE.build(kw), CALIBRATION.build(kw)
-    model, tokenizer = load_model(model_spec)
-    ids = calibration_windows(tokenizer, calib.text, calib.nsamples, calib.seqlen, calib.seed)
-    held = heldout_tokens(tokenizer, calib.text, cfg.heldout_tokens)
-    result = tune_owl(model, ids, held, prune, configs.OwlConfig(), cfg)
+    if use_ray or ray_address or ray_workers:
+        import torch
+
+        source = str(resolve_model(model_spec))  # workers load it themselves (an absolute path: any node)
+        args = (calib.text, calib.nsamples, calib.seqlen, calib.seed)
+        spec = TuneSpec(source, *args, json.dumps(prune.to_json()), json.dumps(cfg.to_json()))
+        threads = torch.get_num_threads()  # the serial run's: the same reductions, the same numbers
+        result = tune_on_ray(spec, configs.OwlConfig(), ray_address, threads, ray_workers)
+    else:
+        model, tokenizer = load_model(model_spec)
+        ids = calibration_windows(tokenizer, calib.text, calib.nsamples, calib.seqlen, calib.seed)
+        held = heldout_tokens(tokenizer, calib.text, cfg.heldout_tokens)
+        result = tune_owl(model, ids, held, prune, configs.OwlConfig(), cfg)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))
         return

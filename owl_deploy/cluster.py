@@ -68,29 +68,46 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def run_jobs(
-    jobs: Iterable[Job],
-    on_result: Callable[[Job, Any, str | None], None],
-    address: str | None = None,
-    threads: int = 1,
-    actors: int | None = None,
-) -> dict[str, int]:
-    """Run ``jobs`` on Ray actors of ``threads`` CPUs each (as many as the cluster's CPUs hold, or ``actors``).
+class Pool:
+    """Ray actors of ``threads`` CPUs each, kept across several waves of jobs (``run``), so a study a wave's
+    jobs share is built once per actor, not once per wave; ``with Pool(...) as pool`` connects (an embedded
+    local Ray when ``address`` is None) and kills the actors (and a Ray it started) at the end."""
 
-    ``on_result(job, result, error)`` is called in the driver as each job ends (``error`` is a one-line reason
-    when it failed, ``result`` then None). Returns counts: jobs done, failed, and the actors used.
-    """
-    import ray
+    def __init__(self, address: str | None = None, threads: int = 1, actors: int | None = None):
+        self.address, self.threads, self.actors = address, threads, actors
+        self._pool: list[Any] = []
+        self._started = False
 
-    jobs = list(jobs)
-    if not jobs:
-        return {"done": 0, "failed": 0, "actors": 0}
-    started = _connect(address)
-    try:
+    def __enter__(self) -> Pool:
+        self._started = _connect(self.address)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import ray
+
+        try:
+            for actor in self._pool:
+                ray.kill(actor)  # their studies (model copies) are freed now, not when the cluster stops
+            self._pool.clear()
+        finally:
+            if self._started:
+                ray.shutdown()
+
+    def run(self, jobs: Iterable[Job], on_result: Callable[[Job, Any, str | None], None]) -> dict[str, int]:
+        """Run ``jobs`` on the pool's actors (as many as the cluster's CPUs hold, or ``actors``, and no more
+        than the jobs). ``on_result(job, result, error)`` is called in the driver as each job ends (``error`` is
+        a one-line reason when it failed, ``result`` then None). Returns counts: jobs done, failed, actors used."""
+        import ray
+
+        jobs = list(jobs)
+        if not jobs:
+            return {"done": 0, "failed": 0, "actors": 0}
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        n = max(1, min(actors or cpus // max(threads, 1), len(jobs)))
-        worker_cls = ray.remote(num_cpus=threads, max_restarts=0, max_task_retries=0)(_Worker)
-        pool = [worker_cls.remote(threads) for _ in range(n)]
+        n = max(1, min(self.actors or cpus // max(self.threads, 1), len(jobs)))
+        worker_cls = ray.remote(num_cpus=self.threads, max_restarts=0, max_task_retries=0)(_Worker)
+        while len(self._pool) < n:
+            self._pool.append(worker_cls.remote(self.threads))
+        workers = self._pool[:n]
         pending = list(reversed(jobs))
         running: dict[Any, tuple[Any, Job]] = {}
         counts = {"done": 0, "failed": 0, "actors": n}
@@ -100,7 +117,7 @@ def run_jobs(
                 job = pending.pop()
                 running[actor.run.remote(job)] = (actor, job)
 
-        for actor in pool:
+        for actor in workers:
             feed(actor)
         while running:
             ready, _ = ray.wait(list(running), num_returns=1)
@@ -109,7 +126,8 @@ def run_jobs(
                 result, error = ray.get(ready[0]), None
             except ray.exceptions.RayActorError as exc:  # the actor died (e.g. out of memory): do not reuse it
                 result, error = None, f"worker died: {one_line(exc)}"
-                pool.remove(actor)
+                self._pool.remove(actor)
+                workers.remove(actor)
                 actor = None
             except Exception as exc:  # the job raised: its error, the actor stays
                 cause = getattr(exc, "cause", None) or exc
@@ -118,14 +136,24 @@ def run_jobs(
             on_result(job, result, error)
             if actor is not None:
                 feed(actor)
-            elif not pool:  # every actor died: the rest cannot run
+            elif not workers:  # every actor of this wave died: the rest cannot run
                 for job in reversed(pending):
                     counts["failed"] += 1
                     on_result(job, None, "no Ray worker left (every worker died)")
                 pending.clear()
-        for actor in pool:
-            ray.kill(actor)  # their studies (model copies) are freed now, not when the cluster stops
         return counts
-    finally:
-        if started:
-            ray.shutdown()
+
+
+def run_jobs(
+    jobs: Iterable[Job],
+    on_result: Callable[[Job, Any, str | None], None],
+    address: str | None = None,
+    threads: int = 1,
+    actors: int | None = None,
+) -> dict[str, int]:
+    """One wave of ``jobs`` on a fresh :class:`Pool` (see :meth:`Pool.run`)."""
+    jobs = list(jobs)
+    if not jobs:
+        return {"done": 0, "failed": 0, "actors": 0}
+    with Pool(address, threads, actors) as pool:
+        return pool.run(jobs, on_result)

@@ -17,6 +17,7 @@ Held-out windows are the tail of each calibration source (``data.heldout_tokens`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,8 @@ from torch import nn
 from owl_deploy.allocation import outlier_ratio, owl_nm, owl_sparsities, uniform_sparsities
 from owl_deploy.calibrate import SequentialRunner, autocast_dtype
 from owl_deploy.configs import OwlConfig, PruneConfig, TuneConfig, build
-from owl_deploy.evaluate import paired_nll, perplexity, torch_logits_fn, windows_of
+from owl_deploy.errors import OwlError
+from owl_deploy.evaluate import paired_nll, perplexity, torch_logits_fn
 from owl_deploy.model import block_linears, decoder_blocks
 from owl_deploy.prune.magnitude import magnitude_mask
 from owl_deploy.prune.masks import row_ranks
@@ -103,6 +105,39 @@ def score_candidate(
             lin.weight.copy_(w)
 
 
+class Scorer:
+    """One model with its dense pass done: scores a candidate's one-shot masks on a slice of the held-out tokens.
+
+    Built in the driver for a serial tune, or in each Ray worker from a :class:`TuneSpec` (the dense pass is
+    deterministic for a thread count, so every worker's statistics equal the serial run's)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calib_ids: torch.Tensor,
+        heldout: torch.Tensor,
+        prune: PruneConfig,
+        cfg: TuneConfig,
+        dense: list[torch.Tensor] | None = None,
+    ):
+        windows = calib_ids[: cfg.nsamples] if cfg.nsamples else calib_ids
+        self.calibration_windows = len(windows)
+        self.stats = dense_stats(model, windows, prune, list(cfg.m))
+        if dense is None:
+            dense = [lin.weight.detach().clone() for b in decoder_blocks(model) for lin in block_linears(b).values()]
+        self.model, self.dense, self.heldout, self.prune, self.seqlen = model, dense, heldout, prune, cfg.seqlen
+
+    def score(self, targets: list, lo: int, hi: int) -> list[float]:
+        tokens = self.heldout[lo:hi]
+        if not len(tokens):
+            return []
+        return score_candidate(self.model, self.dense, self.stats, self.prune, targets, tokens, self.seqlen)
+
+
+#: scores a list of (block targets, first token, end token) requests; returns each one's per-window NLLs
+ScoreMany = Callable[[list[tuple[list, int, int]]], list[list[float]]]
+
+
 def tune_owl(
     model: nn.Module,
     calib_ids: torch.Tensor,
@@ -121,30 +156,46 @@ def tune_owl(
     uniform on *all* windows, so a poor screen can cost some of OWL's gain but never admits a setting that is
     worse than uniform."""
     start = time.perf_counter()
-    windows = calib_ids[: cfg.nsamples] if cfg.nsamples else calib_ids
-    stats = dense_stats(model, windows, prune, list(cfg.m))
-    if dense is None:
-        dense = [lin.weight.detach().clone() for b in decoder_blocks(model) for lin in block_linears(b).values()]
-    n_blocks = len(stats.ratios[cfg.m[0]])
-    t0 = time.perf_counter()
-    n_windows = len(windows_of(heldout, cfg.seqlen))
-    cut = min(cfg.screen_windows, n_windows) * cfg.seqlen
-    head, tail = heldout[:cut], heldout[cut : n_windows * cfg.seqlen]
+    scorer = Scorer(model, calib_ids, heldout, prune, cfg, dense)
+    info = (scorer.stats.ratios, scorer.stats.seconds, scorer.calibration_windows)
+    return _tune(info, int(heldout.numel()), lambda reqs: [scorer.score(*r) for r in reqs], prune, owl, cfg, start)
 
-    def score(targets: list, tokens: torch.Tensor) -> list[float]:
-        return score_candidate(model, dense, stats, prune, targets, tokens, cfg.seqlen) if len(tokens) else []
+
+def _tune(
+    info: tuple[dict[float, list[float]], float, int],
+    heldout_tokens: int,
+    score_many: ScoreMany,
+    prune: PruneConfig,
+    owl: OwlConfig,
+    cfg: TuneConfig,
+    start: float,
+) -> dict:
+    """The grid, the screen and the guard, on whatever scores the candidates (this process, or Ray workers)."""
+    ratios, dense_seconds, calibration_windows = info
+    n_blocks = len(ratios[cfg.m[0]])
+    t0 = time.perf_counter()
+    n_windows = heldout_tokens // cfg.seqlen
+    if n_windows == 0:
+        raise OwlError(f"the text has {heldout_tokens} tokens, fewer than one window of seqlen={cfg.seqlen}")
+    cut, end = min(cfg.screen_windows, n_windows) * cfg.seqlen, n_windows * cfg.seqlen
 
     uniform_targets = block_targets(prune, [0.0] * n_blocks, 0.0)
-    uniform = score(uniform_targets, head)
-    rows = []
-    for m in cfg.m:
-        for lam in (x for x in cfg.lambda_ if x > 0):
-            targets = block_targets(prune, stats.ratios[m], lam)
-            rows.append({"m": m, "lambda": lam, "block_sparsity": [t[0] for t in targets], "nll": score(targets, head)})
-    if tail.numel() and rows:
-        uniform += score(uniform_targets, tail)
-        for r in sorted(rows, key=lambda r: sum(r["nll"]))[: cfg.finalists]:  # stable: ties keep the grid's order
-            r["nll"] = r["nll"] + score(block_targets(prune, stats.ratios[r["m"]], r["lambda"]), tail)
+    grid = [(m, lam, block_targets(prune, ratios[m], lam)) for m in cfg.m for lam in cfg.lambda_ if lam > 0]
+    first = score_many([(uniform_targets, 0, cut)] + [(t, 0, cut) for _, _, t in grid])
+    uniform = first[0]
+    rows = [
+        {"m": m, "lambda": lam, "block_sparsity": [t[0] for t in targets], "nll": nll}
+        for (m, lam, targets), nll in zip(grid, first[1:], strict=True)
+    ]
+    if end > cut and rows:
+        finals = sorted(rows, key=lambda r: sum(r["nll"]))[: cfg.finalists]  # stable: ties keep the grid's order
+        second = score_many(
+            [(uniform_targets, cut, end)]
+            + [(block_targets(prune, ratios[r["m"]], r["lambda"]), cut, end) for r in finals]
+        )
+        uniform += second[0]
+        for r, nll in zip(finals, second[1:], strict=True):
+            r["nll"] = r["nll"] + nll
     for r in rows:
         nll = r.pop("nll")
         delta, se = paired_nll(nll, uniform[: len(nll)])
@@ -176,18 +227,96 @@ def tune_owl(
         "best": best,
         "uniform": {"mean_nll": sum(uniform) / len(uniform)},
         "grid": rows,
-        "heldout_tokens": int(heldout.numel()),
+        "heldout_tokens": heldout_tokens,
         "windows": len(uniform),
         "screen_windows": cut // cfg.seqlen,
-        "calibration_windows": len(windows),
+        "calibration_windows": calibration_windows,
         "scored_windows": {"screened": scored, "exhaustive": len(uniform) * (len(rows) + 1)},
         "seconds": {
-            "dense_pass": round(stats.seconds, 2),
+            "dense_pass": round(dense_seconds, 2),
             "scoring": round(score_seconds, 2),
             "per_window": round(score_seconds / scored, 3),
             "total": round(time.perf_counter() - start, 2),
         },
     }
+
+
+# ---------------------------------------------------------------- the grid on Ray
+@dataclass(frozen=True)
+class TuneSpec:
+    """What a Ray worker rebuilds a tune from (hashable: the worker keeps one :class:`Scorer` per spec): the
+    model, its calibration windows, the held-out tokens, and the prune/tune settings as JSON."""
+
+    model: str
+    calib: str
+    nsamples: int
+    calib_seqlen: int
+    seed: int
+    prune_json: str
+    tune_json: str
+
+    def build(self, built: dict | None = None) -> Scorer:
+        import json
+
+        from owl_deploy.data import calibration_windows, heldout_tokens
+        from owl_deploy.specs import load_model
+
+        prune, cfg = build(PruneConfig, json.loads(self.prune_json)), build(TuneConfig, json.loads(self.tune_json))
+        model, tokenizer = load_model(self.model)
+        ids = calibration_windows(tokenizer, self.calib, self.nsamples, self.calib_seqlen, self.seed)
+        return Scorer(model, ids, heldout_tokens(tokenizer, self.calib, cfg.heldout_tokens), prune, cfg)
+
+
+def _facts(scorer: Scorer) -> tuple[dict[float, list[float]], float, int, int]:
+    """A worker's dense pass, as the driver needs it: ratios per M, seconds, calibration windows, held-out tokens."""
+    s = scorer.stats
+    return s.ratios, s.seconds, scorer.calibration_windows, int(scorer.heldout.numel())
+
+
+def _score(scorer: Scorer, targets: list, lo: int, hi: int) -> list[float]:
+    return scorer.score(targets, lo, hi)
+
+
+def tune_on_ray(
+    spec: TuneSpec,
+    owl: OwlConfig,
+    address: str | None = None,
+    threads: int = 1,
+    actors: int | None = None,
+) -> dict:
+    """:func:`tune_owl` with the candidates scored by Ray workers (an embedded local Ray when ``address`` is
+    None): each worker loads the model and runs the dense pass once, then scores candidates, the screen as one
+    wave and the finalists as a second. With the serial run's thread count the result is the serial one's (the
+    per-window NLLs to the last bit); the driver never loads the model. A failed candidate fails the tune."""
+    import json
+
+    from owl_deploy.cluster import Job, Pool
+
+    start = time.perf_counter()
+    prune, cfg = build(PruneConfig, json.loads(spec.prune_json)), build(TuneConfig, json.loads(spec.tune_json))
+    with Pool(address, threads, actors) as pool:
+
+        def wave(jobs: list[Job]) -> list:
+            done: dict[str, object] = {}
+            errors: list[str] = []
+
+            def keep(job: Job, result: object, error: str | None) -> None:
+                if error is None:
+                    done[job.key] = result
+                else:
+                    errors.append(error)
+
+            pool.run(jobs, keep)
+            if errors:
+                raise OwlError(f"tune on Ray: {len(errors)} of {len(jobs)} jobs failed; first: {errors[0]}")
+            return [done[j.key] for j in jobs]
+
+        ratios, dense_seconds, windows, heldout = wave([Job("dense", spec, _facts)])[0]  # type: ignore[misc]
+
+        def score_many(reqs: list[tuple[list, int, int]]) -> list[list[float]]:
+            return wave([Job(f"{i}", spec, _score, r) for i, r in enumerate(reqs)])  # type: ignore[return-value]
+
+        return _tune((ratios, dense_seconds, windows), heldout, score_many, prune, owl, cfg, start)
 
 
 def chosen(prune: PruneConfig, owl: OwlConfig, result: dict) -> tuple[PruneConfig, OwlConfig]:

@@ -171,3 +171,44 @@ def test_quality_study_on_ray_gives_the_serial_table(tmp_path, monkeypatch):
     assert a["pipeline_default"] == b["pipeline_default"]
     assert not list((tmp_path / "results").glob(".*partial*"))
     shutil.rmtree(tmp_path / "results")
+
+
+def _tune_args(tmp: Path) -> list[str]:
+    model = save_tiny("qwen2", tmp / "tune-model", hidden=64, layers=3)
+    return ["tune", "--model", str(model), "--sparsity", "0.6", "--calib", str(_text(tmp)), "--nsamples", "4",
+            "--seqlen", "32", "--heldout-seqlen", "32", "--screen-windows", "2", "--finalists", "2",
+            "--grid-m", "3,5", "--grid-lambda", "0.08,0.15", "--json"]  # fmt: skip
+
+
+def _tune(args: list[str], threads: int | None = None) -> dict:
+    """`owl-deploy tune ... --json` in this process with ``threads`` torch threads; the result without timings."""
+    from click.testing import CliRunner
+
+    from owl_deploy.cli import main
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        res = CliRunner().invoke(main, args)
+    finally:
+        torch.set_num_threads(before)
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    out.pop("seconds")
+    return out
+
+
+def test_tune_on_local_ray_equals_the_serial_tune(tmp_path):
+    """`owl-deploy tune --ray`: the dense pass and every candidate scored by Ray workers, the screen and the
+    finalists as two waves on the same workers; the grid, NLLs and choice equal the serial run's to the last bit."""
+    args = _tune_args(tmp_path)
+    serial = _tune(args)
+    assert serial["screen_windows"] == 2 and serial["windows"] > 2  # both waves ran
+    assert any(not r["finalist"] for r in serial["grid"]) and sum(r["finalist"] for r in serial["grid"]) == 2
+    assert _tune([*args, "--ray"]) == serial
+
+
+def test_tune_on_two_node_loopback_cluster_equals_serial(tmp_path, two_nodes):
+    """The same tune on a real two-node cluster (one 1-thread worker per node) equals a 1-thread serial run."""
+    args = _tune_args(tmp_path)
+    assert _tune([*args, "--ray-address", two_nodes, "--ray-workers", "2"], threads=1) == _tune(args, threads=1)
