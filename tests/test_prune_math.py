@@ -220,3 +220,25 @@ def test_sparsegpt_bad_inputs():
         sparsegpt_prune(w, h, 0.5, nm=(2, 4), blocksize=6)
     with pytest.raises(OwlError, match="positive definite"):
         sparsegpt_prune(w, -h, 0.5)
+
+
+def _stable_sort_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """The definition row_mask implements: the first int(cols * p) indices of each row's stable sort."""
+    k = int(scores.shape[1] * sparsity)
+    mask = torch.zeros(scores.shape, dtype=torch.bool)
+    mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+    return mask
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.01, 0.3, 0.5, 0.7, 0.99, 1.0])
+def test_row_mask_selects_exactly_what_the_stable_sort_selects(sparsity):
+    """row_mask picks each row's k-th score instead of sorting the row (60 s -> seconds on a 1.5B model); the
+    mask is the stable sort's, ties (zeros of an already-sparse weight, equal products) broken leftmost first."""
+    gen = torch.Generator().manual_seed(0)
+    continuous = torch.rand(16, 96, generator=gen, dtype=torch.float64)
+    tied = torch.randint(0, 4, (16, 96), generator=gen).double()  # heavy ties
+    sparse = continuous * (torch.rand(16, 96, generator=gen) < 0.4)  # many exact zeros
+    with_nan = continuous.clone()
+    with_nan[3, 5] = float("nan")
+    for scores in (continuous, tied, sparse, with_nan):
+        assert torch.equal(row_mask(scores, sparsity), _stable_sort_row_mask(scores, sparsity))

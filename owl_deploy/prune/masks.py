@@ -29,11 +29,18 @@ def row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     _check_2d(scores)
     _check_sparsity(sparsity)
     k = int(scores.shape[1] * sparsity)
-    mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
-    if k > 0:
-        idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-        mask.scatter_(1, idx, True)
-    return mask
+    if k == 0 or k == scores.shape[1] or torch.isnan(scores).any():
+        mask = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+        if k > 0:
+            mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+        return mask
+    # the same mask without sorting every row: select each row's k-th smallest score, prune everything below it
+    # and, of the scores equal to it, the leftmost ones up to k (what the stable sort's first k hold)
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    below = scores < kth
+    ties = scores == kth
+    need = k - below.sum(dim=1, keepdim=True)
+    return below | (ties & (ties.cumsum(dim=1) <= need))
 
 
 def matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
