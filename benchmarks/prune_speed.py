@@ -123,8 +123,8 @@ def score(runs: list[dict], args: argparse.Namespace) -> None:
 def targets_of(runs: list[dict], dtypes: list[str]) -> dict:
     """The issue's targets, one set per compute dtype (named after it when there are several)."""
     targets: dict = {}
-    for dtype in dtypes:  # one set of targets per compute dtype, named after it when there are several
-        by = {r["name"]: r for r in runs if r["compute_dtype"] == dtype}
+    for dtype in dtypes:
+        by = {r["name"]: r for r in runs if r.get("compute_dtype", "float32") == dtype}  # older records: float32
         tag = f" ({dtype})" if len(dtypes) > 1 else ""
         if "owl+wanda" in by:
             v = by["owl+wanda"]["timings"]["total"]

@@ -41,13 +41,19 @@ class Perplexity:
         return out
 
 
-def windows_of(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
-    """``[n, seqlen]`` non-overlapping windows; the remainder is dropped."""
+def window_count(n_tokens: int, seqlen: int) -> int:
+    """How many non-overlapping windows of ``seqlen`` tokens ``n_tokens`` hold (at least one, or an error)."""
     if seqlen < 2:
         raise OwlError(f"seqlen must be at least 2, got {seqlen}")
-    n = len(tokens) // seqlen
+    n = n_tokens // seqlen
     if n == 0:
-        raise OwlError(f"the text has {len(tokens)} tokens, fewer than one window of seqlen={seqlen}")
+        raise OwlError(f"the text has {n_tokens} tokens, fewer than one window of seqlen={seqlen}")
+    return n
+
+
+def windows_of(tokens: torch.Tensor, seqlen: int) -> torch.Tensor:
+    """``[n, seqlen]`` non-overlapping windows; the remainder is dropped."""
+    n = window_count(len(tokens), seqlen)
     return tokens[: n * seqlen].view(n, seqlen)
 
 

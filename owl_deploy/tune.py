@@ -27,7 +27,7 @@ from owl_deploy.allocation import outlier_ratio, owl_nm, owl_sparsities, uniform
 from owl_deploy.calibrate import SequentialRunner, autocast_dtype
 from owl_deploy.configs import OwlConfig, PruneConfig, TuneConfig, build
 from owl_deploy.errors import OwlError
-from owl_deploy.evaluate import paired_nll, perplexity, torch_logits_fn
+from owl_deploy.evaluate import paired_nll, perplexity, torch_logits_fn, window_count
 from owl_deploy.model import block_linears, decoder_blocks
 from owl_deploy.prune.magnitude import magnitude_mask
 from owl_deploy.prune.masks import row_ranks
@@ -174,9 +174,7 @@ def _tune(
     ratios, dense_seconds, calibration_windows = info
     n_blocks = len(ratios[cfg.m[0]])
     t0 = time.perf_counter()
-    n_windows = heldout_tokens // cfg.seqlen
-    if n_windows == 0:
-        raise OwlError(f"the text has {heldout_tokens} tokens, fewer than one window of seqlen={cfg.seqlen}")
+    n_windows = window_count(heldout_tokens, cfg.seqlen)
     cut, end = min(cfg.screen_windows, n_windows) * cfg.seqlen, n_windows * cfg.seqlen
 
     uniform_targets = block_targets(prune, [0.0] * n_blocks, 0.0)
