@@ -25,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +43,7 @@ TARGETS = {"owl_wanda_seconds": 60.0, "owl_overhead_fraction": 0.05, "peak_rss_m
 
 def run_one(name: str, dtype: str, args: argparse.Namespace, workdir: Path) -> dict:
     method, allocation = CONFIGS[name]
+    workdir.mkdir(parents=True, exist_ok=True)
     out = workdir / f"{name.replace('+', '_')}-{dtype}"
     cmd = [
         sys.executable,
@@ -71,7 +73,8 @@ def run_one(name: str, dtype: str, args: argparse.Namespace, workdir: Path) -> d
         cmd += ["--owl-nsamples", str(args.owl_nsamples)]
     load_before = os.getloadavg()
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    env = os.environ | ({"OWL_DEPLOY_TOKEN_CACHE": "0"} if args.token_cache == "cold" else {})
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr}")
@@ -120,6 +123,11 @@ def score(runs: list[dict], args: argparse.Namespace) -> None:
         r["vs_float32"] = {"delta_nll": d, "delta_se": se, "verdict": verdict, "mask_differs": differs}
 
 
+def median_total(run: dict) -> float:
+    """The median total of a config's repeats (records made before --repeats: its one total)."""
+    return statistics.median(run.get("repeat_totals") or [run["timings"]["total"]])
+
+
 def targets_of(runs: list[dict], dtypes: list[str]) -> dict:
     """The issue's targets, one set per compute dtype (named after it when there are several)."""
     targets: dict = {}
@@ -127,7 +135,7 @@ def targets_of(runs: list[dict], dtypes: list[str]) -> dict:
         by = {r["name"]: r for r in runs if r.get("compute_dtype", "float32") == dtype}  # older records: float32
         tag = f" ({dtype})" if len(dtypes) > 1 else ""
         if "owl+wanda" in by:
-            v = by["owl+wanda"]["timings"]["total"]
+            v = median_total(by["owl+wanda"])
             targets["owl_wanda_seconds" + tag] = {"value": v, "limit": TARGETS["owl_wanda_seconds"]}
         if "owl+wanda" in by and "wanda" in by:
             v = by["owl+wanda"]["timings"]["owl_ratios"] / by["wanda"]["timings"]["total"]
@@ -138,6 +146,26 @@ def targets_of(runs: list[dict], dtypes: list[str]) -> dict:
     for check in targets.values():
         check["met"] = check["value"] <= check["limit"]
     return targets
+
+
+def cache_note(mode: str | None) -> str:
+    return {
+        "warm": "read from the token cache (as every prune after the first one on a text)",
+        "cold": "tokenized in every run (token cache off)",
+    }.get(mode or "", "tokenized in every run (recorded before the token cache)")
+
+
+def phase(run: dict, key: str) -> float:
+    """A phase's seconds: the median over the repeats when they were recorded, else the one run's."""
+    every = [t[key] for t in run.get("repeat_timings") or [] if key in t]
+    return statistics.median(every) if every else run["timings"][key]
+
+
+def total_cell(run: dict) -> str:
+    totals = run.get("repeat_totals") or []
+    if len(totals) < 2:
+        return f"{run['timings']['total']:.1f}"
+    return f"{statistics.median(totals):.1f} [{min(totals):.1f}–{max(totals):.1f}]"
 
 
 def markdown(result: dict) -> str:
@@ -152,20 +180,24 @@ def markdown(result: dict) -> str:
         "",
         f"CPU: {result['machine'].get('cpu_model', '?')}.",
         "",
+        f"Calibration tokens: {cache_note(a.get('token_cache'))}. "
+        f"Runs per config: {a.get('repeats', 1)} (interleaved); every time is the median "
+        "(`total s` with its range when there are several); wall s and peak RSS are the first run's.",
+        "",
         "| config | compute | wall s | total s | load s | calib data s | OWL ratios s | prune s | save s "
         "| peak RSS MB | global sparsity | perplexity | vs float32: Δ NLL ± s.e. | mask differs |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["runs"]:
-        t = r["timings"]
         pair = r.get("vs_float32")
         vs = f"{pair['delta_nll']:+.4f} ± {pair['delta_se']:.4f} ({pair['verdict']})" if pair else "—"
         differs = f"{pair['mask_differs']:.2%}" if pair else "—"
         ppl = f"{r['perplexity']:.2f}" if r.get("perplexity") else "—"
         lines.append(
-            f"| {r['name']} | {r.get('compute_dtype', 'float32')} | {r['wall_seconds']:.1f} | {t['total']:.1f} | "
-            f"{t['load_model']:.1f} | {t['calibration_data']:.1f} | {t['owl_ratios']:.1f} | {t['prune']:.1f} | "
-            f"{t['save']:.1f} | {r['peak_rss_mb']:.0f} | {r['global_sparsity']:.4f} | {ppl} | {vs} | {differs} |"
+            f"| {r['name']} | {r.get('compute_dtype', 'float32')} | {r['wall_seconds']:.1f} | {total_cell(r)} | "
+            f"{phase(r, 'load_model'):.1f} | {phase(r, 'calibration_data'):.1f} | {phase(r, 'owl_ratios'):.1f} | "
+            f"{phase(r, 'prune'):.1f} | {phase(r, 'save'):.1f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['global_sparsity']:.4f} | {ppl} | {vs} | {differs} |"
         )
     split = [r for r in result["runs"] if "prune_forward" in r["timings"]]
     if split:
@@ -178,9 +210,8 @@ def markdown(result: dict) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in split:
-            t = r["timings"]
-            parts = [t["prune_forward"], t["prune_statistics"], t["prune_mask"], t["prune_io"]]
-            cells = " | ".join(f"{x:.1f}" for x in [t["prune"], *parts, t["prune"] - sum(parts)])
+            parts = [phase(r, k) for k in ("prune_forward", "prune_statistics", "prune_mask", "prune_io")]
+            cells = " | ".join(f"{x:.1f}" for x in [phase(r, "prune"), *parts, phase(r, "prune") - sum(parts)])
             lines.append(f"| {r['name']} | {r.get('compute_dtype', 'float32')} | {cells} |")
     lines += ["", "| target | value | limit | met |", "|---|---|---|---|"]
     for key, check in result["targets"].items():
@@ -202,6 +233,13 @@ def main() -> None:
     p.add_argument("--compute-dtypes", default="float32", help="comma-separated: float32, bfloat16 (each config)")
     p.add_argument("--eval-tokens", type=int, default=0, help="score each pruned model on wiki's first N tokens")
     p.add_argument("--stem-suffix", default="", help="appended to the result's file stem (e.g. -epyc)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of every config (interleaved); median and range")
+    p.add_argument(
+        "--token-cache",
+        choices=("warm", "cold"),
+        default="warm",
+        help="warm: the calibration tokens are cached before the runs (every prune after a first); cold: none is",
+    )
     p.add_argument("--render", type=Path, help="re-write the Markdown (and targets) of a recorded JSON; run nothing")
     args = p.parse_args()
     if args.render:
@@ -212,6 +250,8 @@ def main() -> None:
         args.render.with_suffix(".md").write_text(markdown(result))
         print(markdown(result))
         return
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1 (got {args.repeats})")
     dtypes = [d.strip() for d in args.compute_dtypes.split(",") if d.strip()]
     if not dtypes or set(dtypes) - {"float32", "bfloat16"}:
         raise SystemExit(f"--compute-dtypes: choose from float32, bfloat16 (got {args.compute_dtypes!r})")
@@ -232,17 +272,30 @@ def main() -> None:
         "loadavg_start": os.getloadavg(),
         "torch": torch.__version__,
     }
+    if args.token_cache == "warm":  # what every prune after the first sees: the calibration text's tokens cached
+        from owl_deploy.configs import DEFAULT_CALIB
+        from owl_deploy.data import calibration_streams
+        from owl_deploy.specs import load_tokenizer
+
+        calibration_streams(load_tokenizer(args.model), DEFAULT_CALIB)
     runs = []
     with tempfile.TemporaryDirectory(prefix="prune_speed-") as tmp:
-        for name in names:
-            for dtype in dtypes:
-                print(f"running {name} ({dtype}) ...", file=sys.stderr, flush=True)
-                runs.append(run_one(name, dtype, args, Path(tmp)))
-                print(
-                    f"  {runs[-1]['timings']['total']:.1f} s, peak RSS {runs[-1]['peak_rss_mb']:.0f} MB",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        for repeat in range(args.repeats):  # interleaved: every config once per round
+            for i, (name, dtype) in enumerate((n, d) for n in names for d in dtypes):
+                print(f"running {name} ({dtype}) {repeat + 1}/{args.repeats} ...", file=sys.stderr, flush=True)
+                run = run_one(name, dtype, args, Path(tmp) / f"r{repeat}")
+                print(f"  {run['timings']['total']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB", file=sys.stderr)
+                if repeat == 0:
+                    run["repeat_totals"], run["repeat_walls"], run["repeat_timings"] = [], [], []
+                    runs.append(run)
+                else:
+                    first = runs[i]
+                    if run["global_sparsity"] != first["global_sparsity"]:
+                        raise SystemExit(f"{name} ({dtype}): repeat {repeat} pruned differently (not deterministic)")
+                    shutil.rmtree(run["folder"], ignore_errors=True)
+                runs[i]["repeat_totals"].append(run["timings"]["total"])
+                runs[i]["repeat_walls"].append(run["wall_seconds"])
+                runs[i]["repeat_timings"].append(run["timings"])
         machine["loadavg_end"] = os.getloadavg()  # the timed part ends here; scoring follows
         if args.eval_tokens:
             score(runs, args)

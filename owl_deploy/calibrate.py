@@ -52,7 +52,7 @@ class LayerStats:
 
 
 class _Collector:
-    """Forward hooks on one block's linears, accumulating LayerStats.
+    """Forward pre-hooks on one block's linears, accumulating LayerStats of their inputs.
 
     q/k/v (and gate/up) receive the very same input tensor; its reduction is computed once and added
     to each of them, which cuts the hook cost (and, for SparseGPT, the X^T X products) by about half.
@@ -69,20 +69,30 @@ class _Collector:
         self._last: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None
         self.batch = 0  # samples in the block call under way (set by the runner: OPT flattens to 2-D)
         self.seconds = 0.0  # spent in the hooks (reductions + accumulation), inside the block forwards
+        # a forward may end once every linear has seen its input, if the first batch called each exactly once
+        # (a dense block; a mixture-of-experts block that skips or repeats an expert never stops early)
+        self.once_each: bool | None = None
+        self._calls: list[str] = []
+        self.stop_early = False
 
     def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._last is not None and self._last[0] is x:
             return self._last[1], self._last[2]
-        flat = x.detach().reshape(-1, x.shape[-1]).float()
-        sq = flat.square().sum(0).double()
-        # the hooks run inside the block's autocast region: without this, X^T X would be a bf16 matmul
-        with torch.autocast("cpu", enabled=False):
-            xtx = (flat.T @ flat).double() if self.hessian else None
+        flat = x.detach().reshape(-1, x.shape[-1])
+        # a bf16 input (under autocast: o_proj's, down_proj's) is copied to float32 once and squared in that copy;
+        # squaring into a second buffer measured 4x slower per call (the allocator's fresh pages), same bits
+        sq = (flat.float().square_() if flat.dtype != torch.float32 else flat.square()).sum(0).double()
+        xtx = None
+        if self.hessian:
+            flat = flat.float()
+            # the hooks run inside the block's autocast region: without this, X^T X would be a bf16 matmul
+            with torch.autocast("cpu", enabled=False):
+                xtx = (flat.T @ flat).double()
         self._last = (x, sq, xtx)
         return sq, xtx
 
     def _hook(self, name: str):
-        def hook(_module: nn.Module, args: tuple, _output: Any) -> None:
+        def hook(_module: nn.Module, args: tuple) -> None:
             t0 = time.perf_counter()
             x = args[0]
             sq, xtx = self._reduce(x)
@@ -92,12 +102,17 @@ class _Collector:
                 st.xtx += xtx
             st.nsamples += self.batch
             self.seconds += time.perf_counter() - t0
+            self._calls.append(name)
+            done = self.stop_early and self.once_each and len(self._calls) == len(set(self._calls)) == len(self.linears)
+            if done:
+                raise _StopForward  # every linear has seen this batch: the rest of the forward feeds no statistic
 
         return hook
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[_Collector]:
-        handles = [lin.register_forward_hook(self._hook(name)) for name, lin in self.linears.items()]
+        # pre-hooks: a statistic needs only the input, so the last one can end the forward before its matmul
+        handles = [lin.register_forward_pre_hook(self._hook(name)) for name, lin in self.linears.items()]
         try:
             yield self
         finally:
@@ -108,6 +123,9 @@ class _Collector:
     def end_batch(self) -> None:
         """Drop the reference to the last input so a batch's activations can be freed."""
         self._last = None
+        if self.once_each is None:
+            self.once_each = sorted(self._calls) == sorted(self.linears)
+        self._calls = []
 
 
 @dataclass
@@ -253,8 +271,14 @@ class SequentialRunner:
         with collector.attached():
             for b, h in enumerate(self.hidden):
                 collector.batch = len(h)
-                with self._autocast():
-                    out = _run_block(block, h, self._call(index, h))
+                # without advance the block's output is thrown away: after the first batch, each forward stops at
+                # the pre-hook of its last linear (skips e.g. Llama's down_proj matmul and the residual add)
+                collector.stop_early = not advance and b > 0
+                try:
+                    with self._autocast():
+                        out = _run_block(block, h, self._call(index, h))
+                except _StopForward:
+                    out = None
                 collector.end_batch()
                 if advance:
                     self.hidden[b] = out

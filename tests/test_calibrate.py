@@ -76,6 +76,53 @@ def test_statistics_match_a_float64_reference(family):
         assert stats[name].sq_sum.dtype == stats[name].hessian.dtype == torch.float64
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_collect_ends_each_later_forward_at_its_last_linear_with_the_same_statistics(family):
+    """Without advance the block's output is discarded: from the second batch on, each forward stops at its last
+    linear's pre-hook (that matmul and what follows never run), and the statistics are the same bits."""
+    model = tiny_model(family)
+    ids = calib_ids(6, 16)
+    full = SequentialRunner(model, ids, batch_size=2).collect(0, advance=True)  # advance: every forward runs whole
+    linears = block_linears(decoder_blocks(model)[0])
+    ran: list[str] = []
+    handles = [lin.register_forward_hook(lambda *_a, n=name: ran.append(n)) for name, lin in linears.items()]
+    try:
+        early = SequentialRunner(model, ids, batch_size=2).collect(0)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(ran) == 3 * len(linears) - 2  # batches 2 and 3 skip their last linear
+    for name, st in full.items():
+        assert torch.equal(early[name].sq_sum, st.sq_sum) and early[name].nsamples == st.nsamples == 6, name
+
+
+def test_a_block_that_skips_a_linear_in_its_first_batch_never_stops_early():
+    """Data-dependent blocks (a mixture of experts skips an expert no token chose): a forward may only end early
+    when the first batch called every linear exactly once, else an expert seen later would lose its statistics."""
+    from owl_deploy.calibrate import _Collector
+
+    class Routed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x, use_b):
+            x = self.a(x)
+            return self.b(x) if use_b else x
+
+    block = Routed()
+    collector = _Collector({"a": block.a, "b": block.b}, hessian=False)
+    x = torch.randn(2, 3, 4)
+    with torch.no_grad(), collector.attached():
+        for use_b in (False, True, True):
+            collector.batch = 2
+            collector.stop_early = True
+            block(x, use_b)  # would raise _StopForward at b's pre-hook if early stops were allowed
+            collector.end_batch()
+    assert collector.once_each is False
+    assert collector.stats["a"].nsamples == 6 and collector.stats["b"].nsamples == 4
+
+
 def test_next_block_inputs_come_from_the_pruned_block():
     """advance() re-runs block i after the caller changed it: block i+1 sees the pruned block's output."""
     model = tiny_model("llama")
@@ -144,9 +191,12 @@ def test_hessian_under_bfloat16_autocast_is_a_float32_product():
     finally:
         for h in handles:
             h.remove()
+    assert {x.dtype for x in seen.values()} == {torch.float32, torch.bfloat16}  # both paths of the hook
     for name, st in stats.items():
         x = seen[name].reshape(-1, seen[name].shape[-1]).float()
         torch.testing.assert_close(st.xtx, (x.T @ x).double(), rtol=1e-5, atol=1e-5)
+        # the squares are taken in a float32 copy (bf16 inputs) or a new tensor: the same bits, the input untouched
+        assert torch.equal(st.sq_sum, x.square().sum(0).double()), name
         assert float(torch.linalg.eigvalsh(st.hessian).min()) > -1e-6 * float(st.hessian.diagonal().max()), name
 
 

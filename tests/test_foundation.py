@@ -242,6 +242,30 @@ def test_max_tokens_tokenizes_a_prefix_with_the_whole_texts_tokens(smollm2, tmp_
     assert torch.equal(data.eval_tokens(tok, str(line), 512), data.tokenize(tok, line.read_text())[:512])
 
 
+def test_long_texts_are_tokenized_once_and_cached_by_content(smollm2, tmp_path, monkeypatch):
+    """The cache returns the very tokens of a fresh tokenization; another text gets its own entry;
+    a damaged entry is re-made; short texts and OWL_DEPLOY_TOKEN_CACHE=0 write nothing."""
+    _, tok = smollm2
+    monkeypatch.setenv("OWL_DEPLOY_HOME", str(tmp_path))
+    text = data.load_text("news")
+    assert len(text) >= data._CACHE_MIN_CHARS
+    monkeypatch.setenv("OWL_DEPLOY_TOKEN_CACHE", "0")
+    fresh = data.tokenize(tok, text)
+    assert not (tmp_path / "tokens").exists()
+    monkeypatch.delenv("OWL_DEPLOY_TOKEN_CACHE")
+    assert torch.equal(data.tokenize(tok, text), fresh)  # made
+    (entry,) = (tmp_path / "tokens").glob("*.npy")
+    cached = data.tokenize(tok, text)  # read
+    assert cached.dtype == torch.long and torch.equal(cached, fresh)
+    other = data.tokenize(tok, text[:-1] + "!")
+    assert len(list((tmp_path / "tokens").glob("*.npy"))) == 2 and not torch.equal(other, fresh)
+    entry.write_bytes(entry.read_bytes()[:100])  # truncated by a crash or a full disk
+    assert torch.equal(data.tokenize(tok, text), fresh)
+    assert torch.equal(data.tokenize(tok, text), fresh)  # the re-made entry
+    data.tokenize(tok, "short text")
+    assert len(list((tmp_path / "tokens").glob("*"))) == 2  # nothing for short texts, no temp files left
+
+
 def test_paired_nll_is_the_mean_difference_with_its_standard_error_and_resolved_needs_two_of_them():
     import numpy as np
 
