@@ -210,8 +210,10 @@ def markdown(result: dict) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in split:
-            parts = [phase(r, k) for k in ("prune_forward", "prune_statistics", "prune_mask", "prune_io")]
-            cells = " | ".join(f"{x:.1f}" for x in [phase(r, "prune"), *parts, phase(r, "prune") - sum(parts)])
+            keys = ("prune_forward", "prune_statistics", "prune_mask", "prune_io")
+            every = r.get("repeat_timings") or [r["timings"]]
+            rest = statistics.median(t["prune"] - sum(t[k] for k in keys) for t in every)  # per run, then median
+            cells = " | ".join(f"{x:.1f}" for x in [phase(r, "prune"), *(phase(r, k) for k in keys), rest])
             lines.append(f"| {r['name']} | {r.get('compute_dtype', 'float32')} | {cells} |")
     lines += ["", "| target | value | limit | met |", "|---|---|---|---|"]
     for key, check in result["targets"].items():
