@@ -6,6 +6,13 @@ One command, end to end (prune -> export -> benchmark -> report):
     .venv/bin/python benchmarks/sweep.py            # 0/50/60/70/80/90 %, the recorded run (run it alone!)
     .venv/bin/python benchmarks/sweep.py --quick    # 0 and 70 %, small calibration, a few rounds (smoke)
 
+    .venv/bin/python benchmarks/sweep.py --ray --prepare-only   # prune + export every point as Ray jobs
+
+The preparation can run on Ray (``--ray``: an embedded local Ray; ``--ray-address ADDR:PORT``: a cluster whose
+nodes share this checkout, the assets and ``--work``): one job per point (its prune, then its export), each
+child with this process's torch threads, so every folder is the one a serial sweep makes; a failing point is
+reported and the others are kept (a re-run resumes). The timing never runs there: it runs here, alone.
+
 For every sparsity it prunes the model with ``owl-deploy prune --method wanda --allocation owl`` and
 exports it with ``owl-deploy export`` (both through the CLI, in subprocesses; folders are reused when
 the same command made them), then benchmarks all of them in one process with ``owl_deploy.bench``:
@@ -23,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from layer_profile import deepsparse_layer_breakdown, ort_layer_breakdown  # noqa: E402
 
+from owl_deploy import commands  # noqa: E402
 from owl_deploy.bench import EXIT_NOISY, NoisyMachine, run_benchmark  # noqa: E402
 from owl_deploy.bench.measure import REFERENCE, run_key  # noqa: E402
 from owl_deploy.bench.report import machine_markdown, megabytes  # noqa: E402
@@ -72,11 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--breakdown-iterations", type=int, default=None, help="per-layer timing iterations [50; quick: 5]")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-layer time breakdown")
     p.add_argument("--strict", action="store_true", help="exit 4 without writing when the machine is noisy")
+    p.add_argument("--prepare-only", action="store_true", help="prune and export every point, time nothing")
+    p.add_argument("--ray", action="store_true", help="prepare the points as jobs on an embedded local Ray")
+    p.add_argument("--ray-address", default=None, help="prepare them on a Ray cluster (ADDR:PORT; shared --work)")
+    p.add_argument("--ray-workers", type=int, default=None, help="Ray workers [the cluster's CPUs]")
     p.add_argument("--quick", action="store_true", help="0 and 70 %%, small calibration, short timing (smoke)")
     a = p.parse_args(argv)
     q = a.quick
     if q and a.sparsities == DEFAULT_SPARSITIES:
         a.sparsities = "0,70"
+    if a.ray_workers is not None and a.ray_workers < 1:
+        p.error(f"--ray-workers must be >= 1, got {a.ray_workers}")
     a.nsamples = a.nsamples or (8 if q else None)
     a.seqlen = a.seqlen or (128 if q else None)
     a.context = a.context or (32 if q else 128)
@@ -97,45 +109,20 @@ def log(msg: str) -> None:
 
 
 def owl(args: list[str], capture: bool = False) -> dict:
-    """Run one ``owl-deploy`` command from this checkout; stop the sweep on failure.
-
-    Returns its wall time and the child's own peak RSS (``wait4``), plus stdout when ``capture``.
-    """
-    cmd = [sys.executable, "-m", "owl_deploy", *args]
-    log("$ owl-deploy " + " ".join(shlex.quote(x) for x in args))
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE if capture else None, text=True)
-    out = proc.stdout.read() if capture else None
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.exit(f"sweep: `owl-deploy {args[0]}` failed with exit status {proc.returncode}")
-    stats = {"seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
-    log(f"  done in {stats['seconds']:.0f} s, peak RSS {stats['peak_rss_mb']} MB")
-    return stats | ({"stdout": out} if capture else {})
-
-
-def _stamped(folder: Path, marker: str, args: list[str]) -> bool:
-    """True when ``folder`` holds ``marker`` and was made by exactly ``args`` (so it can be reused)."""
-    stamp = folder.parent / f"{folder.name}.args.json"
-    return (folder / marker).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == args
-
-
-def _stamp(folder: Path, args: list[str]) -> None:
-    write_json(folder.parent / f"{folder.name}.args.json", args)
+    """Run one ``owl-deploy`` command from this checkout (wall time, the child's peak RSS, stdout when
+    ``capture``); stop the sweep on failure."""
+    try:
+        return commands.run(args, cwd=ROOT, capture=capture)
+    except OwlError as exc:
+        sys.exit(f"sweep: {exc}")
 
 
 def run_once(folder: Path, marker: str, args: list[str]) -> dict | None:
-    """Run ``owl-deploy args`` unless ``folder`` was made by exactly ``args``; returns the run's stats
-    (wall time, peak RSS), the recorded ones when the folder is reused (None if never recorded)."""
-    stats_file = folder.parent / f"{folder.name}.stats.json"
-    if _stamped(folder, marker, args):
-        log(f"reusing {folder}")
-        return json.loads(stats_file.read_text()) if stats_file.is_file() else None
-    stats = owl(args)
-    _stamp(folder, args)
-    write_json(stats_file, stats)
-    return stats
+    """``owl_deploy.commands.run_once`` from this checkout; stop the sweep on failure."""
+    try:
+        return commands.run_once(folder, marker, args, cwd=ROOT)
+    except OwlError as exc:
+        sys.exit(f"sweep: {exc}")
 
 
 def base_model(spec: str) -> str:
@@ -147,10 +134,9 @@ def base_model(spec: str) -> str:
     return str(assets.ensure(spec))
 
 
-def prepare(a: argparse.Namespace, sparsity: int, model_dir: str) -> tuple[Path, dict | None]:
-    """Prune (unless 0 %) and export one point; returns (export folder, the pruner's sparsity.json)."""
-    a.work.mkdir(parents=True, exist_ok=True)
-    report = None
+def steps(a: argparse.Namespace, sparsity: int, model_dir: str) -> list[commands.Step]:
+    """The commands that make one point: prune (unless 0 %) then export; (folder, marker, arguments) each."""
+    out: list[commands.Step] = []
     src = model_dir
     if sparsity:
         pdir = a.work / f"prune-{a.method}-{a.allocation}-s{sparsity}"
@@ -161,13 +147,57 @@ def prepare(a: argparse.Namespace, sparsity: int, model_dir: str) -> tuple[Path,
         if a.seqlen:
             pargs += ["--seqlen", str(a.seqlen)]
         pargs += [*a.prune_arg, "--out", str(pdir)]
-        run_once(pdir, "sparsity.json", pargs)
-        report = json.loads((pdir / "sparsity.json").read_text())
+        out.append((str(pdir), "sparsity.json", pargs))
         src = str(pdir)
     odir = a.work / (f"onnx-{a.method}-{a.allocation}-s{sparsity}" if sparsity else "onnx-dense")
-    eargs = ["export", "--model", src, *a.export_arg, "--out", str(odir)]
-    run_once(odir, MODEL_ONNX, eargs)
-    return odir, report
+    out.append((str(odir), MODEL_ONNX, ["export", "--model", src, *a.export_arg, "--out", str(odir)]))
+    return out
+
+
+def prepared(point: list[commands.Step]) -> tuple[Path, dict | None]:
+    """(export folder, the pruner's sparsity.json) of a point whose steps have run."""
+    report = None
+    for folder, marker, _ in point:
+        if marker == "sparsity.json":
+            report = json.loads((Path(folder) / marker).read_text())
+    return Path(point[-1][0]), report
+
+
+def prepare(a: argparse.Namespace, sparsity: int, model_dir: str) -> tuple[Path, dict | None]:
+    """Prune (unless 0 %) and export one point here; returns (export folder, the pruner's sparsity.json)."""
+    a.work.mkdir(parents=True, exist_ok=True)
+    point = steps(a, sparsity, model_dir)
+    for folder, marker, args in point:
+        run_once(Path(folder), marker, args)
+    return prepared(point)
+
+
+def prepare_on_ray(a: argparse.Namespace, model_dir: str) -> dict[int, str]:
+    """Every point's prune and export as one Ray job each (a local Ray, or the cluster at ``--ray-address``);
+    the errors of the points that failed (the others are made and stamped, so a re-run resumes)."""
+    import torch
+
+    from owl_deploy.cluster import Job, run_jobs
+
+    a.work.mkdir(parents=True, exist_ok=True)
+    # each child prunes with this process's torch threads (a Ray worker has 1): the same bits as a serial sweep
+    threads = torch.get_num_threads()
+    jobs = [
+        Job(label(s), commands.Workdir(str(ROOT)), commands.run_steps, (steps(a, s, model_dir), threads))
+        for s in a.sparsity_list
+    ]
+    failed: dict[int, str] = {}
+
+    def keep(job: Job, _result: object, error: str | None) -> None:
+        s = next(s for s in a.sparsity_list if label(s) == job.key)
+        log(f"{job.key}: {'failed: ' + error if error else 'prepared'}")
+        if error:
+            failed[s] = error
+
+    counts = run_jobs(jobs, keep, a.ray_address, threads=1, actors=a.ray_workers)
+    log(f"Ray ({a.ray_address or 'local'}): {counts['done']} points prepared, {counts['failed']} failed, "
+        f"{counts['actors']} workers")  # fmt: skip
+    return failed
 
 
 def label(sparsity: int) -> str:
@@ -344,8 +374,22 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model_dir = base_model(a.model)
     models, reports = {}, {}
-    for s in a.sparsity_list:
-        models[label(s)], reports[s] = prepare(a, s, model_dir)
+    if a.ray or a.ray_address:
+        failed = prepare_on_ray(a, model_dir)
+        if failed:
+            for s, error in sorted(failed.items()):
+                print(f"error: {label(s)}: {error}", file=sys.stderr)
+            print(f"sweep: {len(failed)} of {len(a.sparsity_list)} points failed; the others are kept (re-run to "
+                  "resume)", file=sys.stderr)  # fmt: skip
+            return 1
+        for s in a.sparsity_list:
+            models[label(s)], reports[s] = prepared(steps(a, s, model_dir))
+    else:
+        for s in a.sparsity_list:
+            models[label(s)], reports[s] = prepare(a, s, model_dir)
+    if a.prepare_only:
+        log(f"prepared {len(models)} points under {a.work} (--prepare-only: nothing timed)")
+        return 0
     runs = [REFERENCE] + [("deepsparse", label(s)) for s in a.sparsity_list]
     if CONTROL_AT in a.sparsity_list:
         runs.append(("onnxruntime", label(CONTROL_AT)))

@@ -212,3 +212,43 @@ def test_tune_on_two_node_loopback_cluster_equals_serial(tmp_path, two_nodes):
     """The same tune on a real two-node cluster (one 1-thread worker per node) equals a 1-thread serial run."""
     args = _tune_args(tmp_path)
     assert _tune([*args, "--ray-address", two_nodes, "--ray-workers", "2"], threads=1) == _tune(args, threads=1)
+
+
+def _sweep_argv(tmp: Path, work: Path) -> list[str]:
+    model = tmp / "sweep-model"
+    if not model.exists():
+        save_tiny("llama", model, hidden=64, layers=2)
+    return ["--prepare-only", "--model", str(model), "--sparsities", "0,50,70", "--nsamples", "4", "--seqlen", "32",
+            f"--prune-arg=--calib={_text(tmp)}", "--export-arg=--sequence-length=64", "--export-arg=--greedy-tokens=4",
+            "--work", str(work)]  # fmt: skip
+
+
+def _made(work: Path) -> dict[str, bytes]:
+    """The bytes of every pruned weight file and exported graph under ``work``."""
+    files = [*work.glob("prune-*/*.safetensors"), *work.glob("onnx-*/model.onnx"), *work.glob("onnx-*/model.data")]
+    return {str(f.relative_to(work)): f.read_bytes() for f in sorted(files)}
+
+
+def test_sweep_prepares_on_local_ray_the_serial_folders_reports_a_failure_and_resumes(tmp_path):
+    """benchmarks/sweep.py --ray --prepare-only on a tiny model: one job per point (prune, then export); the
+    folders are byte for byte the serial sweep's; a point that fails is reported (exit 1) without losing the
+    others, and the re-run makes only what is missing."""
+    import sweep
+
+    assert sweep.main(_sweep_argv(tmp_path, tmp_path / "serial")) == 0
+    serial = _made(tmp_path / "serial")
+    assert {k.split("/")[0] for k in serial} == {"onnx-dense", "onnx-wanda-owl-s50", "onnx-wanda-owl-s70",
+                                                 "prune-wanda-owl-s50", "prune-wanda-owl-s70"}  # fmt: skip
+    assert all(serial.values())
+    work = tmp_path / "ray"
+    blocker = work / "prune-wanda-owl-s70"
+    blocker.mkdir(parents=True)
+    (blocker / "keep.txt").write_text("not a prune output\n")  # prune refuses to replace it: that point fails
+    assert sweep.main([*_sweep_argv(tmp_path, work), "--ray"]) == 1
+    assert {k.split("/")[0] for k in _made(work)} == {"onnx-dense", "onnx-wanda-owl-s50", "prune-wanda-owl-s50"}
+    stats = {p.name: p.stat().st_mtime_ns for p in work.glob("*.stats.json")}
+    shutil.rmtree(blocker)
+    assert sweep.main([*_sweep_argv(tmp_path, work), "--ray"]) == 0
+    assert _made(work) == serial
+    again = {p.name: p.stat().st_mtime_ns for p in work.glob("*.stats.json")}
+    assert {k: again[k] for k in stats} == stats and len(again) == len(stats) + 2  # only s70 was made
