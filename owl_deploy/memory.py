@@ -248,14 +248,15 @@ def prune_estimate(
 def export_estimate(shape: Shape, int8: bool, deepsparse_graphs: int) -> Estimate:
     """The largest of the export's phases (measured on Qwen2.5-Coder-1.5B, README "Memory").
 
-    The trace holds torch's fp32 weights (an fp32 checkpoint is mapped and streamed from the file, not held;
-    int8's SmoothQuant rescales them, which copies them), the tracer's own memory (1.5 GB + 0.2x the
-    weights) and, for int8, the quantized projections kept in the graph until it is written.
+    The trace holds torch's fp32 weights (an fp32 checkpoint is mapped and streamed from the file, not held:
+    int8's SmoothQuant scales each projection weight as the graph rewrite reads it, not in torch), the
+    tracer's own memory (1.5 GB + 0.2x the weights) and, for int8, the quantized projections kept in the
+    graph until it is written.
     An engine check holds the compiler's scratch (1.8 GB) and what its graphs hold: each DeepSparse
     graph about 0.8x the weights it runs (int8: a quarter of the projections, the embeddings in fp32)."""
     embeddings = 4.0 * shape.vocab * shape.hidden
     graph = (shape.fp32_bytes - embeddings) / 4 + embeddings if int8 else shape.fp32_bytes
-    held = 0.0 if shape.fp32_checkpoint and not int8 else shape.fp32_bytes
+    held = 0.0 if shape.fp32_checkpoint else shape.fp32_bytes
     phases = {
         "trace": {
             "libraries": BASE_BYTES,

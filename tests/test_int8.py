@@ -95,6 +95,30 @@ def test_smooth_model_keeps_function_and_zeros(family, tmp_path):
         torch.testing.assert_close(again[name], rng, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_smoothing_of_a_graph_weight_is_the_torch_smoothing_bit_for_bit(family, tmp_path):
+    """The export scales each projection weight in the ONNX layout as it reads it (scale_weight_t on W.T);
+    the same numbers as scaling the torch weight, to the last bit, while smoothing_plan itself folds only
+    the norms and biases (the projection weights are untouched until then) and leaves tied embeddings alone."""
+    from owl_deploy.specs import load_model
+
+    folder = _prune_folder(save_tiny(family, tmp_path / "dense"), tmp_path / "pruned", 0.5)
+    model, _ = load_model(folder)
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    absmax = q.activation_absmax(model, ids)
+    before = {n: lin.weight.detach().clone() for n, lin in q._projections(model).items()}
+    embed = model.get_input_embeddings().weight.detach().clone()
+    plan = q.smoothing_plan(model, absmax, 0.5)
+    after_plan = q._projections(model)
+    assert all(torch.equal(after_plan[n].weight, w) for n, w in before.items())  # weights untouched
+    assert set(plan.weights) == set(before)  # every projection, lm_head included, carries a share
+    q.apply_weight_scales(model, plan)
+    for name, lin in q._projections(model).items():
+        graph = q.scale_weight_t(before[name].T.numpy(), plan.weights[name])
+        assert np.array_equal(graph, lin.weight.detach().T.numpy()), name
+    assert torch.equal(model.get_input_embeddings().weight, embed)
+
+
 @pytest.mark.parametrize(("family", "offset"), [("llama", 0.0), ("qwen3", 0.0), ("gemma", 1.0), ("gemma3", 1.0)])
 def test_norm_offset_is_found_by_running_the_norm(family, offset):
     from tiny_models import tiny_model

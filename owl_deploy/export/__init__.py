@@ -100,6 +100,18 @@ def export_model(
     phases.mark("load_model")
     spec, _ = graph_spec(hf_model)
     check_sequence_length(spec, sequence_length)
+
+    # torch's references come first: the int8 rewrite folds SmoothQuant into the norms of hf_model
+    t = time.perf_counter()
+    prompts = [_encode(tokenizer, p, sequence_length) for p in verify.PROMPTS]
+    prompts = [p for p in prompts if p]
+    n_greedy = max(0, min(cfg.greedy_tokens, sequence_length - len(prompts[0]) - 1))
+    with verify.torch_threads(threads):
+        refs = [verify.torch_logits(hf_model, ids) for ids in prompts]
+        greedy_ref = verify.torch_greedy(hf_model, prompts[0], n_greedy) if n_greedy else []
+    timings["torch_reference"] = time.perf_counter() - t
+    phases.mark("torch_reference")
+
     rewrite = None
     if int8:
         t = time.perf_counter()
@@ -129,20 +141,11 @@ def export_model(
             f" in {zeros['num_tensors']} linears, sparsity {zeros['overall_sparsity']:.1%})"
         )
 
-        t = time.perf_counter()
-        prompts = [_encode(tokenizer, p, sequence_length) for p in verify.PROMPTS]
-        prompts = [p for p in prompts if p]
-        n_greedy = max(0, min(cfg.greedy_tokens, sequence_length - len(prompts[0]) - 1))
-        with verify.torch_threads(threads):
-            refs = [verify.torch_logits(hf_model, ids) for ids in prompts]
-            greedy_ref = verify.torch_greedy(hf_model, prompts[0], n_greedy) if n_greedy else []
-        timings["torch_reference"] = time.perf_counter() - t
         # from here on only the engines run, each holding its own copy of the weights: release torch's
         # so that the export never holds more than one extra copy (7 GB each for a 1.5B model in fp32)
         model_type = hf_model.config.model_type
         del hf_model
         gc.collect()
-        phases.mark("torch_reference")  # and torch's weights released
         logits: dict = {"tolerance": verify.LOGITS_TOLERANCE, "prompts": list(verify.PROMPTS), "engines": {}}
         greedy: dict = {"prompt": verify.PROMPTS[0], "num_tokens": n_greedy, "torch": greedy_ref, "engines": {}}
         engine_refs = None  # int8: the first engine's logits are the reference of the others
@@ -300,7 +303,9 @@ def _deepsparse_one_graph_at_a_time(
 
 
 def _int8_rewrite(hf_model, tokenizer, cfg: QuantizeConfig, calibration: CalibrationConfig) -> Callable:
-    """Calibrate activation ranges, smooth ``hf_model`` in place, return the graph rewrite for export_onnx."""
+    """Calibrate activation ranges and return the graph rewrite for export_onnx. With SmoothQuant the norms and
+    biases of ``hf_model`` are folded in place, its projection weights are not: until the rewrite scales them
+    in the graph, ``hf_model`` is not the model any more (take torch's references before)."""
     from owl_deploy.data import calibration_windows
     from owl_deploy.export import int8 as q
     from owl_deploy.export import verify
@@ -308,10 +313,13 @@ def _int8_rewrite(hf_model, tokenizer, cfg: QuantizeConfig, calibration: Calibra
     windows = calibration_windows(tokenizer, calibration.text, cfg.nsamples, cfg.seqlen, calibration.seed)
     with verify.torch_threads(None):
         absmax = q.activation_absmax(hf_model, windows)
+    scales = None
     if cfg.smooth_alpha is not None:
-        absmax = q.smooth_model(hf_model, absmax, cfg.smooth_alpha)
+        # norms and biases now; each projection weight as the rewrite reads it (never a second copy of them)
+        plan = q.smoothing_plan(hf_model, absmax, cfg.smooth_alpha)
+        absmax, scales = plan.ranges, plan.weights
     ranges = {name: float(absmax[name].max()) for name in q.quantize_targets(hf_model, cfg)}
-    return lambda proto, weights, base_dir: q.quantize_graph(proto, ranges, weights, base_dir)
+    return lambda proto, weights, base_dir: q.quantize_graph(proto, ranges, weights, base_dir, scales)
 
 
 def _write_side_files(hf_model, tokenizer, source: Path, dest: Path) -> None:

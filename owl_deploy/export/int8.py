@@ -25,6 +25,7 @@ plain arrays; :func:`quantize_graph` rewrites an exported fp32 ONNX graph in pla
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,20 +139,51 @@ def _fold_into_norm(norm: nn.Module, s: torch.Tensor) -> None:
     w.copy_(((w.float() + off) / s.float() - off).to(w.dtype))
 
 
+#: a projection's weight smoothing: (multiplier of each input channel, divisor of each output channel), None = 1
+WeightScales = tuple[torch.Tensor | None, torch.Tensor | None]
+
+
+@dataclass
+class Smoothing:
+    """SmoothQuant's folds, split by size: ``ranges`` are the smoothed activation ranges; the norms and biases
+    are folded in torch (small), while each projection weight's scaling (``weights``, by HF projection name)
+    is applied where the weight is read one at a time (the ONNX rewrite), so no second copy of the model's
+    weights is ever made (7 GB for a 1.5B model in fp32)."""
+
+    ranges: dict[str, torch.Tensor]
+    weights: dict[str, WeightScales]
+
+
+def _add_weight_scales(plan: dict[str, WeightScales], name: str, mul: torch.Tensor | None, div: torch.Tensor | None):
+    old_mul, old_div = plan.get(name, (None, None))
+    if mul is not None:
+        if old_mul is not None:
+            raise AssertionError(f"{name}: two input-channel folds")
+        old_mul = mul.float()
+    if div is not None:
+        if old_div is not None:
+            raise AssertionError(f"{name}: two output-channel folds")
+        old_div = div.float()
+    plan[name] = (old_mul, old_div)
+
+
 @torch.no_grad()
-def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
-    """Fold SmoothQuant scales into a LLaMA-family model in place; return the smoothed activation ranges.
+def smoothing_plan(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float) -> Smoothing:
+    """Fold SmoothQuant's scales into the norms and biases of a LLaMA-family model in place; return the smoothed
+    activation ranges and each projection weight's scaling (apply it with :func:`scale_weight_t`, or in torch
+    with :func:`apply_weight_scales`). Until the weights are scaled the model computes a different function.
 
     Four folds per block: input_layernorm -> q/k/v, the norm before the MLP (post_attention_layernorm, or
     Gemma 3's pre_feedforward_layernorm) -> gate/up, v_proj rows -> o_proj (one scale per kv head and dim,
-    shared by the query heads of a group), up_proj rows -> down_proj; and the final norm -> lm_head (untied
-    from the input embeddings first).
+    shared by the query heads of a group), up_proj rows -> down_proj; and the final norm -> lm_head (whose
+    weight is scaled in its own graph initializer, so tied input embeddings keep their values).
     """
     from owl_deploy.model import blocks_prefix, decoder_blocks
 
     prefix = blocks_prefix(model)
     cfg = model.config
     out = dict(absmax)
+    plan: dict[str, WeightScales] = {}
     for i, block in enumerate(decoder_blocks(model)):
         attn, mlp = block.self_attn, block.mlp
         p = f"{prefix}.{i}"
@@ -162,7 +194,7 @@ def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float
             s = smoothing_scales(a, wmax, alpha)
             _fold_into_norm(norm, s)
             for lin, name in zip(linears, names, strict=True):
-                lin.weight.mul_(s.to(lin.weight.dtype))
+                _add_weight_scales(plan, name, s.to(lin.weight.dtype), None)
                 out[name] = a / s
 
         qkv = [f"{p}.self_attn.{k}_proj" for k in "qkv"]
@@ -180,41 +212,81 @@ def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float
         a_o = absmax[f"{p}.self_attn.o_proj"].view(kvh, group, hd).amax(1)
         w_o = attn.o_proj.weight.abs().amax(0).view(kvh, group, hd).amax(1)
         s_kv = smoothing_scales(a_o.reshape(-1), w_o.reshape(-1), alpha)  # [kvh * hd] = v_proj's rows
-        attn.v_proj.weight.div_(s_kv[:, None])
+        _add_weight_scales(plan, f"{p}.self_attn.v_proj", None, s_kv)
         if attn.v_proj.bias is not None:
             attn.v_proj.bias.div_(s_kv)
         s_o = s_kv.view(kvh, 1, hd).expand(kvh, group, hd).reshape(-1)
-        attn.o_proj.weight.mul_(s_o)
+        _add_weight_scales(plan, f"{p}.self_attn.o_proj", s_o, None)
         out[f"{p}.self_attn.o_proj"] = absmax[f"{p}.self_attn.o_proj"] / s_o
 
         # up_proj -> down_proj: down's input is silu(gate) * up, linear in up's output
         s_d = smoothing_scales(absmax[f"{p}.mlp.down_proj"], mlp.down_proj.weight.abs().amax(0), alpha)
-        mlp.up_proj.weight.div_(s_d[:, None])
+        _add_weight_scales(plan, f"{p}.mlp.up_proj", None, s_d)
         if mlp.up_proj.bias is not None:
             mlp.up_proj.bias.div_(s_d)
-        mlp.down_proj.weight.mul_(s_d)
+        _add_weight_scales(plan, f"{p}.mlp.down_proj", s_d, None)
         out[f"{p}.mlp.down_proj"] = absmax[f"{p}.mlp.down_proj"] / s_d
 
-    # final norm -> lm_head (untied first: with tied embeddings the input table must keep its values)
     head, norm = model.get_output_embeddings(), getattr(getattr(model, "model", None), "norm", None)
     if isinstance(head, nn.Linear) and norm is not None and "lm_head" in absmax:
-        if head.weight is model.get_input_embeddings().weight:
-            head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         s = smoothing_scales(absmax["lm_head"], head.weight.abs().amax(0), alpha)
         _fold_into_norm(norm, s)
-        head.weight.mul_(s.to(head.weight.dtype))
+        _add_weight_scales(plan, "lm_head", s.to(head.weight.dtype), None)
         out["lm_head"] = absmax["lm_head"] / s
-    return out
+    return Smoothing(out, plan)
+
+
+def scale_weight_t(w_t: np.ndarray, scales: WeightScales) -> np.ndarray:
+    """A projection's ``[in, out]`` weight (the ONNX layout) with its smoothing: input channel j (row j) times
+    ``mul[j]``, then output channel c (column c) divided by ``div[c]`` — the same fp32 operations, in the same
+    order, as :func:`apply_weight_scales` on the ``[out, in]`` torch weight, so the same bits."""
+    mul, div = scales
+    w = np.asarray(w_t, dtype=np.float32)
+    if mul is not None:
+        w = w * mul.numpy()[:, None]
+    if div is not None:
+        w = w / div.numpy()[None, :]
+    return w
+
+
+@torch.no_grad()
+def apply_weight_scales(model: nn.Module, plan: Smoothing) -> None:
+    """The weights' part of the plan applied to the torch model in place (tests; a resident model). Unties a
+    tied lm_head first, so the input embeddings keep their values."""
+    projections = _projections(model)
+    head = model.get_output_embeddings()
+    if "lm_head" in plan.weights and head.weight is model.get_input_embeddings().weight:
+        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    for name, (mul, div) in plan.weights.items():
+        w = projections[name].weight
+        if mul is not None:
+            w.mul_(mul.to(w.dtype))
+        if div is not None:
+            w.div_(div.to(w.dtype)[:, None])
+
+
+def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """All of SmoothQuant folded into the torch model in place (the same function); the smoothed ranges."""
+    plan = smoothing_plan(model, absmax, alpha)
+    apply_weight_scales(model, plan)
+    return plan.ranges
 
 
 # ---------------------------------------------------------------- the ONNX rewrite
-def quantize_graph(proto, act_absmax: dict[str, float], weights: dict[str, str], base_dir: str | Path = "") -> dict:
+def quantize_graph(
+    proto,
+    act_absmax: dict[str, float],
+    weights: dict[str, str],
+    base_dir: str | Path = "",
+    scales: dict[str, WeightScales] | None = None,
+) -> dict:
     """Rewrite ``proto`` in place: each MatMul whose weight is listed becomes the MatMulInteger pattern.
 
     ``act_absmax``: HF projection name -> activation range; ``weights``: HF weight name (``...weight``)
     -> ONNX initializer name (export_onnx's map); weights stored as external data are read from ``base_dir``
-    one at a time.  MatMuls sharing an input share one QuantizeLinear.
-    Returns {HF name: {"onnx_name", "act_scale", "zero_weights"}} for the report.
+    one at a time.  ``scales`` (HF projection name -> its SmoothQuant weight scaling, :class:`Smoothing`) are
+    applied to each weight as it is read, quantized or kept fp32.  MatMuls sharing an input share one
+    QuantizeLinear.  Returns {HF name: {"onnx_name", "act_scale", "zero_weights"}} for the report.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -224,6 +296,16 @@ def quantize_graph(proto, act_absmax: dict[str, float], weights: dict[str, str],
     missing = [hf for hf in act_absmax if f"{hf}.weight" not in weights]
     if missing:
         raise OwlError(f"int8: no ONNX weight for {missing[0]}")
+    scales = scales or {}
+    unknown = [hf for hf in scales if f"{hf}.weight" not in weights]
+    if unknown:
+        raise OwlError(f"int8: no ONNX weight for {unknown[0]}")
+    for hf, sc in scales.items():  # the projections that stay fp32 still carry their share of the smoothing
+        name = weights[f"{hf}.weight"]
+        if name not in by_init:
+            inits[name].CopyFrom(
+                numpy_helper.from_array(scale_weight_t(initializer_array(inits[name], Path(base_dir)), sc), name)
+            )
     zp = "owl_int8.zero_point"
     g.initializer.append(numpy_helper.from_array(np.array(ZERO_POINT, dtype=np.uint8), zp))
     quantized_inputs: dict[tuple[str, float], str] = {}
@@ -248,6 +330,8 @@ def quantize_graph(proto, act_absmax: dict[str, float], weights: dict[str, str],
         init = inits[w_name]
         # its own bytes, never loaded into the proto: protobuf's arena would keep them until the end
         w = initializer_array(init, Path(base_dir))
+        if hf in scales:
+            w = scale_weight_t(w, scales[hf])
         q, s_w = quantize_weight(w)
         init.CopyFrom(numpy_helper.from_array(q, w_name))
         base = node.name or w_name
