@@ -362,6 +362,8 @@ def initializer_array(tensor, folder: Path, mmap: bool = False) -> np.ndarray:
     offset = int(info.get("offset", 0))
     path = _inside(Path(folder), info["location"])
     if mmap:
+        if path.stat().st_size < offset + count * dtype.itemsize:
+            raise OwlError(f"{tensor.name}: its external data ends early ({path.name} is shorter than it says)")
         arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
     else:
         arr = np.fromfile(path, dtype=dtype, count=count, offset=offset)

@@ -633,13 +633,12 @@ def test_int8_quantize_graph_refuses_truncated_external_weights(tmp_path):
 
 
 def test_int8_quantize_graph_reads_external_weights_one_at_a_time(tmp_path):
-    from onnx import numpy_helper
-
+    from owl_deploy.contract import initializer_array
     from owl_deploy.export.int8 import ZERO_POINT, quantize_graph, quantize_weight
 
     proto, raw, w, _, _ = _matmul_model(tmp_path, external=True)
     quantize_graph(proto, {"proj": 1.0}, {"proj.weight": "W"}, raw)
-    q = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == "W"))
+    q = initializer_array(next(t for t in proto.graph.initializer if t.name == "W"), raw)  # written beside
     expected, _ = quantize_weight(w)
     assert q.dtype == np.uint8 and np.array_equal(q, expected)
     assert np.all(q[:, ::3] == ZERO_POINT)  # pruned columns stay exactly the zero point

@@ -43,6 +43,20 @@ def test_pruned_zeros_stay_zero_and_error_is_half_a_step():
     assert np.all(np.abs(q.dequantize_weight(qw, s) - w) <= s / 2 + 1e-7)
 
 
+def test_smooth_and_quantize_by_column_slices_is_the_whole_weights_result(monkeypatch):
+    """A large weight is smoothed and quantized a slice of columns at a time (never a whole fp32 temporary):
+    per-column maths, so the same bytes and scales as doing it whole, pruned zeros counted before scaling."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4, 10, generator=gen).numpy()
+    w[:, ::3] = 0
+    mul, div = torch.rand(4, generator=gen) + 0.5, torch.rand(10, generator=gen) + 0.5
+    whole_q, whole_s = q.quantize_weight(q.scale_weight_t(w, (mul, div)))
+    monkeypatch.setattr(q, "COLUMNS_PER_SLICE", 3)
+    got_q, got_s, zeros = q.smooth_and_quantize(w, (mul, div))
+    assert np.array_equal(got_q, whole_q) and np.array_equal(got_s, whole_s) and zeros == 16
+    assert np.all(got_q[:, ::3] == q.ZERO_POINT)
+
+
 def test_activation_scale():
     assert q.activation_scale(127.0) == pytest.approx(1.0)
     assert q.activation_scale(0.0) == 1.0  # a dead input still gets a usable scale

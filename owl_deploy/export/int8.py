@@ -249,6 +249,28 @@ def scale_weight_t(w_t: np.ndarray, scales: WeightScales) -> np.ndarray:
     return w
 
 
+#: columns per slice when a weight is smoothed and quantized (per-column maths: slices give the same bits)
+COLUMNS_PER_SLICE = 4096
+
+
+def smooth_and_quantize(w_t: np.ndarray, scales: WeightScales = (None, None)) -> tuple[np.ndarray, np.ndarray, int]:
+    """:func:`scale_weight_t` then :func:`quantize_weight`, slice of columns by slice of columns, so a large weight
+    (a 150k-vocabulary lm_head: 0.9 GB in fp32) never has its fp32 temporaries made whole; ``w_t`` may be a
+    memory map. Returns (uint8 ``[K, N]``, scale ``[N]``, exact zeros of the unscaled weight)."""
+    mul, div = scales
+    k, n = w_t.shape
+    q = np.empty((k, n), dtype=np.uint8)
+    scale = np.empty(n, dtype=np.float32)
+    zeros = 0
+    for a in range(0, n, COLUMNS_PER_SLICE):
+        b = min(a + COLUMNS_PER_SLICE, n)
+        block = np.asarray(w_t[:, a:b], dtype=np.float32)
+        zeros += int(np.count_nonzero(block == 0))
+        block = scale_weight_t(block, (mul, None if div is None else div[a:b]))
+        q[:, a:b], scale[a:b] = quantize_weight(block)
+    return q, scale, zeros
+
+
 @torch.no_grad()
 def apply_weight_scales(model: nn.Module, plan: Smoothing) -> None:
     """The weights' part of the plan applied to the torch model in place (tests; a resident model). Unties a
@@ -277,14 +299,15 @@ def quantize_graph(
     proto,
     act_absmax: dict[str, float],
     weights: dict[str, str],
-    base_dir: str | Path = "",
+    base_dir: str | Path,
     scales: dict[str, WeightScales] | None = None,
 ) -> dict:
     """Rewrite ``proto`` in place: each MatMul whose weight is listed becomes the MatMulInteger pattern.
 
     ``act_absmax``: HF projection name -> activation range; ``weights``: HF weight name (``...weight``)
     -> ONNX initializer name (export_onnx's map); weights stored as external data are read from ``base_dir``
-    one at a time.  ``scales`` (HF projection name -> its SmoothQuant weight scaling, :class:`Smoothing`) are
+    one at a time, and every rewritten weight is written to ``base_dir/owl_int8.data`` (external data).
+    ``scales`` (HF projection name -> its SmoothQuant weight scaling, :class:`Smoothing`) are
     applied to each weight as it is read, quantized or kept fp32.  MatMuls sharing an input share one
     QuantizeLinear.  Returns {HF name: {"onnx_name", "act_scale", "zero_weights"}} for the report.
     """
@@ -300,12 +323,11 @@ def quantize_graph(
     unknown = [hf for hf in scales if f"{hf}.weight" not in weights]
     if unknown:
         raise OwlError(f"int8: no ONNX weight for {unknown[0]}")
+    side = _SideFile(Path(base_dir))
     for hf, sc in scales.items():  # the projections that stay fp32 still carry their share of the smoothing
         name = weights[f"{hf}.weight"]
         if name not in by_init:
-            inits[name].CopyFrom(
-                numpy_helper.from_array(scale_weight_t(initializer_array(inits[name], Path(base_dir)), sc), name)
-            )
+            side.put(inits[name], scale_weight_t(initializer_array(inits[name], Path(base_dir)), sc))
     zp = "owl_int8.zero_point"
     g.initializer.append(numpy_helper.from_array(np.array(ZERO_POINT, dtype=np.uint8), zp))
     quantized_inputs: dict[tuple[str, float], str] = {}
@@ -328,12 +350,12 @@ def quantize_graph(
             quantized_inputs[key] = f"{tag}.x_q"
         xq = quantized_inputs[key]
         init = inits[w_name]
-        # its own bytes, never loaded into the proto: protobuf's arena would keep them until the end
-        w = initializer_array(init, Path(base_dir))
-        if hf in scales:
-            w = scale_weight_t(w, scales[hf])
-        q, s_w = quantize_weight(w)
-        init.CopyFrom(numpy_helper.from_array(q, w_name))
+        # its own bytes, mapped and read a slice at a time; the result goes to a file beside the traced weights,
+        # never into the proto (protobuf's arena would keep every quantized weight until the graph is freed)
+        w = initializer_array(init, Path(base_dir), mmap=True)
+        q, s_w, source_zeros = smooth_and_quantize(w, scales.get(hf, (None, None)))
+        del w
+        side.put(init, q)
         base = node.name or w_name
         g.initializer.append(numpy_helper.from_array((s_x * s_w).astype(np.float32), f"{w_name}.scale"))
         new_nodes += [
@@ -345,11 +367,36 @@ def quantize_graph(
             "onnx_name": w_name,
             "act_scale": s_x,
             "zero_weights": int(np.count_nonzero(q == ZERO_POINT)),
-            "source_zero_weights": int(np.count_nonzero(w == 0)),
+            "source_zero_weights": source_zeros,
         }
+    side.close()
     del g.node[:]
     g.node.extend(new_nodes)
     return report
+
+
+class _SideFile:
+    """Initializers whose new values are written to one external-data file in ``folder`` as they are made."""
+
+    NAME = "owl_int8.data"
+
+    def __init__(self, folder: Path):
+        self.fh = open(Path(folder) / self.NAME, "wb")  # noqa: SIM115 (closed by close(), after the loop)
+
+    def put(self, init, array: np.ndarray) -> None:
+        from onnx import TensorProto, helper
+
+        offset = self.fh.tell()
+        self.fh.write(np.ascontiguousarray(array).tobytes())
+        new = TensorProto(name=init.name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype))
+        new.dims.extend(array.shape)
+        for key, value in (("location", self.NAME), ("offset", offset), ("length", array.nbytes)):
+            new.external_data.add(key=key, value=str(value))
+        new.data_location = TensorProto.EXTERNAL
+        init.CopyFrom(new)
+
+    def close(self) -> None:
+        self.fh.close()
 
 
 def quantize_targets(model: nn.Module, cfg: QuantizeConfig) -> list[str]:
