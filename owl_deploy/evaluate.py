@@ -173,7 +173,14 @@ def evaluate_model(
         tokens = eval_tokens(dep.tokenizer(), cfg.text, cfg.max_tokens)
         windows_of(tokens, cfg.seqlen)  # a text shorter than one window fails before the compile
         chunk = deployment_chunk(prefill_length, cfg.seqlen)
-        session = runtime.compile(dep, engine, sequence_length=cfg.seqlen, prefill_length=chunk, threads=threads)
+        # DeepSparse's internal cache holds one token fewer than its sequence length: one more slot for it
+        # (or, at the positions' limit, the external cache, which holds them all)
+        slots, kv = cfg.seqlen, None
+        if engine == "deepsparse":
+            slots, kv = (slots + 1, None) if slots < dep.max_sequence_length else (slots, "external")
+        session = runtime.compile(
+            dep, engine, sequence_length=slots, prefill_length=chunk, kv_cache=kv, threads=threads
+        )
         return perplexity(onnx_logits_fn(session), tokens, cfg.seqlen)
     tokens = eval_tokens(load_tokenizer(model_spec), cfg.text, cfg.max_tokens)  # bad text fails before the load
     model = load_causal_lm(model_spec)

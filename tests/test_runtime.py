@@ -140,6 +140,24 @@ def test_generate_stops_at_eos_and_at_capacity(tiny, sessions):
     assert s.num_cached == SEQ
 
 
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[0]}-{c[1]}-p{c[2]}")
+def test_every_token_up_to_the_capacity_matches_torch(tiny, sessions, cfg):
+    """A whole context fed at once equals torch at every position. DeepSparse's internal cache holds one token
+    fewer than the sequence length (to fill the last slot its engine evicts the oldest entry, which changed
+    the logits of the whole chunk that filled it: found by this test), and one more token is refused."""
+    from owl_deploy.errors import OwlError
+
+    _, model, _ = tiny
+    s = sessions[cfg]
+    assert s.capacity == SEQ - (cfg[1] == "internal")
+    ids = [(7 * i + 3) % 97 for i in range(s.capacity)]
+    s.reset()
+    assert np.abs(s.forward(ids) - _ref(model, ids)).max() < 1e-4
+    with pytest.raises(OwlError, match="sequence too long"):
+        s.forward([1])
+    assert len(list(s.generate(ids[:-1], 100))) == 2  # prefill to capacity - 1, one step, then full
+
+
 def test_internal_cache_needs_more_slots_than_prefill_tokens(tiny):
     """DeepSparse's internal cache breaks at sequence_length <= 2 * prefill: the runtime shrinks the chunk."""
     from owl_deploy import runtime

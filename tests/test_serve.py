@@ -23,6 +23,7 @@ import pytest
 from tiny_models import save_tiny
 
 from owl_deploy import runtime
+from owl_deploy.errors import OwlError
 from owl_deploy.serve.scheduler import Request, Sampling, Scheduler, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,15 +53,18 @@ def _greedy(odir: Path, engine: str, prompt: list[int], n: int) -> list[int]:
 
 
 # ---------------------------------------------------------------- batched decoding and the scheduler (no HTTP)
-@pytest.mark.parametrize("engine", ["onnxruntime", "deepsparse"])
-def test_batched_decode_equals_batch_1_decode(odir, engine):
+@pytest.mark.parametrize(
+    ("engine", "kv_cache"), [("onnxruntime", "external"), ("deepsparse", "external"), ("deepsparse", "internal")]
+)
+def test_batched_decode_equals_batch_1_decode(odir, engine, kv_cache):
     """Four sequences of different lengths decoded together (batch 4, then 3 rows padded to 4) produce the
-    greedy tokens each produces alone."""
+    greedy tokens each produces alone — with caches fed from numpy or kept inside DeepSparse, one per row."""
     prompts = [[5, 9, 17], [40, 41, 42, 43, 44, 45, 46], [100], [7, 8]]
-    decoder = runtime.compile_decoder(odir, engine, [1, 4])
+    decoder = runtime.compile_decoder(odir, engine, [1, 4], kv_cache=kv_cache)
+    assert decoder.kv_cache == kv_cache
     states, last = [], []
     for p in prompts:
-        session = runtime.compile(odir, engine, prefill_length=4, kv_cache="external")
+        session = runtime.compile(odir, engine, prefill_length=4, kv_cache=kv_cache)
         last.append(int(np.argmax(session.forward(p)[-1])))
         states.append(session.state())
     got = [[t] for t in last]
@@ -72,6 +76,50 @@ def test_batched_decode_equals_batch_1_decode(odir, engine):
             g.append(t)
     for p, g in zip(prompts, got, strict=True):
         assert g == _greedy(odir, engine, p, len(g)), (engine, p)
+
+
+def test_internal_cache_decodes_to_the_end_of_the_context_as_onnxruntime(odir):
+    """A sequence handed from a DeepSparse prefill (internal cache) to the batched decoder runs until its
+    cache is full with ONNX Runtime's greedy tokens; one more step is refused; the two kinds of cache do not
+    mix in one step."""
+    prompt = [3, 14, 15, 92, 65, 35]
+    session = runtime.compile(odir, "deepsparse", prefill_length=4, kv_cache="internal")
+    token = int(np.argmax(session.forward(prompt)[-1]))
+    state = session.state()
+    assert state.internal is not None and state.num_cached == len(prompt) and session.num_cached == 0
+    decoder = runtime.compile_decoder(odir, "deepsparse", [2], kv_cache="internal")
+    assert decoder.capacity == SEQ - 1  # DeepSparse's internal cache holds one fewer (runtime.Session.capacity)
+    got = [token]
+    while state.num_cached < decoder.capacity:
+        token = int(np.argmax(decoder.step([token], [state])[0]))
+        got.append(token)
+    assert got == _greedy(odir, "onnxruntime", prompt, decoder.capacity - len(prompt) + 1)
+    with pytest.raises(OwlError, match="full"):
+        decoder.step([token], [state])
+    with pytest.raises(OwlError, match="internal KV caches"):
+        decoder.step([1], [runtime.KVState(None, 0)])
+    with pytest.raises(OwlError, match="DeepSparse feature"):
+        runtime.compile_decoder(odir, "onnxruntime", [1], kv_cache="internal")
+
+
+def test_serving_plan_keeps_int8_exact_and_fp32_fast(odir, monkeypatch):
+    """fp32 in DeepSparse: internal caches and a DeepSparse prefill; int8: external caches and an ONNX
+    Runtime prefill (DeepSparse's multi-token and internal-cache int8 kernels are inexact); contradictions
+    are one-line errors."""
+    import owl_deploy.serve as serve_mod
+    from owl_deploy.configs import ServeConfig
+
+    plan = serve_mod.serving_plan
+    assert plan(odir, ServeConfig()) == ("internal", "deepsparse")
+    assert plan(odir, ServeConfig(engine="onnxruntime")) == ("external", "onnxruntime")
+    assert plan(odir, ServeConfig(kv_cache="external")) == ("external", "deepsparse")
+    with pytest.raises(OwlError, match="filled by a DeepSparse prefill"):
+        plan(odir, ServeConfig(prefill_engine="onnxruntime", kv_cache="internal"))
+    with pytest.raises(OwlError, match="DeepSparse feature"):
+        plan(odir, ServeConfig(engine="onnxruntime", kv_cache="internal"))
+    monkeypatch.setattr(serve_mod, "is_int8", lambda folder: True)
+    assert plan(odir, ServeConfig()) == ("external", "onnxruntime")
+    assert plan(odir, ServeConfig(kv_cache="internal")) == ("internal", "deepsparse")  # asked for: allowed
 
 
 def test_sampling_greedy_seeded_and_nucleus():
@@ -96,12 +144,13 @@ def _drain(req: Request) -> tuple[list[int], list[float]]:
         times.append(time.perf_counter())
 
 
-def test_scheduler_admits_a_new_request_while_another_decodes(odir):
+@pytest.mark.parametrize(("engine", "kv_cache"), [("onnxruntime", "external"), ("deepsparse", "internal")])
+def test_scheduler_admits_a_new_request_while_another_decodes(odir, engine, kv_cache):
     """A request arriving while another is decoding gets its first token long before the other's last
     (it waits for a step, not for the other answer); 5 requests through 2 rows all equal their batch-1
-    greedy tokens."""
-    prefill = runtime.compile(odir, "onnxruntime", prefill_length=4, kv_cache="external")
-    decoder = runtime.compile_decoder(odir, "onnxruntime", [1, 2])
+    greedy tokens in ONNX Runtime."""
+    prefill = runtime.compile(odir, engine, prefill_length=4, kv_cache=kv_cache)
+    decoder = runtime.compile_decoder(odir, engine, [1, 2], kv_cache=kv_cache)
     sched = Scheduler(prefill, decoder, max_batch=2, max_queue=8)
     sched.start()
     try:
@@ -335,8 +384,9 @@ def test_a_bad_folder_is_one_line_and_no_server(tmp_path):
 # ---------------------------------------------------------------- the real model
 @pytest.mark.slow
 def test_smollm2_served_batched_equals_batch_1(smollm2_dir, tmp_path):
-    """The real SmolLM2-135M in DeepSparse: four concurrent greedy requests, each equal to its batch-1
-    greedy continuation; a chat completion through the model's own template."""
+    """The real SmolLM2-135M in DeepSparse (internal caches, batched): four concurrent greedy requests, each
+    equal to its batch-1 greedy continuation in ONNX Runtime; a chat completion through the model's own
+    template."""
     from owl_deploy.configs import ExportConfig
     from owl_deploy.export import export_model
 
@@ -358,8 +408,9 @@ def test_smollm2_served_batched_equals_batch_1(smollm2_dir, tmp_path):
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(odir)
+        assert httpx.get(f"{base}/health").json()["kv_cache"] == "internal"  # fp32 in DeepSparse
         for p in prompts:
-            want = _greedy(odir, "deepsparse", tok(p)["input_ids"], 16)
+            want = _greedy(odir, "onnxruntime", tok(p)["input_ids"], 16)
             if tok.eos_token_id in want:
                 want = want[: want.index(tok.eos_token_id) + 1]
             assert results[p] == tok.decode(want, skip_special_tokens=True), p

@@ -148,13 +148,16 @@ def _load(
         detail = ", ".join(f"{k} {v.sequence_length}" for k, v in infos.items())
         raise OwlError(f"the deployments differ in sequence length ({detail}); export them with the same one")
     seq = seqs.pop()
-    if cfg.context + cfg.steps > seq:
+    # DeepSparse's internal KV cache holds one token fewer than the sequence length (runtime.Session.capacity)
+    if cfg.context + cfg.steps >= seq:
         raise OwlError(
             f"--context {cfg.context} + --steps {cfg.steps} decode tokens = "
-            f"{cfg.context + cfg.steps} exceeds the deployment's sequence length {seq}"
+            f"{cfg.context + cfg.steps} exceeds the deployment's sequence length {seq} less one"
         )
-    if max(cfg.prefill_lengths()) > seq:
-        raise OwlError(f"--prompt-lengths {max(cfg.prefill_lengths())} exceeds the deployment's sequence length {seq}")
+    if max(cfg.prefill_lengths()) >= seq:
+        raise OwlError(
+            f"--prompt-lengths {max(cfg.prefill_lengths())} exceeds the deployment's sequence length {seq} less one"
+        )
     for label, info in infos.items():
         if info.export.get("ok") is False:
             log(f"warning: {info.folder}/export.json records a failed verification (ok: false)")

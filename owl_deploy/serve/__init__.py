@@ -1,8 +1,9 @@
 """``owl-deploy serve ODIR``: a deployment folder behind an OpenAI-compatible HTTP API, batching requests.
 
 The server listens at once and compiles in the background (``/health`` says 503 ``loading`` until the
-engines are ready): a batch-1 session with an external KV cache for prefill, and the single-token graph at
-every batch size of ``ServeConfig.compiled_batch_sizes`` for decode (scheduler.py). SIGTERM (or Ctrl-C)
+engines are ready): a batch-1 session for prefill, and the single-token graph at every batch size of
+``ServeConfig.compiled_batch_sizes`` for decode (scheduler.py); each sequence's KV cache lives inside
+DeepSparse (fp32 graphs) or in numpy arrays (int8 graphs, ONNX Runtime) — see ``serving_plan``. SIGTERM (or Ctrl-C)
 stops accepting requests, lets the ones in flight finish for up to ``drain_seconds`` and exits 0.
 
 Nothing here imports torch: a serving install needs numpy, the engines, tokenizers/transformers and the
@@ -32,16 +33,39 @@ def is_int8(folder: Path) -> bool:
     return any(n.op_type == "MatMulInteger" for n in proto.graph.node)
 
 
+def serving_plan(folder: Path, cfg: ServeConfig) -> tuple[str, str]:
+    """(KV cache kind, prefill engine) for ``cfg`` on ``folder``.
+
+    DeepSparse decodes fastest with its internal cache (one engine-side cache per row, nothing copied per
+    step), which only a DeepSparse prefill can fill. On int8 graphs DeepSparse's multi-token and
+    internal-cache kernels do not reproduce ONNX Runtime's greedy tokens while its external-cache single-token
+    kernels do, so int8 prompts are prefilled in ONNX Runtime and decoded with external caches.
+    """
+    int8 = is_int8(folder)
+    kv_cache = cfg.kv_cache
+    if kv_cache == "auto":
+        kv_cache = "internal" if cfg.engine == "deepsparse" and not int8 else "external"
+    if kv_cache == "internal" and cfg.engine != "deepsparse":
+        raise OwlError("an internal KV cache is a DeepSparse feature; use --kv-cache external with onnxruntime")
+    prefill_engine = cfg.prefill_engine
+    if prefill_engine == "auto":
+        prefill_engine = "deepsparse" if kv_cache == "internal" else "onnxruntime" if int8 else cfg.engine
+    if kv_cache == "internal" and prefill_engine != "deepsparse":
+        raise OwlError("an internal KV cache is filled by a DeepSparse prefill; use --prefill-engine deepsparse "
+                       "or --kv-cache external")  # fmt: skip
+    return kv_cache, prefill_engine
+
+
 def build_scheduler(folder: Path, cfg: ServeConfig):
     """Compile the prefill session and the batched decoder; the scheduler that runs them (not started)."""
     from owl_deploy import runtime
     from owl_deploy.contract import LONG_PREFILL_LENGTH, prefill_length_within
     from owl_deploy.serve.scheduler import Scheduler
 
-    prefill_engine = cfg.prefill_engine
-    if prefill_engine == "auto":
-        prefill_engine = "onnxruntime" if is_int8(folder) else cfg.engine
-    decoder = runtime.compile_decoder(folder, cfg.engine, cfg.compiled_batch_sizes, cfg.sequence_length, cfg.threads)
+    kv_cache, prefill_engine = serving_plan(folder, cfg)
+    decoder = runtime.compile_decoder(
+        folder, cfg.engine, cfg.compiled_batch_sizes, cfg.sequence_length, cfg.threads, kv_cache=kv_cache
+    )
     prefill_length = cfg.prefill_length
     if prefill_length is None:  # the long default, shortened to leave the cache a slot in a short context
         prefill_length = prefill_length_within(LONG_PREFILL_LENGTH, decoder.sequence_length - 1)
@@ -50,7 +74,7 @@ def build_scheduler(folder: Path, cfg: ServeConfig):
         prefill_engine,
         sequence_length=decoder.sequence_length,
         prefill_length=prefill_length,
-        kv_cache="external",
+        kv_cache=kv_cache,
         threads=cfg.threads,
     )
     return Scheduler(prefill, decoder, cfg.max_batch, cfg.max_queue)

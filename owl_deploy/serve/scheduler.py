@@ -190,7 +190,7 @@ class Scheduler:
         for req in self._active:
             if req.cancelled.is_set():
                 req.report(("done", "cancelled"))
-            elif req.state.num_cached >= self.sequence_length:
+            elif req.state.num_cached >= self.decoder.capacity:
                 req.report(("done", "length"))
             else:
                 keep.append(req)
@@ -219,6 +219,7 @@ class Scheduler:
             "max_batch": self.max_batch,
             "max_queue": self.max_queue,
             "sequence_length": self.sequence_length,
+            "kv_cache": self.decoder.kv_cache,
             "prefill_engine": self.prefill.engine,
             "prefill_length": self.prefill.prefill_length,
         }
