@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def log(msg: str) -> None:
-    print(f"[sweep {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    commands.log(msg, "sweep")
 
 
 def owl(args: list[str], capture: bool = False) -> dict:

@@ -25,8 +25,9 @@ from owl_deploy.io import write_json
 Step = tuple[str, str, list[str]]
 
 
-def log(msg: str) -> None:
-    print(f"[owl-deploy {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+def log(msg: str, who: str = "owl-deploy") -> None:
+    """One timestamped progress line on stderr, tagged with the script (``who``) that writes it."""
+    print(f"[{who} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def run(args: list[str], cwd: str | Path | None = None, threads: int | None = None, capture: bool = False) -> dict:

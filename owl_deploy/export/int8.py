@@ -155,16 +155,10 @@ class Smoothing:
 
 
 def _add_weight_scales(plan: dict[str, WeightScales], name: str, mul: torch.Tensor | None, div: torch.Tensor | None):
+    """Record one fold's scaling of ``name``'s weight: ``mul`` on its input channels or ``div`` on its output
+    channels (the four folds give a projection at most one of each)."""
     old_mul, old_div = plan.get(name, (None, None))
-    if mul is not None:
-        if old_mul is not None:
-            raise AssertionError(f"{name}: two input-channel folds")
-        old_mul = mul.float()
-    if div is not None:
-        if old_div is not None:
-            raise AssertionError(f"{name}: two output-channel folds")
-        old_div = div.float()
-    plan[name] = (old_mul, old_div)
+    plan[name] = (mul.float() if mul is not None else old_mul, div.float() if div is not None else old_div)
 
 
 @torch.no_grad()
@@ -323,53 +317,54 @@ def quantize_graph(
     unknown = [hf for hf in scales if f"{hf}.weight" not in weights]
     if unknown:
         raise OwlError(f"int8: no ONNX weight for {unknown[0]}")
-    side = _SideFile(Path(base_dir))
-    for hf, sc in scales.items():  # the projections that stay fp32 still carry their share of the smoothing
-        name = weights[f"{hf}.weight"]
-        if name not in by_init:
-            side.put(inits[name], scale_weight_t(initializer_array(inits[name], Path(base_dir)), sc))
-    zp = "owl_int8.zero_point"
-    g.initializer.append(numpy_helper.from_array(np.array(ZERO_POINT, dtype=np.uint8), zp))
-    quantized_inputs: dict[tuple[str, float], str] = {}
-    new_nodes = []
-    report = {}
-    for node in g.node:
-        if node.op_type != "MatMul" or node.input[1] not in by_init:
-            new_nodes.append(node)
-            continue
-        hf = by_init[node.input[1]]
-        x_name, w_name = node.input[0], node.input[1]
-        s_x = activation_scale(float(act_absmax[hf]))
-        key = (x_name, s_x)
-        if key not in quantized_inputs:
-            tag = f"owl_int8.{len(quantized_inputs)}"
-            g.initializer.append(numpy_helper.from_array(np.array(s_x, dtype=np.float32), f"{tag}.x_scale"))
-            new_nodes.append(
-                helper.make_node("QuantizeLinear", [x_name, f"{tag}.x_scale", zp], [f"{tag}.x_q"], name=f"{tag}.quant")
-            )
-            quantized_inputs[key] = f"{tag}.x_q"
-        xq = quantized_inputs[key]
-        init = inits[w_name]
-        # its own bytes, mapped and read a slice at a time; the result goes to a file beside the traced weights,
-        # never into the proto (protobuf's arena would keep every quantized weight until the graph is freed)
-        w = initializer_array(init, Path(base_dir), mmap=True)
-        q, s_w, source_zeros = smooth_and_quantize(w, scales.get(hf, (None, None)))
-        del w
-        side.put(init, q)
-        base = node.name or w_name
-        g.initializer.append(numpy_helper.from_array((s_x * s_w).astype(np.float32), f"{w_name}.scale"))
-        new_nodes += [
-            helper.make_node("MatMulInteger", [xq, w_name, zp, zp], [f"{base}.i32"], name=f"{base}.matmul_integer"),
-            helper.make_node("Cast", [f"{base}.i32"], [f"{base}.f32"], to=TensorProto.FLOAT, name=f"{base}.cast"),
-            helper.make_node("Mul", [f"{base}.f32", f"{w_name}.scale"], list(node.output), name=f"{base}.rescale"),
-        ]
-        report[hf] = {
-            "onnx_name": w_name,
-            "act_scale": s_x,
-            "zero_weights": int(np.count_nonzero(q == ZERO_POINT)),
-            "source_zero_weights": source_zeros,
-        }
-    side.close()
+    with _SideFile(Path(base_dir)) as side:
+        for hf, sc in scales.items():  # the projections that stay fp32 still carry their share of the smoothing
+            name = weights[f"{hf}.weight"]
+            if name not in by_init:
+                side.put(inits[name], scale_weight_t(initializer_array(inits[name], Path(base_dir)), sc))
+        zp = "owl_int8.zero_point"
+        g.initializer.append(numpy_helper.from_array(np.array(ZERO_POINT, dtype=np.uint8), zp))
+        quantized_inputs: dict[tuple[str, float], str] = {}
+        new_nodes = []
+        report = {}
+        for node in g.node:
+            if node.op_type != "MatMul" or node.input[1] not in by_init:
+                new_nodes.append(node)
+                continue
+            hf = by_init[node.input[1]]
+            x_name, w_name = node.input[0], node.input[1]
+            s_x = activation_scale(float(act_absmax[hf]))
+            key = (x_name, s_x)
+            if key not in quantized_inputs:
+                tag = f"owl_int8.{len(quantized_inputs)}"
+                g.initializer.append(numpy_helper.from_array(np.array(s_x, dtype=np.float32), f"{tag}.x_scale"))
+                new_nodes.append(
+                    helper.make_node(
+                        "QuantizeLinear", [x_name, f"{tag}.x_scale", zp], [f"{tag}.x_q"], name=f"{tag}.quant"
+                    )
+                )
+                quantized_inputs[key] = f"{tag}.x_q"
+            xq = quantized_inputs[key]
+            init = inits[w_name]
+            # its own bytes, mapped and read a slice at a time; the result goes to a file beside the traced weights,
+            # never into the proto (protobuf's arena would keep every quantized weight until the graph is freed)
+            w = initializer_array(init, Path(base_dir), mmap=True)
+            q, s_w, source_zeros = smooth_and_quantize(w, scales.get(hf, (None, None)))
+            del w
+            side.put(init, q)
+            base = node.name or w_name
+            g.initializer.append(numpy_helper.from_array((s_x * s_w).astype(np.float32), f"{w_name}.scale"))
+            new_nodes += [
+                helper.make_node("MatMulInteger", [xq, w_name, zp, zp], [f"{base}.i32"], name=f"{base}.matmul_integer"),
+                helper.make_node("Cast", [f"{base}.i32"], [f"{base}.f32"], to=TensorProto.FLOAT, name=f"{base}.cast"),
+                helper.make_node("Mul", [f"{base}.f32", f"{w_name}.scale"], list(node.output), name=f"{base}.rescale"),
+            ]
+            report[hf] = {
+                "onnx_name": w_name,
+                "act_scale": s_x,
+                "zero_weights": int(np.count_nonzero(q == ZERO_POINT)),
+                "source_zero_weights": source_zeros,
+            }
     del g.node[:]
     g.node.extend(new_nodes)
     return report
@@ -381,7 +376,14 @@ class _SideFile:
     NAME = "owl_int8.data"
 
     def __init__(self, folder: Path):
-        self.fh = open(Path(folder) / self.NAME, "wb")  # noqa: SIM115 (closed by close(), after the loop)
+        self.path = Path(folder) / self.NAME
+
+    def __enter__(self) -> _SideFile:
+        self.fh = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
 
     def put(self, init, array: np.ndarray) -> None:
         from onnx import TensorProto, helper
@@ -394,9 +396,6 @@ class _SideFile:
             new.external_data.add(key=key, value=str(value))
         new.data_location = TensorProto.EXTERNAL
         init.CopyFrom(new)
-
-    def close(self) -> None:
-        self.fh.close()
 
 
 def quantize_targets(model: nn.Module, cfg: QuantizeConfig) -> list[str]:
