@@ -672,6 +672,8 @@ def test_single_model_prefill_lengths_and_batched_throughput(exported):
         assert two["per_stream_tokens_per_s"]["n"] == 8  # steps x timed rounds
         assert two["aggregate_tokens_per_s"]["median"] == pytest.approx(2 * two["per_stream_tokens_per_s"]["median"])
         assert two["same_greedy_tokens_as_batch_1"] is True, key
+        # the server's caches: one inside DeepSparse per row (fp32 graph), numpy arrays in ONNX Runtime
+        assert two["kv_cache"] == ("internal (batched)" if key.startswith("deepsparse") else "external (batched)")
     md = report.render_markdown(res)
     assert "Decode throughput by batch size" in md and "time to first token" in md
     rows = report.table_rows(res)

@@ -303,6 +303,7 @@ def throughput_stats(samples: dict[str, Samples], runs: dict[str, Any]) -> dict[
             # every row decoded ONNX Runtime's batch-1 greedy tokens (None: this is batch 1)
             "same_greedy_tokens_as_batch_1": smp.rows_agree if smp.batch > 1 else None,
             "compile_seconds": round(smp.compile_seconds, 2),
+            "kv_cache": smp.kv_cache,
         }
     return {k: dict(sorted(v.items(), key=lambda kv: int(kv[0]))) for k, v in out.items() if len(v) > 1}
 

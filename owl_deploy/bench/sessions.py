@@ -5,9 +5,8 @@
   internal KV cache unless ``kv_cache="external"``): the context prompt, decode steps, then each prompt
   length from an empty cache (prefill tok/s, time to first token);
 * :class:`BatchedSession`: ``batch`` sequences decoded together by ``runtime.Decoder``, the serving path
-  (``owl-deploy serve``): every row starts from the context prompt's cache, prefilled by ONNX Runtime at
-  batch 1 as the server's int8 prefill is, and the rows' greedy tokens are checked against ONNX
-  Runtime's batch-1 decode of the same deployment.
+  (``owl-deploy serve``) with the server's KV caches: every row starts from the context prompt's cache,
+  and the rows' greedy tokens are checked against ONNX Runtime's batch-1 decode of the same deployment.
 """
 
 from __future__ import annotations
@@ -130,11 +129,14 @@ class DeploymentTarget(Target):
 
 
 class BatchedSession(DecodeSession):
-    """``batch`` sequences per decode step through ``runtime.Decoder`` (external caches, one weight read
-    per step for every row); no prefill of its own."""
+    """``batch`` sequences per decode step through ``runtime.Decoder``, with the KV caches ``owl-deploy serve``
+    would use (``serve.serving_plan``): DeepSparse on fp32 graphs keeps one internal cache per row, each
+    filled by a DeepSparse prefill of the context prompt (untimed); otherwise every row starts from a copy
+    of ONNX Runtime's batch-1 cache. No prefill is timed."""
 
     def __init__(self, engine: str, info: ModelInfo, batch: int, cfg: BenchConfig, prompt: list[int]):
         from owl_deploy import runtime
+        from owl_deploy.serve import is_int8
 
         self.key, self.batch = f"{run_key(engine, info.label)}@b{batch}", batch
         ref = runtime.compile(info.folder, "onnxruntime", prefill_length=cfg.prefill_length, threads=cfg.threads)
@@ -145,15 +147,31 @@ class BatchedSession(DecodeSession):
             token = int(np.argmax(ref.step(token)))
             self.reference_tokens.append(token)
         del ref
-        self.decoder = runtime.compile_decoder(info.folder, engine, [batch], threads=cfg.threads)
+        kv = "internal" if engine == "deepsparse" and not is_int8(info.folder) else "external"
+        self.prefiller = None
+        if kv == "internal":
+            self.prefiller = runtime.compile(
+                info.folder, engine, prefill_length=cfg.prefill_length, kv_cache=kv, threads=cfg.threads
+            )
+        self.decoder = runtime.compile_decoder(info.folder, engine, [batch], threads=cfg.threads, kv_cache=kv)
         self.compile_seconds = float(self.decoder.compile_seconds)
-        self.kv_cache = "external (batched)"
+        self.kv_cache = f"{kv} (batched)"
 
-    def run_round(self, prompt: list[int], prompts: dict[int, list[int]], steps: int) -> Round:
+    def _states(self, prompt: list[int]) -> list:
         from owl_deploy.runtime import KVState
 
-        presents = self.state.presents
-        states = [KVState(list(presents) if presents else None, self.state.num_cached) for _ in range(self.batch)]
+        if self.prefiller is None:
+            presents = self.state.presents
+            return [KVState(list(presents) if presents else None, self.state.num_cached) for _ in range(self.batch)]
+        states = []
+        for _ in range(self.batch):  # an internal cache cannot be copied: each row prefills its own
+            self.prefiller.reset()
+            self.prefiller.forward(prompt)
+            states.append(self.prefiller.state())
+        return states
+
+    def run_round(self, prompt: list[int], prompts: dict[int, list[int]], steps: int) -> Round:
+        states = self._states(prompt)
         tokens, times, rows = [self.first_token] * self.batch, [], []
         for _ in range(steps):
             t0 = time.perf_counter()
