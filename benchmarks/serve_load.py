@@ -382,9 +382,13 @@ def markdown(res: dict) -> str:
             )
     owl = [s for s in res["servers"] if "llama_server" not in s]
     if owl:
-        lines += ["", "Batch sizes compiled per server: "
-                  + "; ".join(f"{s['label']} {s['health']['batch_sizes']} (ready in {s['ready_seconds']} s, "
-                              f"prefill in {s['health']['prefill_engine']})" for s in owl), ""]  # fmt: skip
+
+        def plan(s: dict) -> str:
+            h = s["health"]
+            return (f"{s['label']} {h['batch_sizes']} (ready in {s['ready_seconds']} s, "
+                    f"{h.get('kv_cache', 'external')} KV caches, prefill in {h['prefill_engine']})")  # fmt: skip
+
+        lines += ["", "Batch sizes compiled per server: " + "; ".join(plan(s) for s in owl), ""]
     for s in res["servers"]:
         if "llama_server" in s:
             ls = s["llama_server"]

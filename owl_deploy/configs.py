@@ -280,14 +280,15 @@ class ServeConfig(Config):
     prefill_engine: Literal["auto", "deepsparse", "onnxruntime"] = Field(
         "auto",
         description="Engine that prefills prompts; auto: ONNX Runtime for int8 deployments (DeepSparse's "
-        "multi-token int8 kernels are inexact), the decode engine otherwise.",
+        "int8 kernels with several tokens per call do not reproduce ONNX Runtime's greedy tokens), the decode engine "
+        "otherwise.",
     )
     kv_cache: Literal["auto", "internal", "external"] = Field(
         "auto",
         description="Where decode keeps each sequence's KV cache: internal (DeepSparse's engine-side buffers, "
         "prompts prefilled in DeepSparse; nothing copied per step) or external (numpy arrays fed in and out); "
         "auto: internal for DeepSparse on fp32 graphs, external for int8 ones (DeepSparse's internal-cache "
-        "int8 kernels are inexact) and for onnxruntime.",
+        "int8 kernels do not reproduce ONNX Runtime's greedy tokens) and for onnxruntime.",
     )
     prefill_length: int | None = Field(
         None,
