@@ -588,6 +588,8 @@ def test_end_to_end_tiny_both_engines(tiny, tmp_path):
         == res["runs"]["deepsparse/sparse"]["decode_tokens_per_s"]
     )
     assert "Headline" in (out / "results.md").read_text()
+    # the Markdown is a function of the JSON: re-rendering results.json gives the same file
+    assert report.render_markdown(json.loads((out / "results.json").read_text())) == (out / "results.md").read_text()
     assert (out / "decode.png").read_bytes()[:4] == b"\x89PNG"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bdir")]  # nothing half-written left
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -168,11 +169,12 @@ def _throughput_markdown(res: dict[str, Any]) -> list[str]:
         "## Decode throughput by batch size",
         "",
         "Batch 1 is the run above; larger batches step that many sequences together through `runtime.Decoder` "
-        "(external KV caches, the path `owl-deploy serve` uses), each row from the same cached context. "
+        "with the KV caches `owl-deploy serve` uses (internal: one DeepSparse cache per row; external: numpy "
+        "arrays fed in and out each step), each row from the same cached context. "
         "Greedy ✓: every row decoded exactly ONNX Runtime's batch-1 tokens.",
         "",
-        "| engine | model | batch | per-stream tok/s | aggregate tok/s | step ms | greedy |",
-        "|---|---|---:|---|---|---|---|",
+        "| engine | model | batch | KV cache | per-stream tok/s | aggregate tok/s | step ms | greedy |",
+        "|---|---|---:|---|---|---|---|---|",
     ]
     for key, by_batch in tp.items():
         engine, model = key.split("/", 1)
@@ -180,7 +182,8 @@ def _throughput_markdown(res: dict[str, Any]) -> list[str]:
             ok = v["same_greedy_tokens_as_batch_1"]
             mark = "—" if ok is None else ("✓" if ok else "DIFFER")
             out.append(
-                f"| {engine_name(engine)} | {model} | {b} | {_spread(v['per_stream_tokens_per_s'], '.2f')} | "
+                f"| {engine_name(engine)} | {model} | {b} | {(v.get('kv_cache') or '—').split(' ')[0]} | "
+                f"{_spread(v['per_stream_tokens_per_s'], '.2f')} | "
                 f"{_spread(v['aggregate_tokens_per_s'])} | {_spread(v['step_ms'], '.2f')} | {mark} |"
             )
     return out
@@ -350,12 +353,14 @@ def render_png(res: dict[str, Any], dest: Path) -> None:
 
 
 def write_results(res: dict[str, Any], out_dir: Path | str) -> Path:
-    """results.json, results.md and decode.png, all or nothing."""
+    """results.json, results.md and decode.png, all or nothing. The Markdown is rendered from the JSON as
+    written (keys sorted), so re-rendering results.json gives the same file."""
     from owl_deploy.io import atomic_dir, write_json
 
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "results.json", res)
+        res = json.loads((tmp / "results.json").read_text())
         (tmp / "results.md").write_text(render_markdown(res))
         with contextlib.suppress(ModuleNotFoundError):  # a serving install has no matplotlib: JSON and Markdown
             render_png(res, tmp / "decode.png")
