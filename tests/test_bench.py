@@ -679,6 +679,9 @@ def test_single_model_prefill_lengths_and_batched_throughput(exported):
     md = report.render_markdown(res)
     assert "Decode throughput by batch size" in md and "time to first token" in md
     rows = report.table_rows(res)
+    # read back from JSON (keys sorted as strings): prompt lengths and batch sizes still in numeric order
+    reread = report.table_rows(json.loads(json.dumps(res, sort_keys=True)))
+    assert [r["test"] for r in reread if r["engine"] == "deepsparse"] == ["pp4", "pp16", "tg4@d8", "tg4@d8"]
     tests = {(r["engine"], r["batch"], r["test"]) for r in rows}
     assert ("deepsparse", 2, "tg4@d8") in tests and ("onnxruntime", 1, "pp16") in tests
     assert "| DeepSparse | sparse |" in report.render_table(res)

@@ -144,9 +144,14 @@ def _spread(stat: dict[str, Any] | None, fmt: str = ".1f") -> str:
     return f"{stat['median']:{fmt}} ({stat['p10']:{fmt}}–{stat['p90']:{fmt}})"
 
 
+def _numeric(by_size: dict[str, Any] | None) -> list[tuple[str, Any]]:
+    """Items keyed by a batch size or prompt length, in numeric order (JSON keys are sorted as strings)."""
+    return sorted((by_size or {}).items(), key=lambda kv: int(kv[0]))
+
+
 def _prefill_markdown(res: dict[str, Any]) -> list[str]:
     """Prefill tok/s and time to first token per prompt length (batch 1, from an empty cache)."""
-    rows = [(r, n, v) for r in res["runs"].values() for n, v in (r.get("prefill_by_length") or {}).items()]
+    rows = [(r, n, v) for r in res["runs"].values() for n, v in _numeric(r.get("prefill_by_length"))]
     if not rows:
         return []
     out = ["", "## Prefill and time to first token (batch 1, empty cache)", ""]
@@ -178,7 +183,7 @@ def _throughput_markdown(res: dict[str, Any]) -> list[str]:
     ]
     for key, by_batch in tp.items():
         engine, model = key.split("/", 1)
-        for b, v in by_batch.items():
+        for b, v in _numeric(by_batch):
             ok = v["same_greedy_tokens_as_batch_1"]
             mark = "—" if ok is None else ("✓" if ok else "DIFFER")
             out.append(
@@ -197,7 +202,7 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
     tg = f"tg{s['steps']}@d{s['context']}"
     for key, r in res["runs"].items():
         base = {"engine": r["engine"], "model": r["model"], "bytes_per_token": r["bytes_per_token"]}
-        for n, v in (r.get("prefill_by_length") or {}).items():
+        for n, v in _numeric(r.get("prefill_by_length")):
             t, f = v["tokens_per_s"], v["ttft_ms"]
             rows.append({**base, "batch": 1, "test": f"pp{n}", "tokens_per_s": t["median"], "p10": t["p10"],
                          "p90": t["p90"], "aggregate_tokens_per_s": t["median"], "ttft_ms": f["median"],
@@ -207,7 +212,7 @@ def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({**base, "batch": 1, "test": tg, "tokens_per_s": d["median"], "p10": d["p10"], "p90": d["p90"],
                      "aggregate_tokens_per_s": d["median"], "ttft_ms": None,
                      "speedup_vs_dense_ort": r["speedup_vs_dense_ort"]})  # fmt: skip
-        for b, v in by_batch.items():
+        for b, v in _numeric(by_batch):
             if b == "1":
                 continue
             p, a = v["per_stream_tokens_per_s"], v["aggregate_tokens_per_s"]
