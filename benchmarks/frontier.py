@@ -7,7 +7,7 @@ calibration text, or uniform when no OWL setting beats it; ``--allocation owl|un
 measured as it deploys:
 
 * quality of the **exported graph** (ONNX Runtime: exact for fp32 and the reference for int8, whose
-  DeepSparse kernels do not reproduce its greedy tokens): perplexity on the first ``--eval-tokens`` of ``wiki`` and
+  DeepSparse kernels round differently): perplexity on the first ``--eval-tokens`` of ``wiki`` and
   LAMBADA-style accuracy (``lambada_wiki``, lm-evaluation-harness, ``--limit`` items);
 * decode tok/s at batch 1 in **one** interleaved ``owl-deploy bench`` run: DeepSparse on every deployment,
   ONNX Runtime on dense fp32 (the reference) and dense int8, and the peers users run instead

@@ -279,16 +279,16 @@ class ServeConfig(Config):
     threads: int | None = Field(None, ge=1, description="Engine threads (default: all cores).")
     prefill_engine: Literal["auto", "deepsparse", "onnxruntime"] = Field(
         "auto",
-        description="Engine that prefills prompts; auto: ONNX Runtime for int8 deployments (DeepSparse's "
-        "int8 kernels with several tokens per call do not reproduce ONNX Runtime's greedy tokens), the decode engine "
-        "otherwise.",
+        description="Engine that prefills prompts; auto: DeepSparse when it keeps the caches (internal), else "
+        "ONNX Runtime for int8 deployments (a cache DeepSparse's int8 kernels fill leads to other greedy tokens "
+        "than ONNX Runtime's), else the decode engine.",
     )
     kv_cache: Literal["auto", "internal", "external"] = Field(
         "auto",
         description="Where decode keeps each sequence's KV cache: internal (DeepSparse's engine-side buffers, "
         "prompts prefilled in DeepSparse; nothing copied per step) or external (numpy arrays fed in and out); "
-        "auto: internal for DeepSparse on fp32 graphs, external for int8 ones (DeepSparse's internal-cache "
-        "int8 kernels do not reproduce ONNX Runtime's greedy tokens) and for onnxruntime.",
+        "auto: internal for DeepSparse on fp32 graphs, external for int8 ones (an int8 cache must come from "
+        "ONNX Runtime's prefill to keep its greedy tokens) and for onnxruntime.",
     )
     prefill_length: int | None = Field(
         None,

@@ -104,8 +104,8 @@ def test_internal_cache_decodes_to_the_end_of_the_context_as_onnxruntime(odir):
 
 def test_serving_plan_keeps_int8_exact_and_fp32_fast(odir, monkeypatch):
     """fp32 in DeepSparse: internal caches and a DeepSparse prefill; int8: external caches and an ONNX
-    Runtime prefill (DeepSparse's multi-token and internal-cache int8 kernels do not reproduce its greedy
-    tokens); contradictions are one-line errors."""
+    Runtime prefill (a cache DeepSparse's int8 kernels fill leads to other greedy tokens than ONNX
+    Runtime's); contradictions are one-line errors."""
     import owl_deploy.serve as serve_mod
     from owl_deploy.configs import ServeConfig
 

@@ -37,9 +37,11 @@ def serving_plan(folder: Path, cfg: ServeConfig) -> tuple[str, str]:
     """(KV cache kind, prefill engine) for ``cfg`` on ``folder``.
 
     DeepSparse decodes fastest with its internal cache (one engine-side cache per row, nothing copied per
-    step), which only a DeepSparse prefill can fill. On int8 graphs DeepSparse's multi-token and
-    internal-cache kernels do not reproduce ONNX Runtime's greedy tokens while its external-cache single-token
-    kernels do, so int8 prompts are prefilled in ONNX Runtime and decoded with external caches.
+    step), which only a DeepSparse prefill can fill. On int8 graphs DeepSparse rounds differently from ONNX
+    Runtime (its logits drift by up to ~3 within a dozen tokens): a cache DeepSparse fills itself gives other
+    greedy tokens within a few tokens on most prompts, while ONNX Runtime's prefill continued by DeepSparse
+    through external caches kept ONNX Runtime's tokens (measured, SmolLM2 int8, AMX Xeon). So int8 prompts are
+    prefilled in ONNX Runtime and decoded with external caches.
     """
     int8 = is_int8(folder)
     kv_cache = cfg.kv_cache
