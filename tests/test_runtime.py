@@ -164,7 +164,8 @@ def test_internal_cache_needs_more_slots_than_prefill_tokens(tiny):
 
     out, model, _ = tiny
     s = runtime.compile(out, "deepsparse", sequence_length=32, prefill_length=16, threads=1)
-    assert s.prefill_length == 12 and s.kv_cache == "internal"
+    assert s.prefill_length == 8 and s.kv_cache == "internal"  # the largest power of two with 2n < 32
+    assert [runtime.internal_prefill_length(t) for t in (8, 9, 256, 257)] == [1, 4, 64, 128]
     ids = IDS[:20]
     assert np.abs(s.forward(ids) - _ref(model, ids)).max() < 1e-4
 
