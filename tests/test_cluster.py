@@ -104,17 +104,23 @@ def _free_port() -> int:
 def _ray(*args: str) -> None:
     import os
 
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # HOME: the fixture's own (see two_nodes)
     proc = subprocess.run([str(RAY), *args], capture_output=True, text=True, env=env, timeout=180)
     if proc.returncode != 0:
         raise RuntimeError(f"ray {' '.join(args)} failed: {proc.stderr[-2000:]}")
 
 
 @pytest.fixture
-def two_nodes(tmp_path):
-    """A Ray head and a second node on 127.0.0.1, each with its own ports and 1 CPU; stopped afterwards."""
+def two_nodes(tmp_path, monkeypatch):
+    """A Ray head and a second node on 127.0.0.1, each with its own ports and 1 CPU; stopped afterwards.
+
+    HOME is a fresh folder for the nodes and this test's driver: a ``~/.ray/auth_token`` left by another Ray
+    use made the second node's ``ray start`` fail ("Authentication token is missing or incorrect")."""
     if not RAY.exists():
         pytest.skip("the ray CLI is not installed")
+    home = tmp_path / "ray-home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
     port = _free_port()
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
     agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
@@ -252,3 +258,14 @@ def test_sweep_prepares_on_local_ray_the_serial_folders_reports_a_failure_and_re
     assert _made(work) == serial
     again = {p.name: p.stat().st_mtime_ns for p in work.glob("*.stats.json")}
     assert {k: again[k] for k in stats} == stats and len(again) == len(stats) + 2  # only s70 was made
+
+
+def test_sweep_on_two_node_loopback_cluster_makes_the_serial_folders(tmp_path, two_nodes):
+    """benchmarks/sweep.py --ray-address on a real two-node cluster (two raylets on loopback, one worker per
+    node): the same pruned weights and graphs, byte for byte, as the serial sweep."""
+    import sweep
+
+    assert sweep.main(_sweep_argv(tmp_path, tmp_path / "serial")) == 0
+    work = tmp_path / "cluster"
+    assert sweep.main([*_sweep_argv(tmp_path, work), "--ray-address", two_nodes, "--ray-workers", "2"]) == 0
+    assert _made(work) == _made(tmp_path / "serial") and len(_made(work)) >= 5
