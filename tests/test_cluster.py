@@ -104,7 +104,7 @@ def _free_port() -> int:
 def _ray(*args: str) -> None:
     import os
 
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # HOME: the fixture's own (see two_nodes)
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # HOME and the token: the fixture's (see two_nodes)
     proc = subprocess.run([str(RAY), *args], capture_output=True, text=True, env=env, timeout=180)
     if proc.returncode != 0:
         raise RuntimeError(f"ray {' '.join(args)} failed: {proc.stderr[-2000:]}")
@@ -114,23 +114,36 @@ def _ray(*args: str) -> None:
 def two_nodes(tmp_path, monkeypatch):
     """A Ray head and a second node on 127.0.0.1, each with its own ports and 1 CPU; stopped afterwards.
 
-    HOME is a fresh folder for the nodes and this test's driver: a ``~/.ray/auth_token`` left by another Ray
-    use made the second node's ``ray start`` fail ("Authentication token is missing or incorrect")."""
+    The cluster uses token authentication, as a real one should, with one fresh token given to both nodes and
+    this test's driver through the environment (and a fresh HOME). Ray caches the authentication mode and token
+    in the process (a local ``ray.init()`` earlier in the run turns token mode on and writes ``~/.ray/auth_token``),
+    so the cache is reset on entry and again once the environment is restored."""
     if not RAY.exists():
         pytest.skip("the ray CLI is not installed")
+    from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+    from ray._private.authentication_test_utils import reset_auth_token_state
+
     home = tmp_path / "ray-home"
     home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
     port = _free_port()
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
-    agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
     try:
-        _ray("start", "--head", f"--port={port}", "--include-dashboard=false", *common, *agent)
-        agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
-        _ray("start", f"--address=127.0.0.1:{port}", *common, *agent)
-        yield f"127.0.0.1:{port}"
+        with monkeypatch.context() as env:
+            env.setenv("HOME", str(home))
+            env.setenv("RAY_AUTH_MODE", "token")
+            env.setenv("RAY_AUTH_TOKEN", generate_new_authentication_token())
+            env.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+            reset_auth_token_state()
+            try:
+                head = [f"--port={port}", "--head", "--include-dashboard=false"]
+                for address in (head, [f"--address=127.0.0.1:{port}"]):
+                    agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+                    _ray("start", *address, *common, *agent)
+                yield f"127.0.0.1:{port}"
+            finally:
+                subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
+        reset_auth_token_state()
 
 
 def test_two_node_loopback_cluster_equals_serial(tmp_path, two_nodes):
