@@ -24,15 +24,17 @@ llama.cpp's own server is a peer: ``--server LABEL=llama-server:PATH.gguf`` star
         --server llama.cpp-q8_0=llama-server:out/peers/smollm2-135m/llama.cpp-q8_0/model.gguf
 
 It runs as ``llama-server -m GGUF --host 127.0.0.1 --port P -t THREADS -c SLOTS*CTX -np SLOTS --cont-batching
---no-cache-prompt --cache-ram 0 -a LABEL``, CTX = prompt + max tokens + a margin, rounded up to 256 as llama.cpp
-does (``--sequence-length``), so every slot holds a whole request; the owl-deploy servers get the same context per
-sequence (``serve --sequence-length CTX``). Its requests add ``"temperature": 0`` (greedy: llama.cpp's default is
-0.8) and ``"cache_prompt": false``; with ``--no-cache-prompt --cache-ram 0`` neither a slot's KV cache nor the RAM
-prompt cache is reused across requests, so every request pays its whole prefill (as in ``owl-deploy serve``) and
-TTFT stays comparable. The same client drives both servers: llama-server streams one OpenAI ``text_completion``
-chunk per token and puts the ``usage`` (completion tokens) in its last chunk. The tokenizer that cuts the prompts is
-``--tokenizer``, else the first ``owl-deploy`` folder, else the ``source`` recorded in the ``peer.json`` beside the
-GGUF.
+--no-cache-prompt --cache-ram 0 -a LABEL [--llama-arg flags]``, CTX = prompt + max tokens + a margin, rounded up to
+256 as llama.cpp does (``--sequence-length``), so every slot holds a whole request; the owl-deploy servers get the
+same context per sequence (``serve --sequence-length CTX``). Its requests add ``"temperature": 0`` (greedy:
+llama.cpp's default is 0.8) and ``"cache_prompt": false``; with ``--no-cache-prompt --cache-ram 0`` neither a slot's
+KV cache nor the RAM prompt cache is reused across requests, so every request pays its whole prefill (as in
+``owl-deploy serve``) and TTFT stays comparable. The same client drives both servers: llama-server streams one
+OpenAI ``text_completion`` chunk per token and puts the ``usage`` (completion tokens) in its last chunk. The
+tokenizer that cuts the prompts is ``--tokenizer``, else the first ``owl-deploy`` folder, else the ``source``
+recorded in the ``peer.json`` beside the GGUF.  Extra flags (``--llama-arg=--no-repack``: repacking crashed
+llama-server 0c1e57098 at start on an AMX Xeon) and any ``LLAMA_ARG_*`` variables in the environment (llama-server
+reads them as flags) are written into the results.
 """
 
 from __future__ import annotations
@@ -257,6 +259,12 @@ def llama_server_version(binary: Path) -> dict:
     return {"version": None, "build": int(m[1]) if m else None, "commit": m[2] if m else None, "text": text}
 
 
+def llama_env() -> dict[str, str]:
+    """The LLAMA_ARG_* variables llama-server reads as flags (e.g. LLAMA_ARG_REPACK=0 = --no-repack): recorded,
+    since they change what runs without showing on its command line."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("LLAMA_ARG_")}
+
+
 def _command(label: str, engine: str, target: Path, args, prompts: list[str], port: int) -> tuple[list[str], dict]:
     """The server's command line, and what the results record about it (llama-server: binary, version, flags)."""
     if engine != LLAMA_SERVER:
@@ -272,7 +280,7 @@ def _command(label: str, engine: str, target: Path, args, prompts: list[str], po
     threads = args.threads or physical_cores()
     flags = ["-m", str(target), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads),
              "-c", str(slots * per_slot), "-np", str(slots), "--cont-batching", "--no-cache-prompt",
-             "--cache-ram", "0", "-a", label]  # fmt: skip
+             "--cache-ram", "0", "-a", label, *args.llama_arg]  # fmt: skip
     info = {
         "binary": str(binary),
         "llama_cpp": llama_server_version(binary),
@@ -281,6 +289,7 @@ def _command(label: str, engine: str, target: Path, args, prompts: list[str], po
         "threads": threads,
         "ctx_per_slot_requested": per_slot,
         "request_body_extra": LLAMA_SERVER_BODY,
+        "env": llama_env(),
     }
     return [str(binary), *flags], info
 
@@ -392,10 +401,12 @@ def markdown(res: dict) -> str:
     for s in res["servers"]:
         if "llama_server" in s:
             ls = s["llama_server"]
+            env = " ".join(f"{k}={v}" for k, v in (ls.get("env") or {}).items())
             lines += ["", f"{s['label']}: llama.cpp's `llama-server` {ls['llama_cpp']['version']} (commit "
                       f"{ls['llama_cpp']['commit']}), {ls['slots']} slots of {ls['props']['n_ctx_per_slot']} tokens, "
-                      f"ready in {s['ready_seconds']} s: `llama-server {' '.join(ls['flags'])}`; requests add "
-                      f"`{json.dumps(ls['request_body_extra'])}`.", ""]  # fmt: skip
+                      f"ready in {s['ready_seconds']} s: `{env + ' ' if env else ''}llama-server "
+                      f"{' '.join(ls['flags'])}`; requests add `{json.dumps(ls['request_body_extra'])}`.",
+                      ""]  # fmt: skip
     lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v))
     return "\n".join(lines) + "\n"
 
@@ -431,6 +442,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tokenizer", default=None, help="HF folder whose tokenizer cuts the prompts [see above]")
     p.add_argument("--llama-slots", type=int, default=None, help="llama-server -np [the largest concurrency]")
     p.add_argument("--llama-server-bin", default=None, help="[what benchmarks/build_llama_server.sh installs]")
+    p.add_argument(
+        "--llama-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="one more llama-server flag, recorded with the results (write --llama-arg=--no-repack)",
+    )
     a = p.parse_args(argv)
     need = a.prompt_tokens + a.max_tokens + CTX_MARGIN
     a.sequence_length = a.sequence_length or slot_context(a.prompt_tokens, a.max_tokens)

@@ -437,3 +437,21 @@ def test_load_client_staggers_starts_and_every_answer_matches_c1(server):
     assert not one["errors"] and not three["errors"] and three["start_offsets"] == [round(x, 3) for x in offsets]
     assert three["texts"] == one["texts"] and all(t is not None for t in one["texts"].values())
     assert three["wall_seconds"] >= offsets[-1]  # the last client really waited for its start
+
+
+def test_load_llama_server_command_carries_extra_flags_and_records_llama_env(monkeypatch, tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import argparse
+
+    import serve_load
+
+    binary = tmp_path / "llama-server"
+    binary.write_text("#!/bin/sh\necho 'version: 7 (abc123)'\n")
+    binary.chmod(0o755)
+    monkeypatch.setenv("LLAMA_ARG_REPACK", "0")
+    monkeypatch.setenv("NOT_LLAMA", "1")
+    args = argparse.Namespace(llama_server_bin=str(binary), llama_slots=None, concurrency=[1, 4], sequence_length=256,
+                              threads=2, llama_arg=["--no-repack", "--flash-attn=off"])  # fmt: skip
+    cmd, info = serve_load._command("q8", serve_load.LLAMA_SERVER, tmp_path / "m.gguf", args, ["p"], 8080)
+    assert cmd[0] == str(binary) and cmd[-2:] == ["--no-repack", "--flash-attn=off"] and "-np" in cmd
+    assert info["env"] == {"LLAMA_ARG_REPACK": "0"} and info["flags"][-2:] == ["--no-repack", "--flash-attn=off"]
