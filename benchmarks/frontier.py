@@ -26,8 +26,9 @@ made elsewhere (e.g. the main job's prune), as long as they were made with the s
         --peer llama.cpp/q8_0=out/peers/smollm2-135m/llama.cpp-q8_0 \\
         --peer llama.cpp/q4_k_m=out/peers/smollm2-135m/llama.cpp-q4_k_m
 
-Writes benchmarks/results/frontier-<model>.{json,md,png} and, per model, the one-line answer: the fastest
-deployment within +10% / +25% perplexity of dense fp32, against dense fp32 and dense int8 ONNX Runtime.
+Writes benchmarks/results/frontier-<model>.{json,md,png} (``--out-stem`` renames them) and, per model, the
+one-line answer: the fastest deployment within +10% / +25% perplexity of dense fp32, against dense fp32 and
+dense int8 ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -237,6 +238,7 @@ def bench(a: argparse.Namespace, work: Path, folders: dict[str, Path]) -> dict:
         if n != "dense-fp32":
             args += ["--model", f"{n}={folders[n]}"]
     engines = ["ort/dense", "ort/dense-int8", "ds/dense", *(f"ds/{n}" for n in timed if n != "dense-fp32")]
+    engines = [e for e in engines if e not in a.bench_skip]
     args += ["--engines", ",".join(engines)]
     for p in a.peer:
         args += ["--peer", p]
@@ -272,6 +274,8 @@ def points(
     for r in rows:
         timed_as = r["name"].replace("recovered", "pruned")
         key = "deepsparse/dense" if timed_as == "dense-fp32" else f"deepsparse/{timed_as}"
+        if key not in runs:  # left out of the bench (--bench-skip): quality only, see untimed()
+            continue
         alloc = allocations.get(f"{r['sparsity']:g}", {})
         pts.append({**r, **checks.get(r["name"], {}), "allocation": _alloc_label(alloc), "engine": "deepsparse",
                     **scored(r["name"]), **speed(key)})  # fmt: skip
@@ -284,6 +288,20 @@ def points(
                     "engine": engine, "perplexity": (peers_quality.get(key) or {}).get("perplexity"),
                     "accuracy": None, "accuracy_stderr": None, **speed(key)})  # fmt: skip
     return pts
+
+
+def untimed(rows: list[dict], qual: dict, res: dict) -> list[dict]:
+    """Deployments scored but not timed in DeepSparse (``--bench-skip``, e.g. when the machine cannot hold
+    every engine of a large model at once): their quality, so the report still shows them."""
+    out = []
+    for r in rows:
+        timed_as = r["name"].replace("recovered", "pruned")
+        key = "deepsparse/dense" if timed_as == "dense-fp32" else f"deepsparse/{timed_as}"
+        if key not in res["runs"]:
+            q = qual[r["name"]]
+            out.append({"name": r["name"], "engine": "deepsparse", "perplexity": q["perplexity"]["perplexity"],
+                        "accuracy": q["tasks"]["lambada_wiki"]["acc"]})  # fmt: skip
+    return out
 
 
 def _spread(run: dict) -> list[float]:
@@ -387,10 +405,13 @@ def markdown(res: dict) -> str:
             f"| {name} | {p['engine']} | {ppl} | {acc} | {p['decode_tokens_per_s']:.1f} ({lo:.0f}–{hi:.0f}) | "
             f"{p['vs_dense_fp32_ort']:.2f}x | {p['vs_dense_int8_ort']:.2f}x |"
         )
+    for p in res.get("untimed") or []:
+        lines += ["", f"Not timed (`--bench-skip`): {p['name']} in {p['engine']}, ppl {p['perplexity']:.2f}, "
+                  f"lambada acc {p['accuracy']:.3f}."]  # fmt: skip
     failed = [p for p in res["points"] if p.get("verified") is False]
     if failed:
         lines += [""] + [f"† {p['name']}: {'; '.join(p['problems'])}" for p in failed]
-    lines += ["", f"![frontier](frontier-{res['model']}.png)", ""]
+    lines += ["", f"![frontier]({res.get('stem') or 'frontier-' + res['model']}.png)", ""]
     return "\n".join(lines)
 
 
@@ -456,15 +477,36 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int, default=200, help="lambada_wiki items (≈0.4 s each in ONNX Runtime)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--peer", action="append", default=[], metavar="ENGINE/LABEL=PATH")
+    p.add_argument(
+        "--peers-quality",
+        type=Path,
+        default=None,
+        help="benchmarks/peers.py's JSON with the peers' perplexity [benchmarks/results/peers-<model>.json]",
+    )
+    p.add_argument(
+        "--bench-skip",
+        action="append",
+        default=[],
+        metavar="ENGINE/NAME",
+        help="leave a run out of the bench (e.g. ds/dense when the machine cannot hold every engine at once)",
+    )
+    p.add_argument("--out-stem", default=None, help="results stem [frontier-<model>]")
     a = p.parse_args(argv)
     name = Path(a.model).name
     work = a.work or ROOT / "out" / "frontier" / name
     t0 = time.perf_counter()
     rows = plan(a.sparsities, a.recover)
+    skippable = {"ds/dense", *(f"ds/{r['name']}" for r in rows if r["source"].startswith("pruned"))}
+    bad = [e for e in a.bench_skip if e not in skippable]
+    if bad:  # the two ONNX Runtime references are what every ratio divides by
+        raise SystemExit(f"--bench-skip {bad[0]}: not a DeepSparse run of this frontier; use one of "
+                         f"{', '.join(sorted(skippable))}")  # fmt: skip
     folders, allocations = build(a, work, rows)
     qual = {n: quality(a, work, n, f) for n, f in folders.items()}
     res_bench = bench(a, work, folders)
-    peers_file = RESULTS / f"peers-{name}.json"
+    peers_file = a.peers_quality or RESULTS / f"peers-{name}.json"
+    if a.peers_quality is not None and not peers_file.is_file():  # read last: it may be made while this runs
+        raise SystemExit(f"--peers-quality {peers_file}: no such file (every step done is kept; re-run)")
     peers_quality = {}
     if peers_file.exists():
         pq = json.loads(peers_file.read_text())
@@ -472,12 +514,15 @@ def main(argv: list[str] | None = None) -> None:
             peers_quality = pq["quality"]
     checks = {n: verification(f) for n, f in folders.items()}
     pts = points(rows, qual, res_bench, peers_quality, allocations, checks)
+    stem = a.out_stem or f"frontier-{name}"
     res = {
         "model": name,
+        "stem": stem,
         "sparsities": a.sparsities,
         "eval_tokens": a.eval_tokens,
         "limit": a.limit,
         "points": pts,
+        "untimed": untimed(rows, qual, res_bench),
         "answers": answers(pts),
         "versus_dense_int8": versus_dense_int8(pts),
         "allocations": allocations,
@@ -490,8 +535,8 @@ def main(argv: list[str] | None = None) -> None:
         "versions": versions_info(),
     }
     md = markdown(res)
-    write_report(RESULTS / f"frontier-{name}", res, md)
-    plot(res, RESULTS / f"frontier-{name}.png")
+    write_report(RESULTS / stem, res, md)
+    plot(res, RESULTS / f"{stem}.png")
     print(md)
 
 

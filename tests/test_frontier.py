@@ -45,3 +45,23 @@ def test_versus_dense_int8_names_a_winner_or_how_far_the_best_sparse_one_is():
     slow = _pt("pruned-50-int8", 26.0, 90.0)  # close in quality, but slower
     line = frontier.versus_dense_int8([ref, slow, broken])
     assert line.startswith("no sparse deployment beats dense int8") and "pruned-50-int8" in line and "0.90x" in line
+
+
+def test_a_run_left_out_of_the_bench_is_reported_with_its_quality_not_dropped():
+    rows = frontier.plan([0.5], recover=True)
+    speed = {"decode_tokens_per_s": {"median": 10.0, "p10": 9.0, "p90": 11.0}}
+    runs = {k: speed for k in ("onnxruntime/dense", "onnxruntime/dense-int8", "deepsparse/dense-int8",
+                               "deepsparse/pruned-50-fp32", "deepsparse/pruned-50-int8")}  # fmt: skip
+    qual = {r["name"]: {"perplexity": {"perplexity": 20.0}, "tasks": {"lambada_wiki": {"acc": 0.3, "acc_stderr": 0.05}}}
+            for r in rows}  # fmt: skip
+    pts = frontier.points(rows, qual, {"runs": runs}, {})
+    names = {p["name"] for p in pts}
+    assert "dense-fp32" not in names and {"recovered-50-int8", "dense-fp32 (ort)"} <= names
+    assert [p["name"] for p in frontier.untimed(rows, qual, {"runs": runs})] == ["dense-fp32"]
+
+
+def test_bench_skip_refuses_a_reference_run(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--bench-skip ort/dense: not a DeepSparse run"):
+        frontier.main(["--sparsities", "0.5", "--bench-skip", "ort/dense"])
