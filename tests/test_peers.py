@@ -242,3 +242,12 @@ def test_smollm2_gguf_q8_0_perplexity_is_that_of_our_fp32_graph(smollm2_dir, tmp
     assert f32.perplexity == pytest.approx(ours.perplexity, rel=0.01)
     assert q8.perplexity == pytest.approx(ours.perplexity, rel=0.03)
     assert peers.gguf_metadata(peers.artifact(made["llama.cpp/q8_0"]))["vocab_size"] == 49152
+
+
+def test_llama_cpp_repacking_follows_llama_arg_repack_else_off_on_amx_cpus():
+    from owl_deploy.peers.runners import llama_repack
+
+    amx, avx2 = "flags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n", "flags\t\t: fpu avx2 fma\n"
+    assert llama_repack({}, avx2) and not llama_repack({}, amx)  # segfaults repacking Q8_0 on an AMX Xeon
+    assert llama_repack({"LLAMA_ARG_REPACK": "1"}, amx) and not llama_repack({"LLAMA_ARG_REPACK": "0"}, avx2)
+    assert not llama_repack({"LLAMA_ARG_REPACK": "false"}, avx2) and llama_repack({"LLAMA_ARG_REPACK": "on"}, amx)

@@ -34,17 +34,47 @@ class PeerRunner:
         return {}
 
 
+def llama_repack(env: dict[str, str] | None = None, cpuinfo: str | None = None) -> bool:
+    """Whether llama.cpp may repack weights into its CPU-specific layouts (its "extra buffer types").
+
+    ``LLAMA_ARG_REPACK`` (the variable ``llama-server`` reads for ``--repack``/``--no-repack``) decides when set;
+    otherwise off on CPUs with AMX tiles, where llama.cpp 0c1e57098 (llama-cpp-python 0.3.36) segfaults while
+    repacking Q8_0 weights at load (measured on an AMX Xeon, in ``llama-server`` and in-process alike), and on
+    everywhere else."""
+    env = os.environ if env is None else env
+    value = env.get("LLAMA_ARG_REPACK")
+    if value is not None:
+        return value.strip().lower() not in ("0", "false", "off", "no", "disabled")
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            cpuinfo = ""
+    return " amx_tile" not in cpuinfo
+
+
 class LlamaCppRunner(PeerRunner):
-    """llama-cpp-python's ``Llama`` with its defaults (f16 KV cache), ``threads`` for decode and batches."""
+    """llama-cpp-python's ``Llama`` with its defaults (f16 KV cache), ``threads`` for decode and batches;
+    weight repacking as :func:`llama_repack` says (Llama() has no argument for it: set in the model params)."""
 
     engine = LLAMA_CPP
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None = None, all_logits: bool = False):
         require(LLAMA_CPP)
+        import llama_cpp.llama as llama_module
         from llama_cpp import Llama
 
         threads = threads or _physical_cores()
+        self.repack = llama_repack()
+        defaults = llama_module.llama_cpp.llama_model_default_params
+
+        def model_params():
+            params = defaults()
+            params.use_extra_bufts = self.repack
+            return params
+
         t0 = time.perf_counter()
+        llama_module.llama_cpp.llama_model_default_params = model_params
         try:
             self.llm = Llama(
                 model_path=str(path),
@@ -58,6 +88,8 @@ class LlamaCppRunner(PeerRunner):
             )
         except Exception as exc:
             raise OwlError(f"llama.cpp cannot load {path}: {one_line(exc)}") from exc
+        finally:
+            llama_module.llama_cpp.llama_model_default_params = defaults
         self.compile_seconds = time.perf_counter() - t0
         self.threads = threads
         self.n_ctx = min(int(n_ctx), int(self.llm.n_ctx()))  # llama.cpp may round its context up; Llama's arrays not
@@ -93,6 +125,7 @@ class LlamaCppRunner(PeerRunner):
             "llama_cpp_python": str(llama_cpp.__version__),
             "threads": self.threads,
             "n_ctx": self.n_ctx,
+            "repack": self.repack,
             "flash_attn_type": int(getattr(self.llm.context_params, "flash_attn_type", 0)),  # -1 auto, 0 off, 1 on
             "system_info": info,
         }
