@@ -309,6 +309,7 @@ def recover_estimate(
         merge |= {"masks": shape.fp32_bytes / 4, "logits": 4 * 4.0 * 512 * shape.vocab}
         if sum(merge.values()) > sum(train.values()):
             train = merge
-    if teacher:
-        train["teacher"] = shape.fp32_bytes + 4.0 * tokens * shape.vocab
+    if teacher:  # under bf16 autocast its block linears are held in bf16 (owl_deploy.recover.teacher_to_bf16)
+        blocks = min(shape.fp32_bytes, 4.0 * shape.layers * _block_params(shape)) if bf16 else 0.0
+        train["teacher"] = shape.fp32_bytes - blocks / 2 + 4.0 * tokens * shape.vocab
     return Estimate("recover", train)

@@ -15,7 +15,8 @@ Memory (issue 18): LoRA in bf16 autocast keeps the frozen block linears in bf16 
 multiplies them in bf16 anyway, so the forward and backward are the same numbers as with fp32 storage, but the
 fp32 copy and the bf16 copy autocast saved for the backward pass of every linear are gone (on the 1.5B model
 about 5 GB of the 18 GB peak). The adapters are made on the fp32 weights (their init is not rounded), and
-the adapter perplexity and the merge use the fp32 weights read back from the pruned folder.
+the adapter perplexity and the merge use the fp32 weights read back from the pruned folder. A distillation
+teacher's linears are held in bf16 under bf16 autocast for the same reason (the same logits, half the memory).
 """
 
 from __future__ import annotations
@@ -132,6 +133,21 @@ def _frozen_to_bf16(model) -> int:
         base = getattr(module, "base_layer", None)
         if isinstance(base, nn.Linear) and base.weight.dtype == torch.float32:
             base.weight = nn.Parameter(base.weight.detach().to(torch.bfloat16), requires_grad=False)
+            n += 1
+    return n
+
+
+@torch.no_grad()
+def teacher_to_bf16(teacher: nn.Module) -> int:
+    """The teacher's linears (weights and biases) in bf16: under bf16 autocast every ``linear`` multiplies bf16
+    casts of them anyway, so its logits are the same bits with about half its memory (the 1.5B teacher: 7.1 ->
+    about 4 GB). Norms and embeddings, which autocast leaves in fp32, stay fp32. Returns the count."""
+    n = 0
+    for module in teacher.modules():
+        if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
+            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+            if module.bias is not None:
+                module.bias = nn.Parameter(module.bias.detach().to(torch.bfloat16), requires_grad=False)
             n += 1
     return n
 
@@ -311,6 +327,8 @@ def run_recover(
     if zeros_before == 0:
         raise OwlError(f"{src} has no zero weights in its block linears: recover fine-tunes a pruned model")
     teacher = load_model(teacher_spec)[0] if teacher_spec is not None else None
+    if teacher is not None and cfg.compute_dtype == "bfloat16":
+        teacher_to_bf16(teacher)
     n = cfg.steps * cfg.batch_size
     windows = calibration_windows(tokenizer, calibration.text, n, cfg.seqlen, cfg.seed)
     held = heldout_tokens(tokenizer, calibration.text, cfg.heldout_tokens)

@@ -195,3 +195,23 @@ def test_lean_bf16_training_changes_no_number(tmp_path, monkeypatch):
     assert a["zeros"]["identical_mask"] and a["curve"][-1]["loss"] < a["curve"][0]["loss"]
     assert weights["lean"].keys() == weights["fp32"].keys()
     assert all(torch.equal(weights["lean"][k], weights["fp32"][k]) for k in weights["lean"])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_bf16_teacher_gives_the_same_logits_under_autocast(family):
+    """The distillation teacher's linears held in bf16 (half its memory): under bf16 autocast its logits are
+    the fp32-stored teacher's to the last bit (qwen2: biased projections; llama: lm_head tied to the
+    embedding, which stays fp32)."""
+    from owl_deploy.recover import teacher_to_bf16
+
+    teacher = tiny_model(family, seed=3, layers=2)
+    batch = torch.randint(0, teacher.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = teacher(input_ids=batch, use_cache=False).logits.float()
+    embed = teacher.get_input_embeddings().weight
+    assert teacher_to_bf16(teacher) == 2 * 7 + 1
+    assert teacher.get_input_embeddings().weight is embed and embed.dtype == torch.float32
+    assert all(lin.weight.dtype == torch.bfloat16 for lin in teacher.modules() if isinstance(lin, torch.nn.Linear))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = teacher(input_ids=batch, use_cache=False).logits.float()
+    assert torch.equal(got, want)
