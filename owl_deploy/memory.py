@@ -306,7 +306,8 @@ def recover_estimate(
         train |= {"fp32 weights": shape.fp32_bytes - blocks, "bf16 block weights": blocks / 2}
         train |= {"masks": 0.0, "bf16 weight copies": 0.0}
         merge = {"libraries": BASE_BYTES, "fp32 weights": shape.fp32_bytes, "mapped checkpoint": shape.mapped_bytes}
-        merge |= {"masks": shape.fp32_bytes / 4, "logits": 4 * 4.0 * 512 * shape.vocab}
+        # the pruned model's masks and the merged model's, compared (measured: 12.3 GB peak in this phase, 1.5B)
+        merge |= {"masks": 2 * shape.fp32_bytes / 4, "logits": 4 * 4.0 * 512 * shape.vocab}
         if sum(merge.values()) > sum(train.values()):
             train = merge
     if teacher:  # under bf16 autocast its block linears are held in bf16 (owl_deploy.recover.teacher_to_bf16)
