@@ -272,8 +272,7 @@ def points(
 
     pts = []
     for r in rows:
-        timed_as = r["name"].replace("recovered", "pruned")
-        key = "deepsparse/dense" if timed_as == "dense-fp32" else f"deepsparse/{timed_as}"
+        key = _ds_run(r["name"])
         if key not in runs:  # left out of the bench (--bench-skip): quality only, see untimed()
             continue
         alloc = allocations.get(f"{r['sparsity']:g}", {})
@@ -290,14 +289,18 @@ def points(
     return pts
 
 
+def _ds_run(name: str) -> str:
+    """The bench run that times a deployment in DeepSparse: a recovered model shares its pruned twin's."""
+    timed_as = name.replace("recovered", "pruned")
+    return "deepsparse/dense" if timed_as == "dense-fp32" else f"deepsparse/{timed_as}"
+
+
 def untimed(rows: list[dict], qual: dict, res: dict) -> list[dict]:
     """Deployments scored but not timed in DeepSparse (``--bench-skip``, e.g. when the machine cannot hold
     every engine of a large model at once): their quality, so the report still shows them."""
     out = []
     for r in rows:
-        timed_as = r["name"].replace("recovered", "pruned")
-        key = "deepsparse/dense" if timed_as == "dense-fp32" else f"deepsparse/{timed_as}"
-        if key not in res["runs"]:
+        if _ds_run(r["name"]) not in res["runs"]:
             q = qual[r["name"]]
             out.append({"name": r["name"], "engine": "deepsparse", "perplexity": q["perplexity"]["perplexity"],
                         "accuracy": q["tasks"]["lambada_wiki"]["acc"]})  # fmt: skip
