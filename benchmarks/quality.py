@@ -16,7 +16,8 @@ mix — never the evaluation text. Writes ``benchmarks/results/quality-<model>.{
 Every configuration is a job on Ray (owl_deploy.cluster): an embedded local Ray by default, ``--ray-address
 HOST:PORT`` for a cluster (every node needs this checkout's environment and the model's assets), ``--serial``
 for none. Each worker loads the model once and runs jobs with this process's torch thread count, so the table
-is the serial one (tests/test_cluster.py); each worker holds its own copy of the model and its dense weights.
+is the serial one (tests/test_cluster.py); each worker holds its own copy of the model, and the dense weights it
+restores before every prune are mapped from the checkpoint (page cache the workers of one machine share).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from owl_deploy.data import calibration_windows, eval_tokens, heldout_tokens
 from owl_deploy.evaluate import Perplexity, paired_nll, resolved
 from owl_deploy.io import atomic_file, write_report
 from owl_deploy.memory import peak_rss_mb
-from owl_deploy.specs import load_model, load_tokenizer
+from owl_deploy.specs import load_model, load_tokenizer, resolve_model
 from owl_deploy.study import Checkpoint, Study, StudySpec, run_config, score_dense, tune_grid
 from owl_deploy.study import tune as tune_job
 from owl_deploy.tune import chosen, tune_owl
@@ -330,8 +331,9 @@ def main() -> None:
         model, tok = load_model(args.model)
         calib_ids = calibration_windows(tok, args.calib, args.nsamples, args.calib_seqlen, args.seed)
         study: Study | None = Study(
-            model, tok, calib_ids, eval_tokens(tok, args.eval_text, args.eval_tokens), args.seqlen
-        )
+            model, tok, calib_ids, eval_tokens(tok, args.eval_text, args.eval_tokens), args.seqlen,
+            checkpoint=resolve_model(args.model),
+        )  # fmt: skip
         dense = study.score(progress=True)
     else:
         tok, study = load_tokenizer(args.model), None

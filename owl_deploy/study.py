@@ -22,15 +22,51 @@ from owl_deploy.model import block_linears, decoder_blocks
 from owl_deploy.prune import block_ratios, owl_windows, prune_model
 
 
+def mapped_dense(model, linears: list, folder: Path | None) -> list[torch.Tensor] | None:
+    """The block linears' weights as read-only tensors mapped from ``folder``'s safetensors files (safetensors
+    maps them; nothing is copied), when every one there holds exactly what the model holds now; else None.
+
+    Why: a study restores the dense weights before every prune. A private copy of them is the model's size
+    again in every worker (1.5B model: 5.2 GB); a mapping of the checkpoint is page cache, shared by the workers
+    of one machine and given back under memory pressure (it is re-read from disk)."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    from safetensors import safe_open
+
+    names = {id(m): n for n, m in model.named_modules()}
+    wanted = {f"{names[id(lin)]}.weight": i for i, lin in enumerate(linears)}
+    found: list[torch.Tensor | None] = [None] * len(linears)
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in set(f.keys()) & wanted.keys():
+                found[wanted[key]] = f.get_tensor(key)
+    for lin, w in zip(linears, found, strict=True):
+        if w is None or w.dtype != lin.weight.dtype or not torch.equal(w, lin.weight):
+            return None
+    return found  # type: ignore[return-value]
+
+
 class Study:
     """One model + calibration windows + scoring tokens, pruned again and again from the dense weights."""
 
-    def __init__(self, model, tokenizer, calib_ids: torch.Tensor, score_tokens: torch.Tensor, seqlen: int):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        calib_ids: torch.Tensor,
+        score_tokens: torch.Tensor,
+        seqlen: int,
+        checkpoint: Path | None = None,
+    ):
+        """``checkpoint``: the folder the (dense) model was loaded from; its block linears' weights are then
+        mapped from there (:func:`mapped_dense`) instead of copied."""
         check_seqlen(model, seqlen)
         self.model, self.tokenizer = model, tokenizer
         self.calib_ids, self.score_tokens, self.seqlen = calib_ids, score_tokens, seqlen
         self._linears = [lin for b in decoder_blocks(model) for lin in block_linears(b).values()]
-        self._dense = [lin.weight.detach().clone() for lin in self._linears]
+        mapped = mapped_dense(model, self._linears, checkpoint)
+        self.dense_mapped = mapped is not None
+        self._dense = mapped if mapped is not None else [lin.weight.detach().clone() for lin in self._linears]
         self._ratios: dict[tuple, tuple] = {}
 
     def on(self, score_tokens: torch.Tensor) -> Study:
@@ -150,14 +186,14 @@ class StudySpec:
         """A study on this spec; one already ``built`` on the same model and calibration is shared (scored on
         other tokens through :meth:`Study.on`), so a worker holds one model."""
         from owl_deploy.data import calibration_windows
-        from owl_deploy.specs import load_model
+        from owl_deploy.specs import load_model, resolve_model
 
         same = next((st for sp, st in (built or {}).items() if sp._base() == self._base()), None)
         if same is not None:
             return same.on(self.scoring(same.tokenizer))
         model, tok = load_model(self.model)
         ids = calibration_windows(tok, self.calib, self.nsamples, self.calib_seqlen, self.seed)
-        return Study(model, tok, ids, self.scoring(tok), self.seqlen)
+        return Study(model, tok, ids, self.scoring(tok), self.seqlen, checkpoint=resolve_model(self.model))
 
 
 # jobs: functions of a study (owl_deploy.cluster runs them by name in a worker)
