@@ -272,9 +272,10 @@ def main() -> None:
     p.add_argument("--tune-tokens", type=int, default=8192, help="held-out calibration tokens for tuning")
     p.add_argument(
         "--default-methods",
-        type=_names(METHODS),
+        type=_names(METHODS, empty=True),
         default=["wanda"],
-        help="methods given a 'pipeline default' row per sparsity (the tune stage's choice, guard included)",
+        help="methods given a 'pipeline default' row per sparsity (the tune stage's choice, guard included); "
+        "'' for none",
     )
     default_tune = TuneConfig()
     p.add_argument("--default-grid-m", type=_floats, default=default_tune.m, help="the tune stage's M grid")
@@ -446,11 +447,11 @@ def _floats(text: str) -> list[float]:
     return [float(x) for x in text.split(",") if x]
 
 
-def _names(allowed: tuple[str, ...]):
+def _names(allowed: tuple[str, ...], empty: bool = False):
     def parse(text: str) -> list[str]:
         names = [x for x in text.split(",") if x]
         bad = [x for x in names if x not in allowed]
-        if bad or not names:
+        if bad or not (names or empty):
             raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (got {text!r})")
         return names
 

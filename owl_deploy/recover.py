@@ -126,13 +126,18 @@ def lean(cfg: RecoverConfig) -> bool:
 
 
 @torch.no_grad()
+def _frozen_bf16(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t.detach().to(torch.bfloat16), requires_grad=False)
+
+
 def _frozen_to_bf16(model) -> int:
-    """The LoRA-wrapped linears' frozen weights (and biases) in bf16, what autocast multiplies; returns the count."""
+    """The LoRA-wrapped linears' frozen weights in bf16, what autocast multiplies; their biases (small) stay fp32
+    and autocast casts them per call. Returns the count."""
     n = 0
     for module in model.modules():
         base = getattr(module, "base_layer", None)
         if isinstance(base, nn.Linear) and base.weight.dtype == torch.float32:
-            base.weight = nn.Parameter(base.weight.detach().to(torch.bfloat16), requires_grad=False)
+            base.weight = _frozen_bf16(base.weight)
             n += 1
     return n
 
@@ -164,9 +169,9 @@ def teacher_to_bf16(teacher: nn.Module) -> int:
     n = 0
     for module in teacher.modules():
         if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
-            module.weight = nn.Parameter(module.weight.detach().to(torch.bfloat16), requires_grad=False)
+            module.weight = _frozen_bf16(module.weight)
             if module.bias is not None:
-                module.bias = nn.Parameter(module.bias.detach().to(torch.bfloat16), requires_grad=False)
+                module.bias = _frozen_bf16(module.bias)
             n += 1
     release_checkpoint(teacher)
     return n

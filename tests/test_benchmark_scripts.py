@@ -70,6 +70,21 @@ def test_quality_method_list_is_checked(text, ok):
             parse(text)
 
 
+def test_quality_default_methods_may_be_none_but_not_unknown():
+    """``--default-methods ''`` runs no 'pipeline default' rows (the recorded Qwen command predates them)."""
+    parse = quality._names(quality.METHODS, empty=True)
+    assert parse("") == [] and parse("wanda") == ["wanda"]
+    with pytest.raises(argparse.ArgumentTypeError, match="choose from"):
+        parse("gptq")
+    args = argparse.Namespace(default_methods=parse(""), sparsities=[0.5, 0.7], only={}, **_grid_args())
+    assert quality.default_tunes(args) == []
+
+
+def _grid_args() -> dict:
+    return dict(default_grid_m=[5.0], default_grid_lambda=[0.08], default_tune_tokens=1024, seqlen=512,
+                calib_seqlen=256, default_tune_nsamples=8)  # fmt: skip
+
+
 def test_quality_configs_restrict_a_method_to_some_sparsities():
     args = argparse.Namespace(
         nsamples=8,
