@@ -166,6 +166,7 @@ def teacher_to_bf16(teacher: nn.Module) -> int:
     """The teacher's linears (weights and biases) in bf16: under bf16 autocast every ``linear`` multiplies bf16
     casts of them anyway, so its logits are the same bits with about half its memory (the 1.5B teacher: 7.1 ->
     about 4 GB). Norms and embeddings, which autocast leaves in fp32, stay fp32. Returns the count."""
+    teacher.requires_grad_(False)  # frozen, so release_checkpoint copies its norms and embeddings off the file
     n = 0
     for module in teacher.modules():
         if isinstance(module, nn.Linear) and module.weight.dtype == torch.float32:
