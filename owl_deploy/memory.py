@@ -301,16 +301,19 @@ def recover_estimate(
         "activations": activations,
         "logits": 4 * 4.0 * tokens * shape.vocab,
     }
+    if teacher:  # under bf16 autocast its block linears are held in bf16 (owl_deploy.recover.teacher_to_bf16)
+        blocks = min(shape.fp32_bytes, 4.0 * shape.layers * _block_params(shape)) if bf16 else 0.0
+        train["teacher"] = shape.fp32_bytes - blocks / 2
+        # its logits, and the KL's: both sides divided by the temperature and log-softmaxed, and their gradients
+        train["distillation logits"] = 4 * 4.0 * tokens * shape.vocab
     if lean:
         blocks = min(shape.fp32_bytes, 4.0 * shape.layers * _block_params(shape))
         train |= {"fp32 weights": shape.fp32_bytes - blocks, "bf16 block weights": blocks / 2}
         train |= {"masks": 0.0, "bf16 weight copies": 0.0}
+        # the teacher is freed before the merge (owl_deploy.recover.recover)
         merge = {"libraries": BASE_BYTES, "fp32 weights": shape.fp32_bytes, "mapped checkpoint": shape.mapped_bytes}
         # the pruned model's masks and the merged model's, compared (measured: 12.3 GB peak in this phase, 1.5B)
         merge |= {"masks": 2 * shape.fp32_bytes / 4, "logits": 4 * 4.0 * 512 * shape.vocab}
         if sum(merge.values()) > sum(train.values()):
             train = merge
-    if teacher:  # under bf16 autocast its block linears are held in bf16 (owl_deploy.recover.teacher_to_bf16)
-        blocks = min(shape.fp32_bytes, 4.0 * shape.layers * _block_params(shape)) if bf16 else 0.0
-        train["teacher"] = shape.fp32_bytes - blocks / 2 + 4.0 * tokens * shape.vocab
     return Estimate("recover", train)

@@ -376,6 +376,7 @@ def run_recover(
     model, record = recover_model(
         model, windows, held_windows, cfg, teacher, ckpt_dir, sys.stderr.isatty(), bf16_frozen=lean(cfg)
     )
+    del teacher  # not needed for the merge; the merge phase's memory is the fp32 model and two mask sets
     if lean(cfg):  # free the bf16 model before the fp32 one is read back
         trained = adapters_of(model)
         del model
