@@ -125,11 +125,11 @@ def lean(cfg: RecoverConfig) -> bool:
     return cfg.method == "lora" and cfg.compute_dtype == "bfloat16"
 
 
-@torch.no_grad()
 def _frozen_bf16(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t.detach().to(torch.bfloat16), requires_grad=False)
 
 
+@torch.no_grad()
 def _frozen_to_bf16(model) -> int:
     """The LoRA-wrapped linears' frozen weights in bf16, what autocast multiplies; their biases (small) stay fp32
     and autocast casts them per call. Returns the count."""
