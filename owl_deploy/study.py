@@ -23,8 +23,9 @@ from owl_deploy.prune import block_ratios, owl_windows, prune_model
 
 
 def mapped_dense(model, linears: list, folder: Path | None) -> list[torch.Tensor] | None:
-    """The block linears' weights as read-only tensors mapped from ``folder``'s safetensors files (safetensors
-    maps them; nothing is copied), when every one there holds exactly what the model holds now; else None.
+    """The block linears' weights as tensors mapped from ``folder``'s safetensors files (safetensors maps them
+    copy-on-write; nothing is copied, and a study never writes them), when every one there holds exactly what
+    the model holds now; else None.
 
     Why: a study restores the dense weights before every prune. A private copy of them is the model's size
     again in every worker (1.5B model: 5.2 GB); a mapping of the checkpoint is page cache, shared by the workers
