@@ -224,3 +224,25 @@ def test_prune_memory_script_under_a_hard_limit(tmp_path):
     run = json.loads(stem.with_name("prune-memory-tiny.json").read_text())["runs"]["x@500M"]
     assert run["exit_code"] == 1 and run["error"].startswith("error: prune would need about")
     assert run["cgroup"]["limit_bytes"] == 500_000_000 and "measured" not in run
+
+
+def test_quality_same_compares_shared_rows_bit_for_bit():
+    import quality_same
+
+    def study(nll_owl: list[float], ray: bool) -> dict:
+        def row(alloc, nll, seconds):
+            cfg = {"method": "wanda", "allocation": alloc, "sparsity": 0.7, "nm": None, "compute_dtype": "auto"}
+            return {"config": cfg, "perplexity": 2.0, "window_nll": nll, "block_sparsity": [0.7], "seconds": seconds}
+
+        return {
+            "meta": {"ray": {"address": "127.0.0.1:1"} if ray else None},
+            "dense": {"perplexity": 1.5, "window_nll": [0.4, 0.41]},
+            "rows": [row("uniform", [1.0, 1.1], 3.0), row("owl", nll_owl, 4.0)],
+        }
+
+    rows = quality_same.compare(study([0.9, 1.0], False), study([0.9, 1.0 + 2**-40], True))
+    assert [(r["row"], r["same"]) for r in rows] == [("dense", True), ("wanda 70%", True), ("OWL+wanda 70%", False)]
+    assert rows[2]["max_window_diff"] == 2**-40  # timings differ in every row and are not compared
+    b = study([0.9, 1.0], True)
+    b["rows"][0]["config"]["sparsity"] = 0.6
+    assert [r["row"] for r in quality_same.compare(study([0.9, 1.0], False), b)] == ["dense", "OWL+wanda 70%"]
