@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,7 +29,7 @@ from owl_deploy.calibrate import SequentialRunner, autocast_dtype
 from owl_deploy.configs import OwlConfig, PruneConfig, TuneConfig, build
 from owl_deploy.errors import OwlError
 from owl_deploy.evaluate import paired_nll, perplexity, torch_logits_fn, window_count
-from owl_deploy.model import block_linears, decoder_blocks
+from owl_deploy.model import block_linears, decoder_blocks, mapped_dense
 from owl_deploy.prune.magnitude import magnitude_mask
 from owl_deploy.prune.masks import row_ranks
 from owl_deploy.prune.wanda import wanda_scores
@@ -119,12 +120,16 @@ class Scorer:
         prune: PruneConfig,
         cfg: TuneConfig,
         dense: list[torch.Tensor] | None = None,
+        checkpoint: Path | None = None,
     ):
+        """``dense``: the block linears' dense weights if the caller holds them; else mapped from ``checkpoint``
+        (the folder the model was loaded from, :func:`owl_deploy.model.mapped_dense`) or copied."""
         windows = calib_ids[: cfg.nsamples] if cfg.nsamples else calib_ids
         self.calibration_windows = len(windows)
-        self.stats = dense_stats(model, windows, prune, list(cfg.m))
         if dense is None:
-            dense = [lin.weight.detach().clone() for b in decoder_blocks(model) for lin in block_linears(b).values()]
+            linears = [lin for b in decoder_blocks(model) for lin in block_linears(b).values()]
+            dense = mapped_dense(model, linears, checkpoint) or [lin.weight.detach().clone() for lin in linears]
+        self.stats = dense_stats(model, windows, prune, list(cfg.m))
         self.model, self.dense, self.heldout, self.prune, self.seqlen = model, dense, heldout, prune, cfg.seqlen
 
     def score(self, targets: list, lo: int, hi: int) -> list[float]:
@@ -257,12 +262,13 @@ class TuneSpec:
         import json
 
         from owl_deploy.data import calibration_windows, heldout_tokens
-        from owl_deploy.specs import load_model
+        from owl_deploy.specs import load_model, resolve_model
 
         prune, cfg = build(PruneConfig, json.loads(self.prune_json)), build(TuneConfig, json.loads(self.tune_json))
         model, tokenizer = load_model(self.model)
         ids = calibration_windows(tokenizer, self.calib, self.nsamples, self.calib_seqlen, self.seed)
-        return Scorer(model, ids, heldout_tokens(tokenizer, self.calib, cfg.heldout_tokens), prune, cfg)
+        held = heldout_tokens(tokenizer, self.calib, cfg.heldout_tokens)
+        return Scorer(model, ids, held, prune, cfg, checkpoint=resolve_model(self.model))
 
 
 def _facts(scorer: Scorer) -> tuple[dict[float, list[float]], float, int, int]:
