@@ -61,7 +61,9 @@ def _connect(address: str | None) -> bool:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(num_cpus=os.cpu_count(), **kwargs)
+            # "local": a new embedded Ray even when a cluster started by `ray start` runs on this machine (ray.init()
+            # with no address would join that one, and refuse num_cpus)
+            ray.init(address="local", num_cpus=os.cpu_count(), **kwargs)
     except Exception as exc:  # ray raises ConnectionError, RuntimeError, ValueError for a bad address
         where = f"the Ray cluster at {address}" if address else "a local Ray"
         raise OwlError(f"cannot start or reach {where}: {one_line(exc)}") from exc

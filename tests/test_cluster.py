@@ -164,6 +164,18 @@ def test_two_node_loopback_cluster_equals_serial(tmp_path, two_nodes):
     assert _results(done) == serial
 
 
+def test_a_local_ray_is_embedded_even_beside_a_running_cluster(tmp_path, two_nodes):
+    """With a cluster started by `ray start` on this machine, ``ray.init()`` with no address joins it and refuses
+    ``num_cpus`` (found running a study on a loopback cluster beside the tests); the default must stay an
+    embedded local Ray of its own, with the serial rows."""
+    spec = _spec(tmp_path)
+    serial = _serial(spec)
+    done = Checkpoint(tmp_path / "partial.json", {"study": 3})
+    counts = done.fill(_jobs(spec), None, torch.get_num_threads())
+    assert counts["done"] == len(CONFIGS) + 1 and counts["failed"] == 0
+    assert _results(done) == serial
+
+
 def test_quality_study_on_ray_gives_the_serial_table(tmp_path, monkeypatch):
     """benchmarks/quality.py end to end on a tiny model: the Ray run's JSON rows, comparisons and tuning equal
     the serial run's."""
