@@ -13,6 +13,7 @@ loopback cluster). Benchmarks that time engines never come here: they must run a
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -159,3 +160,23 @@ def run_jobs(
         return {"done": 0, "failed": 0, "actors": 0}
     with Pool(address, threads, actors) as pool:
         return pool.run(jobs, on_result)
+
+
+def stop_nodes(temp_dir: str | os.PathLike) -> int:
+    """Stop the Ray nodes started with ``ray start --temp-dir=TEMP_DIR`` and only those: the processes whose
+    command line names the temp dir (GCS, raylets, agents) and their descendants (workers rename themselves
+    "ray::..."). ``ray stop --force`` kills every Ray on the machine: it once took down a study running on
+    another cluster beside the tests. Returns how many processes were stopped."""
+    import psutil
+
+    own = [p for p in psutil.process_iter(["cmdline"]) if str(temp_dir) in " ".join(p.info["cmdline"] or [])]
+    procs = {p.pid: p for p in own}
+    for p in own:
+        with contextlib.suppress(psutil.Error):
+            procs.update({c.pid: c for c in p.children(recursive=True)})
+    procs.pop(os.getpid(), None)
+    for p in procs.values():
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(list(procs.values()), timeout=60)
+    return len(procs)

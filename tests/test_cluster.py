@@ -4,17 +4,19 @@ real two-node cluster on loopback; a failing job is reported without losing the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import save_tiny
 
-from owl_deploy.cluster import Job
+from owl_deploy.cluster import Job, stop_nodes
 from owl_deploy.configs import OwlConfig, PruneConfig
 from owl_deploy.study import Checkpoint, StudySpec, run_config, score_dense
 
@@ -102,8 +104,6 @@ def _free_port() -> int:
 
 
 def _ray(*args: str) -> None:
-    import os
-
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # HOME and the token: the fixture's (see two_nodes)
     proc = subprocess.run([str(RAY), *args], capture_output=True, text=True, env=env, timeout=180)
     if proc.returncode != 0:
@@ -112,7 +112,8 @@ def _ray(*args: str) -> None:
 
 @pytest.fixture
 def two_nodes(tmp_path, monkeypatch):
-    """A Ray head and a second node on 127.0.0.1, each with its own ports and 1 CPU; stopped afterwards.
+    """A Ray head and a second node on 127.0.0.1, each with its own ports and 1 CPU, under a temp dir of their
+    own; stopped afterwards (only they: ``ray stop --force`` would kill every Ray on the machine).
 
     The cluster uses token authentication, as a real one should, with one fresh token given to both nodes and
     this test's driver through the environment (and a fresh HOME). Ray caches the authentication mode and token
@@ -125,6 +126,7 @@ def two_nodes(tmp_path, monkeypatch):
 
     home = tmp_path / "ray-home"
     home.mkdir()
+    temp_dir = Path(tempfile.mkdtemp(prefix="owlray-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     port = _free_port()
     common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000", "--disable-usage-stats"]
     try:
@@ -135,15 +137,16 @@ def two_nodes(tmp_path, monkeypatch):
             env.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
             reset_auth_token_state()
             try:
-                head = [f"--port={port}", "--head", "--include-dashboard=false"]
+                head = [f"--port={port}", "--head", "--include-dashboard=false", f"--temp-dir={temp_dir}"]
                 for address in (head, [f"--address=127.0.0.1:{port}"]):
                     agent = [f"--dashboard-agent-listen-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
                     _ray("start", *address, *common, *agent)
                 yield f"127.0.0.1:{port}"
             finally:
-                subprocess.run([str(RAY), "stop", "--force"], capture_output=True, timeout=120)
+                stop_nodes(temp_dir)
     finally:
         reset_auth_token_state()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_two_node_loopback_cluster_equals_serial(tmp_path, two_nodes):
