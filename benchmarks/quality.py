@@ -34,8 +34,11 @@ import torch
 from quality_report import label, markdown, plots
 from tqdm import tqdm
 
+from owl_deploy.bench.machine import hardware_info
+from owl_deploy.calibrate import resolve_dtype
 from owl_deploy.configs import (
     ALLOCATIONS,
+    COMPUTE_DTYPES,
     DEFAULT_CALIB,
     DEFAULT_EVAL,
     METHODS,
@@ -59,6 +62,11 @@ Config = tuple[PruneConfig, OwlConfig]
 CHECKPOINT_KEYS = ("model", "eval_text", "calib", "eval_tokens", "seqlen", "nsamples", "calib_seqlen", "seed")
 
 
+def prune_cfg(args, **fields) -> PruneConfig:
+    """A study row's prune settings, in the study's compute dtype (resolved: a row's key names the dtype it ran)."""
+    return build(PruneConfig, {**fields, "compute_dtype": args.compute_dtype})
+
+
 def configs(args) -> list[Config]:
     owl = OwlConfig()
     out = []
@@ -68,11 +76,11 @@ def configs(args) -> list[Config]:
                 continue
             # OWL-inverse is the paper's ablation; it is run for Wanda only
             allocations = [a for a in args.allocations if a != "owl-inverse" or method == "wanda"]
-            out += [(build(PruneConfig, {"method": method, "allocation": a, "sparsity": s}), owl) for a in allocations]
+            out += [(prune_cfg(args, method=method, allocation=a, sparsity=s), owl) for a in allocations]
     for n, m in args.nm:
         for a in ("uniform", "owl"):
             # the reference's N:M λ is a count per group; λ=0.08 could never move an integer N (see owl_nm)
-            prune = build(PruneConfig, {"method": "wanda", "allocation": a, "nm": f"{n}:{m}"})
+            prune = prune_cfg(args, method="wanda", allocation=a, nm=f"{n}:{m}")
             out.append((prune, replace(owl, lambda_=args.nm_lambda)))
     return out
 
@@ -98,7 +106,7 @@ def default_tunes(args) -> list[tuple[str, float, PruneConfig, str]]:
     for method in args.default_methods:
         for s in args.sparsities:
             if s in args.only.get(method, [s]):
-                prune = build(PruneConfig, {"method": method, "allocation": "owl", "sparsity": s})
+                prune = prune_cfg(args, method=method, allocation="owl", sparsity=s)
                 out.append((method, s, prune, f"tune {method} {s} {grid.model_dump()}"))
     return out
 
@@ -238,6 +246,13 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--calib-seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--compute-dtype",
+        choices=("auto", *COMPUTE_DTYPES),
+        default="auto",
+        help="calibration forwards (auto: bfloat16 where the CPU has native bf16, as `prune` does; the recorded "
+        "tables before 2026-12-01 ran float32)",
+    )
     p.add_argument("--sparsities", type=_floats, default=[0.5, 0.6, 0.7, 0.8])
     p.add_argument("--methods", type=_names(METHODS), default=list(METHODS))
     p.add_argument("--allocations", type=_names(ALLOCATIONS), default=list(ALLOCATIONS))
@@ -305,6 +320,7 @@ def main() -> None:
         p.error("--allocations must include uniform and owl (the table compares them)")
     if args.tuned_sparsities is None:
         args.tuned_sparsities = [s for s in args.sparsities if s >= args.tune_sparsity]
+    args.compute_dtype = resolve_dtype(args.compute_dtype)
     if args.quick:
         args.nsamples, args.eval_tokens, args.sparsities, args.nm = 8, 2048, [0.7], [(2, 4)]
         args.tune_ms, args.tune_lambdas, args.tune_tokens = [5.0], [0.08], 1024
@@ -324,7 +340,7 @@ def main() -> None:
     )
     done = checkpoint(RESULTS / f".{stem}.partial.json", args)
     todo = configs(args)
-    tune_cfg = build(PruneConfig, {"method": "wanda", "sparsity": args.tune_sparsity})
+    tune_cfg = prune_cfg(args, method="wanda", sparsity=args.tune_sparsity)
     tuning = args.tune_sparsity in args.sparsities and args.tune_ms and args.tune_lambdas
     owl_grid = [build(OwlConfig, {"m": m, "lambda_": lam}) for m in args.tune_ms for lam in args.tune_lambdas]
     ray_info = None
@@ -416,7 +432,9 @@ def main() -> None:
             "wall_seconds": time.perf_counter() - start,
             "peak_rss_mb": peak_rss_mb(),
             "cpu": _cpu_model(),
+            "hardware": hardware_info(measure_bandwidth=False, deepsparse_view=False),  # the name hides AMX or not
             "threads": torch.get_num_threads(),
+            "compute_dtype": args.compute_dtype,
             "ray": ray_info,
             "torch": torch.__version__,
             "transformers": transformers.__version__,

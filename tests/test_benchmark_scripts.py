@@ -78,6 +78,8 @@ def test_quality_default_methods_may_be_none_but_not_unknown():
         parse("gptq")
     args = argparse.Namespace(default_methods=parse(""), sparsities=[0.5, 0.7], only={}, **_grid_args())
     assert quality.default_tunes(args) == []
+    args.default_methods, args.compute_dtype = ["wanda"], "bfloat16"
+    assert [p.compute_dtype for _, _, p, _ in quality.default_tunes(args)] == ["bfloat16", "bfloat16"]
 
 
 def _grid_args() -> dict:
@@ -96,11 +98,15 @@ def test_quality_configs_restrict_a_method_to_some_sparsities():
         only={"sparsegpt": [0.7]},
         nm=[],
         nm_lambda=0.25,
+        compute_dtype="float32",
     )
     got = [(p.method, p.allocation, p.sparsity) for p, _ in quality.configs(args)]
     wanda = [("wanda", a, s) for s in (0.5, 0.6, 0.7) for a in ("uniform", "owl", "owl-inverse")]
     assert sorted(got) == sorted([*wanda, ("sparsegpt", "uniform", 0.7), ("sparsegpt", "owl", 0.7)])
     assert all(owl == OwlConfig() for _, owl in quality.configs(args))  # the paper's M, λ unless tuned
+    # every row runs (and is keyed by) the study's compute dtype: a float32 study never resumes bf16 rows
+    assert {p.compute_dtype for p, _ in quality.configs(args)} == {"float32"}
+    assert "float32" in repr(quality.configs(args)[0])
 
 
 def test_recovery_compare_pairs_windows_before_and_after_recovery(tmp_path):
