@@ -252,3 +252,21 @@ def test_quality_same_compares_shared_rows_bit_for_bit():
     b = study([0.9, 1.0], True)
     b["rows"][0]["config"]["sparsity"] = 0.6
     assert [r["row"] for r in quality_same.compare(study([0.9, 1.0], False), b)] == ["dense", "OWL+wanda 70%"]
+
+
+def test_quality_report_says_where_a_study_ran():
+    """A cluster study's header names the cluster, the CPU's ISA and the dtype, and does not pass the driver's
+    memory off as the study's; a serial one from before those fields existed renders as it did."""
+    import json
+
+    import quality_report
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    ray = json.loads((root / "quality-qwen2.5-coder-1.5b-ray2-xeon-avx512.json").read_text())
+    head = quality_report.markdown(ray).splitlines()[2:4]
+    assert "on Ray at 127.0.0.1:60631, 1 thread(s) per worker, float32 calibration forwards" in head[0]
+    assert "AVX512-BF16" in head[0] and "(the driver; the Ray workers are not counted)" in head[1]
+    old = json.loads((root / "quality-qwen2.5-coder-1.5b.json").read_text())
+    head = quality_report.markdown(old).splitlines()[2:4]
+    assert "(Intel(R) Xeon(R) Processor, 2 threads, torch" in head[0] and "calibration forwards" not in head[0]
+    assert head[1].endswith("Peak RSS 18755 MB.")
