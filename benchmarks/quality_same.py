@@ -7,7 +7,8 @@
 A row is the same when its per-window NLLs are equal to the last bit (so its perplexity, mean and standard error
 are too) and so are its block sparsities; otherwise the largest per-window difference is shown. For a study run
 on a Ray cluster against a serial run of the same code and thread count (benchmarks/quality.py --serial): the
-cluster must change nothing. Exit 1 when a shared row differs or none is shared. ``--out-stem`` writes
+cluster must change nothing. Either file may be a study's ``.<stem>.partial.json`` (its rows finished so far).
+Exit 1 when a shared row differs or none is shared. ``--out-stem`` writes
 benchmarks/results/<stem>.{json,md}.
 """
 
@@ -34,6 +35,10 @@ def _key(cfg: dict) -> str:
 
 
 def _rows(res: dict) -> dict[str, dict]:
+    if isinstance(res["rows"], dict):  # a running or interrupted study's .partial.json (quality.py's checkpoint)
+        done = res["rows"]
+        # its evaluation rows are keyed by repr(config); tagged ones ("held-out ...") were scored on other text
+        res = {"dense": done["dense"], "rows": [r for k, r in done.items() if k.startswith("(")]}
     rows = {"dense": {"config": {"method": "dense"}, **res["dense"]}}
     for r in res["rows"]:
         rows[_key(r["config"])] = r
@@ -64,6 +69,8 @@ def compare(a: dict, b: dict) -> list[dict]:
 
 def markdown(a_path: str, b_path: str, a: dict, b: dict, rows: list[dict]) -> str:
     def who(path: str, res: dict) -> str:
+        if "meta" not in res:
+            return f"`{Path(path).name}` (the rows finished so far of a study that did not complete)"
         m = res["meta"]
         ray = m.get("ray") or {}
         how = f"Ray at {ray['address']}, {ray.get('threads_per_worker')} thread(s) per worker" if ray else "serial"

@@ -253,6 +253,15 @@ def test_quality_same_compares_shared_rows_bit_for_bit():
     b["rows"][0]["config"]["sparsity"] = 0.6
     assert [r["row"] for r in quality_same.compare(study([0.9, 1.0], False), b)] == ["dense", "OWL+wanda 70%"]
 
+    # a study cut off (or still running) is compared from its checkpoint: finished rows only, held-out ones left out
+    full = study([0.9, 1.0], True)
+    owl = full["rows"][1]
+    held = {**owl, "window_nll": [5.0, 5.0]}
+    partial = {"args": {}, "rows": {"dense": full["dense"], "(owl)": owl, "held-out (owl)": held}}
+    rows = quality_same.compare(partial, full)
+    assert [(r["row"], r["same"]) for r in rows] == [("dense", True), ("OWL+wanda 70%", True)]
+    assert "did not complete" in quality_same.markdown("a.partial.json", "b.partial.json", partial, partial, rows)
+
 
 def test_quality_report_says_where_a_study_ran():
     """A cluster study's header names the cluster, the CPU's ISA and the dtype, and does not pass the driver's
