@@ -38,8 +38,9 @@ def _rows(res: dict) -> dict[str, dict]:
     if isinstance(res["rows"], dict):  # a running or interrupted study's .partial.json (quality.py's checkpoint)
         done = res["rows"]
         # its evaluation rows are keyed by repr(config); tagged ones ("held-out ...") were scored on other text
-        res = {"dense": done["dense"], "rows": [r for k, r in done.items() if k.startswith("(")]}
-    rows = {"dense": {"config": {"method": "dense"}, **res["dense"]}}
+        # (a serial run keeps its dense score in memory only: then there is no dense row to compare)
+        res = {"dense": done.get("dense"), "rows": [r for k, r in done.items() if k.startswith("(")]}
+    rows = {"dense": {"config": {"method": "dense"}, **res["dense"]}} if res["dense"] else {}
     for r in res["rows"]:
         rows[_key(r["config"])] = r
     return rows

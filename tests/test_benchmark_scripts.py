@@ -260,6 +260,8 @@ def test_quality_same_compares_shared_rows_bit_for_bit():
     partial = {"args": {}, "rows": {"dense": full["dense"], "(owl)": owl, "held-out (owl)": held}}
     rows = quality_same.compare(partial, full)
     assert [(r["row"], r["same"]) for r in rows] == [("dense", True), ("OWL+wanda 70%", True)]
+    del partial["rows"]["dense"]
+    assert [r["row"] for r in quality_same.compare(partial, full)] == ["OWL+wanda 70%"]
     assert "did not complete" in quality_same.markdown("a.partial.json", "b.partial.json", partial, partial, rows)
 
 
