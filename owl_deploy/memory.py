@@ -291,6 +291,7 @@ def recover_estimate(
     tokens = batch_size * seqlen
     per_layer = 4.0 * tokens * (12 * shape.hidden + 4 * shape.intermediate + 2 * shape.heads * seqlen)
     activations = (2 * per_layer if checkpointing else shape.layers * per_layer) * (0.7 if bf16 else 1.0)
+    blocks = min(shape.fp32_bytes, 4.0 * shape.layers * _block_params(shape))  # the block linears' fp32 bytes
     train = {
         "libraries": BASE_BYTES,
         "fp32 weights": shape.fp32_bytes,
@@ -302,12 +303,10 @@ def recover_estimate(
         "logits": 4 * 4.0 * tokens * shape.vocab,
     }
     if teacher:  # under bf16 autocast its block linears are held in bf16 (owl_deploy.recover.teacher_to_bf16)
-        blocks = min(shape.fp32_bytes, 4.0 * shape.layers * _block_params(shape)) if bf16 else 0.0
-        train["teacher"] = shape.fp32_bytes - blocks / 2
+        train["teacher"] = shape.fp32_bytes - (blocks / 2 if bf16 else 0.0)
         # its logits, and the KL's: both sides divided by the temperature and log-softmaxed, and their gradients
         train["distillation logits"] = 4 * 4.0 * tokens * shape.vocab
     if lean:
-        blocks = min(shape.fp32_bytes, 4.0 * shape.layers * _block_params(shape))
         train |= {"fp32 weights": shape.fp32_bytes - blocks, "bf16 block weights": blocks / 2}
         train |= {"masks": 0.0, "bf16 weight copies": 0.0}
         # the teacher is freed before the merge (owl_deploy.recover.recover)
