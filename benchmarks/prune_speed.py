@@ -168,6 +168,15 @@ def total_cell(run: dict) -> str:
     return f"{statistics.median(totals):.1f} [{min(totals):.1f}–{max(totals):.1f}]"
 
 
+def cpu_line(machine: dict) -> str:
+    """The CPU's name, its matrix ISA and what ``--compute-dtype auto`` picks on it (older results: the name)."""
+    from owl_deploy.bench.machine import isa_label
+
+    isa = isa_label(machine.get("flags") or {})
+    auto = f"; `auto` computes in {machine['auto_compute_dtype']} here" if machine.get("auto_compute_dtype") else ""
+    return f"{machine.get('cpu_model', '?')}" + (f", {isa}" if isa else "") + auto
+
+
 def markdown(result: dict) -> str:
     a = result["args"]
     lines = [
@@ -178,7 +187,7 @@ def markdown(result: dict) -> str:
         f"load average (1 min) {result['machine']['loadavg_start'][0]:.2f} before the runs and "
         f"{result['machine']['loadavg_end'][0]:.2f} after (2 cores: above ~1 the machine is shared).",
         "",
-        f"CPU: {result['machine'].get('cpu_model', '?')}.",
+        f"CPU: {cpu_line(result['machine'])}.",
         "",
         f"Calibration tokens: {cache_note(a.get('token_cache'))}. "
         f"Runs per config: {a.get('repeats', 1)} (interleaved); every time is the median "
@@ -265,9 +274,13 @@ def main() -> None:
     import torch
 
     from owl_deploy.bench.machine import hardware_info
+    from owl_deploy.calibrate import resolve_dtype
 
+    hardware = hardware_info(measure_bandwidth=False, deepsparse_view=False)
     machine = {
-        "cpu_model": hardware_info(measure_bandwidth=False, deepsparse_view=False).get("cpu_model"),
+        "cpu_model": hardware.get("cpu_model"),
+        "flags": hardware["flags"],  # the CPU name hides whether bf16 runs on AMX, AVX512-BF16 or not natively
+        "auto_compute_dtype": resolve_dtype("auto"),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

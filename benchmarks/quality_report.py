@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from owl_deploy.bench.machine import isa_label
 from owl_deploy.evaluate import resolved
 
 
@@ -25,7 +26,7 @@ def markdown(res: dict) -> str:
         else f"{meta['threads']} threads"
     )
     flags = (meta.get("hardware") or {}).get("flags") or {}
-    isa = "AMX" if flags.get("amx_int8") else "AVX512-BF16" if flags.get("avx512_bf16") else ""
+    isa = isa_label(flags)
     cpu = f"{meta['cpu']}, {isa}" if isa else meta["cpu"]
     # compute_dtype is in meta since 2026-12-03 (older tables: float32 before 12-01, auto after)
     dtype = f", {meta['compute_dtype']} calibration forwards" if meta.get("compute_dtype") else ""

@@ -137,6 +137,17 @@ def _hardware():
     return hw
 
 
+def test_isa_label_names_the_widest_matrix_isa():
+    """The same CPU name came with AMX, with AVX512-BF16 alone and as an AVX2 EPYC: the label tells them apart."""
+    amx = {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_int8": True}
+    assert machine.isa_label(amx) == "AMX"
+    assert machine.isa_label(amx | {"amx_int8": False}) == "AVX512-BF16"
+    assert machine.isa_label({"avx2": True, "avx512f": True}) == "AVX-512"
+    assert machine.isa_label({"avx2": True}) == "AVX2"
+    assert machine.isa_label({}) == ""
+    assert machine.isa_label(_hardware()["flags"]) in {"AMX", "AVX512-BF16", "AVX-512", "AVX2", ""}
+
+
 # ---------------------------------------------------------------- statistics and options
 def test_summarize_median_and_percentiles():
     s = measure.summarize([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11])

@@ -281,3 +281,13 @@ def test_quality_report_says_where_a_study_ran():
     head = quality_report.markdown(old).splitlines()[2:4]
     assert "(Intel(R) Xeon(R) Processor, 2 threads, torch" in head[0] and "calibration forwards" not in head[0]
     assert head[1].endswith("Peak RSS 18755 MB.")
+
+
+def test_prune_speed_names_the_cpu_isa_and_what_auto_picks():
+    """A prune-speed result says which ISA its bf16 ran on; a result recorded before the flags renders its name."""
+    import prune_speed
+
+    flags = {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_int8": False}
+    new = {"cpu_model": "Intel(R) Xeon(R) Processor", "flags": flags, "auto_compute_dtype": "bfloat16"}
+    assert prune_speed.cpu_line(new) == "Intel(R) Xeon(R) Processor, AVX512-BF16; `auto` computes in bfloat16 here"
+    assert prune_speed.cpu_line({"cpu_model": "AMD EPYC"}) == "AMD EPYC"

@@ -105,6 +105,15 @@ def hardware_info(measure_bandwidth: bool = True, deepsparse_view: bool = True) 
     return info
 
 
+def isa_label(flags: dict[str, bool]) -> str:
+    """The widest matrix ISA in ``hardware_info()["flags"]``: the same "Intel(R) Xeon(R) Processor" name has come
+    with and without AMX, and bf16 compute and DeepSparse's speed-ups depend on which."""
+    for key, label in (("amx_int8", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
+        if flags.get(key):
+            return label
+    return ""
+
+
 def versions_info() -> dict[str, Any]:
     """Python, owl_deploy, the engines and the libraries that shape a result, and the git commit."""
     import owl_deploy
