@@ -128,8 +128,8 @@ class PruneConfig(Config):
     batch_size: int = Field(8, ge=1, description="Calibration windows per block forward.")
     compute_dtype: Literal["auto", *COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
         "auto",
-        description="Dtype of the calibration forwards (bfloat16: CPU autocast; auto: bfloat16 where the CPU "
-        "multiplies bf16 natively, AMX or AVX512-BF16, float32 elsewhere); statistics stay float64.",
+        description="Dtype of the calibration forwards (bfloat16: CPU autocast; auto: bfloat16 on AMX, and on "
+        "AVX512-BF16 where a bf16 GEMM measures faster than float32; float32 elsewhere); statistics stay float64.",
     )
 
     @model_validator(mode="after")
@@ -187,8 +187,8 @@ class RecoverConfig(Config):
     heldout_tokens: int = Field(4096, ge=16, description="Held-out calibration tokens for early stopping.")
     compute_dtype: Literal["auto", *COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
         "auto",
-        description="bfloat16: CPU autocast of the forward and backward passes; auto: bfloat16 where the CPU "
-        "multiplies bf16 natively (AVX512-BF16 or AMX), float32 elsewhere.",
+        description="bfloat16: CPU autocast of the forward and backward passes; auto: bfloat16 on AMX, and "
+        "on AVX512-BF16 where a bf16 GEMM measures faster than float32; float32 elsewhere.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
     seed: int = Field(0, ge=0, description="Seed of the data order, the adapters' init and dropout.")

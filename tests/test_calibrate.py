@@ -201,12 +201,27 @@ def test_hessian_under_bfloat16_autocast_is_a_float32_product():
 
 
 def test_auto_compute_dtype_follows_the_cpu(monkeypatch):
-    """auto -> bfloat16 only where the CPU multiplies bf16 natively (AVX512-BF16 or AMX); explicit names win."""
+    """auto -> bfloat16 on AMX, float32 without native bf16, and on AVX512-BF16 alone only where a bf16 GEMM is
+    measured to be faster; explicit names win."""
+    from owl_deploy import calibrate
     from owl_deploy.calibrate import autocast_dtype, resolve_dtype
 
     assert resolve_dtype("float32") == "float32" and autocast_dtype("float32") is None
     assert autocast_dtype("bfloat16") is torch.bfloat16
-    for avx512_bf16, amx, want in [(False, False, None), (True, False, torch.bfloat16), (False, True, torch.bfloat16)]:
+    speedup = {"value": 0.6}
+    monkeypatch.setattr(calibrate, "bf16_gemm_speedup", lambda: speedup["value"])
+    cases = [(False, False, 9.9, None), (True, True, 0.1, torch.bfloat16), (False, True, 0.1, torch.bfloat16)]
+    cases += [(True, False, 0.6, None), (True, False, 2.0, torch.bfloat16)]
+    for avx512_bf16, amx, measured, want in cases:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
-        assert autocast_dtype("auto") is want
+        speedup["value"] = measured
+        assert autocast_dtype("auto") is want, (avx512_bf16, amx, measured)
+
+
+def test_bf16_gemm_speedup_is_measured_once():
+    """The probe is a positive ratio, and cached: every prune in a process makes the same choice."""
+    from owl_deploy.calibrate import bf16_gemm_speedup
+
+    first = bf16_gemm_speedup()
+    assert first > 0 and bf16_gemm_speedup() == first
