@@ -170,7 +170,7 @@ def total_cell(run: dict) -> str:
 
 def cpu_line(machine: dict) -> str:
     """The CPU's name, its matrix ISA and what ``--compute-dtype auto`` picks on it (older results: the name)."""
-    from owl_deploy.bench.machine import isa_label
+    from owl_deploy.versions import isa_label
 
     isa = isa_label(machine.get("flags") or {})
     auto = f"; `auto` computes in {machine['auto_compute_dtype']} here" if machine.get("auto_compute_dtype") else ""

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from owl_deploy.bench.machine import isa_label
 from owl_deploy.evaluate import resolved
+from owl_deploy.versions import isa_label
 
 
 def label(cfg: dict) -> str:

@@ -41,6 +41,7 @@ from owl_deploy.configs import CalibrationConfig, EvalConfig, RecoverConfig
 from owl_deploy.errors import OwlError
 from owl_deploy.io import atomic_dir, atomic_file, write_json
 from owl_deploy.model import named_block_linears
+from owl_deploy.versions import cpu_record
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -406,6 +407,7 @@ def run_recover(
         "window_nll": {"pruned": pruned_ppl.window_nll, "merged_remasked": merged_ppl.window_nll},
         "wall_seconds": round(time.perf_counter() - t_start, 2),
         "peak_rss_mb": memory.peak_rss_mb(),
+        "machine": cpu_record(torch.get_num_threads()),  # bf16's speed differs between CPUs of the same name
     }
     if not identical:
         raise OwlError("internal: the recovered model's zeros differ from the pruned model's")

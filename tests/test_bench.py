@@ -19,6 +19,7 @@ from owl_deploy.bench import gate, machine, measure, report, sessions, weights
 from owl_deploy.configs import BenchConfig, build
 from owl_deploy.contract import Contract, GraphSpec
 from owl_deploy.errors import OwlError
+from owl_deploy.versions import isa_label
 
 
 # ---------------------------------------------------------------- a tiny decode graph in the contract
@@ -140,12 +141,12 @@ def _hardware():
 def test_isa_label_names_the_widest_matrix_isa():
     """The same CPU name came with AMX, with AVX512-BF16 alone and as an AVX2 EPYC: the label tells them apart."""
     amx = {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_int8": True}
-    assert machine.isa_label(amx) == "AMX"
-    assert machine.isa_label(amx | {"amx_int8": False}) == "AVX512-BF16"
-    assert machine.isa_label({"avx2": True, "avx512f": True}) == "AVX-512"
-    assert machine.isa_label({"avx2": True}) == "AVX2"
-    assert machine.isa_label({}) == ""
-    assert machine.isa_label(_hardware()["flags"]) in {"AMX", "AVX512-BF16", "AVX-512", "AVX2", ""}
+    assert isa_label(amx) == "AMX"
+    assert isa_label(amx | {"amx_int8": False}) == "AVX512-BF16"
+    assert isa_label({"avx2": True, "avx512f": True}) == "AVX-512"
+    assert isa_label({"avx2": True}) == "AVX2"
+    assert isa_label({}) == ""
+    assert isa_label(_hardware()["flags"]) in {"AMX", "AVX512-BF16", "AVX-512", "AVX2", ""}
 
 
 # ---------------------------------------------------------------- statistics and options

@@ -292,6 +292,9 @@ def test_cli_prune_writes_a_loadable_folder(tiny_dir, tmp_path):
 
     assert report["config"]["prune"]["compute_dtype"] == "auto"
     assert report["compute_dtype"] == resolve_dtype("auto") in ("float32", "bfloat16")
+    # ... and the CPU the timings come from, by ISA (the same model name came with and without AMX)
+    assert report["machine"]["isa"] in ("AMX", "AVX512-BF16", "AVX-512", "AVX2", "")
+    assert report["machine"]["threads"] == torch.get_num_threads() and report["machine"]["cpu_model"]
     assert [b["index"] for b in report["blocks"]] == [0, 1, 2]
     assert all({"outlier_ratio", "sparsity", "layers"} <= set(b) for b in report["blocks"])
     # the folder reloads, and the zeros are there

@@ -8,19 +8,17 @@ timed sessions and :func:`noise_verdict` flags a run by the thresholds of :class
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from owl_deploy.errors import one_line
-from owl_deploy.versions import git_commit, package_versions, python_version
+from owl_deploy.versions import cpu_info, git_commit, package_versions, python_version, vector_flags
 
 
 # ---------------------------------------------------------------- hardware and versions
@@ -45,26 +43,11 @@ def measure_read_bandwidth(nbytes: int = 1 << 30, threads: int = 1, repeats: int
     return size / best
 
 
-def _cpuinfo() -> dict[str, Any]:
-    out: dict[str, Any] = {"model": platform.processor() or platform.machine(), "vendor": None, "flags": set()}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "model name":
-                out["model"] = value
-            elif key == "vendor_id":
-                out["vendor"] = value
-            elif key == "flags" and not out["flags"]:
-                out["flags"] = set(value.split())
-    return out
-
-
 def hardware_info(measure_bandwidth: bool = True, deepsparse_view: bool = True) -> dict[str, Any]:
     """CPU model, vector extensions, cores, memory, and (once) the measured memory read bandwidth."""
     import psutil
 
-    cpu = _cpuinfo()
+    cpu = cpu_info()
     flags = cpu["flags"]
     logical = os.cpu_count() or 1
     physical = psutil.cpu_count(logical=False) or logical
@@ -72,15 +55,7 @@ def hardware_info(measure_bandwidth: bool = True, deepsparse_view: bool = True) 
     info: dict[str, Any] = {
         "cpu_model": cpu["model"],
         "cpu_vendor": cpu["vendor"],
-        "flags": {
-            "avx2": "avx2" in flags,
-            "fma": "fma" in flags,
-            "avx512f": "avx512f" in flags,
-            "avx512_vnni": "avx512_vnni" in flags,
-            "avx_vnni": "avx_vnni" in flags,
-            "avx512_bf16": "avx512_bf16" in flags,
-            "amx_int8": "amx_int8" in flags,
-        },
+        "flags": vector_flags(flags),
         "hypervisor": "hypervisor" in flags,
         "logical_cpus": logical,
         "physical_cores": physical,
@@ -103,15 +78,6 @@ def hardware_info(measure_bandwidth: bool = True, deepsparse_view: bool = True) 
         bwn = measure_read_bandwidth(threads=max(1, physical))
         info["memory_read_gb_per_s"] = {"1_thread": round(bw1 / 1e9, 2), "all_cores": round(bwn / 1e9, 2)}
     return info
-
-
-def isa_label(flags: dict[str, bool]) -> str:
-    """The widest matrix ISA in ``hardware_info()["flags"]``: the same "Intel(R) Xeon(R) Processor" name has come
-    with and without AMX, and bf16 compute and DeepSparse's speed-ups depend on which."""
-    for key, label in (("amx_int8", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"), ("avx2", "AVX2")):
-        if flags.get(key):
-            return label
-    return ""
 
 
 def versions_info() -> dict[str, Any]:

@@ -47,6 +47,7 @@ from owl_deploy.model import block_linears, blocks_prefix, decoder_blocks
 from owl_deploy.prune.methods import METHODS
 from owl_deploy.prune.report import sparsity_report, zero_counts
 from owl_deploy.prune.wanda import wanda_scores
+from owl_deploy.versions import cpu_record
 
 
 def needs_calibration(prune: PruneConfig) -> bool:
@@ -193,6 +194,7 @@ def prune_model(
     }
     report["compute_dtype"] = resolve_dtype(prune.compute_dtype)
     report["timings"] = timings
+    report["machine"] = cpu_record(torch.get_num_threads())  # the timings' CPU: bf16 pays on some, not others
     return report
 
 
