@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparse", default=None, help="our sparse deployment folder (the benchmark's headline)")
     p.add_argument("--deployment", action="append", default=[], metavar="LABEL=ODIR", help="another deployment")
     p.add_argument("--bench", action="store_true", help="also run the interleaved decode benchmark (run it alone)")
+    p.add_argument(
+        "--engines",
+        default=None,
+        help="our runs to time, e.g. ds/sparse,ds/dense-int8,ort/dense [every deployment in ORT + DeepSparse on "
+        "--sparse]; dense ORT, the reference, is always timed",
+    )
     p.add_argument("--context", type=int, default=None, help="cached tokens before timing [128; quick: 16]")
     p.add_argument("--steps", type=int, default=None, help="decode steps per round [32; quick: 4]")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds [5; quick: 1]")
@@ -130,9 +136,21 @@ def quality(a: argparse.Namespace, model_dir: Path, prepared: dict[str, Path]) -
     return rows
 
 
+def timed_runs(engines: str | None, deployments: dict[str, Path]) -> list[tuple[str, str]]:
+    """Our (engine, deployment) runs: ``--engines`` (e.g. the int8 deployments in DeepSparse, where they are
+    fast), else every deployment in ONNX Runtime and DeepSparse on the sparse one; dense ORT always."""
+    from owl_deploy.bench.measure import parse_engines
+
+    if engines:
+        return parse_engines(engines, deployments)
+    runs = parse_engines("ort", deployments)
+    if "sparse" in deployments:
+        runs.append(("deepsparse", "sparse"))
+    return runs
+
+
 def bench(a: argparse.Namespace, prepared: dict[str, Path], name: str) -> tuple[dict, Path]:
     from owl_deploy.bench import NoisyMachine, run_benchmark
-    from owl_deploy.bench.measure import parse_engines
     from owl_deploy.bench.peers import load_peers
     from owl_deploy.bench.report import summary_lines, write_results
     from owl_deploy.configs import BenchConfig
@@ -145,9 +163,7 @@ def bench(a: argparse.Namespace, prepared: dict[str, Path], name: str) -> tuple[
         threads=a.threads,
         strict=a.strict,
     )
-    runs = parse_engines("ort", a.deployments)
-    if "sparse" in a.deployments:
-        runs.append(("deepsparse", "sparse"))
+    runs = timed_runs(a.engines, a.deployments)
     targets = load_peers(prepared, cfg)
     try:
         res = run_benchmark(a.deployments, runs, cfg, log=log, peers=targets)

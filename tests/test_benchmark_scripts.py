@@ -291,3 +291,20 @@ def test_prune_speed_names_the_cpu_isa_and_what_auto_picks():
     new = {"cpu_model": "Intel(R) Xeon(R) Processor", "flags": flags, "auto_compute_dtype": "bfloat16"}
     assert prune_speed.cpu_line(new) == "Intel(R) Xeon(R) Processor, AVX512-BF16; `auto` computes in bfloat16 here"
     assert prune_speed.cpu_line({"cpu_model": "AMD EPYC"}) == "AMD EPYC"
+
+
+def test_peers_times_the_runs_asked_for_and_always_the_reference():
+    """peers.py --engines times our int8 deployments in DeepSparse beside the peers; dense ORT stays the
+    reference; without it, every deployment in ORT and DeepSparse on the sparse one; a typo is one line."""
+    import peers as peers_script
+
+    from owl_deploy.errors import OwlError
+
+    deps = {"dense": Path("d"), "sparse": Path("s"), "dense-int8": Path("i")}
+    asked = peers_script.timed_runs("ds/sparse,ds/dense-int8", deps)
+    assert asked == [("onnxruntime", "dense"), ("deepsparse", "sparse"), ("deepsparse", "dense-int8")]
+    default = peers_script.timed_runs(None, deps)
+    assert ("deepsparse", "sparse") in default and ("deepsparse", "dense-int8") not in default
+    assert {("onnxruntime", m) for m in deps} <= set(default)
+    with pytest.raises(OwlError, match="unknown model 'int8'"):
+        peers_script.timed_runs("ds/int8", deps)
