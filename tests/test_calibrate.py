@@ -220,8 +220,14 @@ def test_auto_compute_dtype_follows_the_cpu(monkeypatch):
 
 
 def test_bf16_gemm_speedup_is_measured_once():
-    """The probe is a positive ratio, and cached: every prune in a process makes the same choice."""
+    """The probe is a positive ratio, cached (every prune in a process makes the same choice), and leaves the
+    global RNG alone (a seeded run draws the same numbers whether or not the probe ran first)."""
     from owl_deploy.calibrate import bf16_gemm_speedup
 
+    bf16_gemm_speedup.cache_clear()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
     first = bf16_gemm_speedup()
+    assert torch.equal(torch.rand(3), expected), "the probe drew from the global RNG"
     assert first > 0 and bf16_gemm_speedup() == first
