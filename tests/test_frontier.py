@@ -18,6 +18,17 @@ def test_plan_covers_every_sparsity_precision_and_recovery():
     assert not [r for r in frontier.plan([0.6], recover=False) if r["recovered"]]
 
 
+def test_precisions_narrow_the_sparse_rows_and_keep_both_references(capsys):
+    import pytest
+
+    names = [r["name"] for r in frontier.plan([0.3, 0.4], recover=False, precisions=("int8",))]
+    assert names == ["dense-fp32", "dense-int8", "pruned-30-int8", "pruned-40-int8"]
+    assert frontier._precisions("int8,fp32") == ("fp32", "int8")
+    with pytest.raises(SystemExit) as exc:
+        frontier.main(["--precisions", "fp16"])
+    assert exc.value.code == 2 and "expected a comma list of fp32, int8, got 'fp16'" in capsys.readouterr().err
+
+
 def _pt(name: str, ppl: float, tok: float, source: str = "pruned", engine: str = "deepsparse") -> dict:
     return {"name": name, "perplexity": ppl, "decode_tokens_per_s": tok, "source": source, "engine": engine,
             "vs_dense_fp32_ort": tok / 10, "vs_dense_int8_ort": tok / 20}  # fmt: skip
