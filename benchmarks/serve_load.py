@@ -130,32 +130,48 @@ def prompts_from(folder: Path, text: str, count: int, tokens: int) -> list[str]:
     return [tok.decode(ids[i * tokens : (i + 1) * tokens]) for i in range(count)]
 
 
-async def one(client, url: str, model: str, prompt: str, max_tokens: int, extra: dict | None = None) -> dict:
+async def one(
+    client, url: str, model: str, prompt: str, max_tokens: int, extra: dict | None = None, retries: int = 1
+) -> dict:
     """A streaming completion: text, tokens, time to first token, the gaps between tokens, errors.
 
     ``tokens`` is the server's ``usage.completion_tokens`` (owl-deploy: the ``include_usage`` chunk; llama-server:
-    its last chunk), else the chunks with text. ``extra`` is added to the request body.
+    its last chunk), else the chunks with text. ``extra`` is added to the request body. A request the server
+    closed its connection on *before any response* is sent again on a fresh connection, up to ``retries`` times,
+    as OpenAI's own client does (it retries connection errors twice): that is a pooled keep-alive connection the
+    server had just closed (llama-server's HTTP library closes one after 5 requests or 5 idle seconds), not a
+    request the server failed. Retries are counted (``retries``) and the time to first token runs from the
+    first attempt. A request answered and then cut is an error, never re-sent.
     """
+    import httpx
+
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True,
             "stream_options": {"include_usage": True}, **(extra or {})}  # fmt: skip
     t0 = time.perf_counter()
-    times, parts, usage = [], [], None
-    try:
-        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
-            if r.status_code != 200:
-                return {"error": f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"}
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                data = json.loads(line[6:])
-                if data.get("usage"):
-                    usage = data["usage"]
-                for choice in data.get("choices") or []:
-                    if choice.get("text"):
-                        parts.append(choice["text"])
-                        times.append(time.perf_counter())
-    except Exception as exc:  # a dropped connection is an error of the server under load
-        return {"error": f"{type(exc).__name__}: {exc}"}
+    for attempt in range(retries + 1):
+        times, parts, usage, answered = [], [], None, False
+        try:
+            async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=600) as r:
+                answered = True
+                if r.status_code != 200:
+                    return {"error": f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}", "retries": attempt}
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    data = json.loads(line[6:])
+                    if data.get("usage"):
+                        usage = data["usage"]
+                    for choice in data.get("choices") or []:
+                        if choice.get("text"):
+                            parts.append(choice["text"])
+                            times.append(time.perf_counter())
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            if not answered and attempt < retries:
+                continue
+            return {"error": f"{type(exc).__name__}: {exc}", "retries": attempt}
+        except Exception as exc:  # a dropped connection is an error of the server under load
+            return {"error": f"{type(exc).__name__}: {exc}", "retries": attempt}
+        break
     return {
         "text": "".join(parts),
         "tokens": (usage or {}).get("completion_tokens", len(parts)),
@@ -163,6 +179,7 @@ async def one(client, url: str, model: str, prompt: str, max_tokens: int, extra:
         "ttft": times[0] - t0 if times else None,
         "itl": list(np.diff(times)) if len(times) > 1 else [],
         "seconds": time.perf_counter() - t0,
+        "retries": attempt,
     }
 
 
@@ -208,6 +225,7 @@ async def level(
         "start_offsets": [round(x, 3) for x in offsets or []],
         "requests": len(prompts),
         "errors": [r["error"] for r in results.values() if "error" in r],
+        "retried": sum(r.get("retries", 0) > 0 for r in results.values()),
         "wall_seconds": round(wall, 3),
         "output_tokens": tokens,
         "tokens_from_usage": sum(bool(r["usage"]) for r in ok),
@@ -342,7 +360,8 @@ def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) 
                 single = lv["request_seconds_p50"]
             print(f"[serve-load] {label} c={c}: {_num(lv['aggregate_tokens_per_s'], '.1f')} tok/s aggregate, "
                   f"TTFT p50 {_num(lv['ttft_p50'], '.3f')} s p99 {_num(lv['ttft_p99'], '.3f')} s, ITL p50 "
-                  f"{_num(lv['itl_p50'], '.1f', 1e3)} ms, {len(lv['errors'])} errors, {lv['output_tokens']} "
+                  f"{_num(lv['itl_p50'], '.1f', 1e3)} ms, {len(lv['errors'])} errors ({lv['retried']} retried), "
+                  f"{lv['output_tokens']} "
                   f"tokens", file=sys.stderr, flush=True)  # fmt: skip
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
@@ -376,7 +395,7 @@ def markdown(res: dict) -> str:
         f"per sequence in every server; {ARRIVALS[res['arrivals']]}; every server alone; load average before "
         f"{res['loadavg_before']}, after {res['loadavg_after']}.",
         "",
-        "| server | c | aggregate tok/s | per stream tok/s | TTFT p50 / p99 s | ITL p50 / p99 ms | errors "
+        "| server | c | aggregate tok/s | per stream tok/s | TTFT p50 / p99 s | ITL p50 / p99 ms | errors (retried) "
         "| answers ≠ c=1 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -387,7 +406,7 @@ def markdown(res: dict) -> str:
                 f"{_num(lv['aggregate_tokens_per_s'], '.1f')} | {_num(lv['per_stream_tokens_per_s'], '.1f')} | "
                 f"{_num(lv['ttft_p50'], '.3f')} / {_num(lv['ttft_p99'], '.3f')} | "
                 f"{_num(lv['itl_p50'], '.1f', 1e3)} / {_num(lv['itl_p99'], '.1f', 1e3)} | "
-                f"{len(lv['errors'])} | {len(lv['wrong_answers'])} |"
+                f"{len(lv['errors'])} ({lv.get('retried', 0)}) | {len(lv['wrong_answers'])} |"
             )
     owl = [s for s in res["servers"] if "llama_server" not in s]
     if owl:

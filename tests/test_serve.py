@@ -455,3 +455,60 @@ def test_load_llama_server_command_carries_extra_flags_and_records_llama_env(mon
     cmd, info = serve_load._command("q8", serve_load.LLAMA_SERVER, tmp_path / "m.gguf", args, ["p"], 8080)
     assert cmd[0] == str(binary) and cmd[-2:] == ["--no-repack", "--flash-attn=off"] and "-np" in cmd
     assert info["env"] == {"LLAMA_ARG_REPACK": "0"} and info["flags"][-2:] == ["--no-repack", "--flash-attn=off"]
+
+
+def _raw_server(behaviours: list[str]):
+    """A loopback HTTP server on raw sockets whose n-th connection reads one request and then does
+    ``behaviours[n]``: ``close`` (no response: a keep-alive connection the server had closed), ``ok`` (one
+    streamed completion), ``cut`` (headers and half a body, then closed)."""
+
+    body = (b'data: {"choices": [{"text": "Hi"}]}\n\n'
+            b'data: {"choices": [], "usage": {"completion_tokens": 1}}\n\ndata: [DONE]\n\n')  # fmt: skip
+    seen: list[str] = []
+
+    async def handle(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(h.split(b":")[1]) for h in head.split(b"\r\n") if h.lower().startswith(b"content-length"))
+        await reader.readexactly(length)
+        what = behaviours[min(len(seen), len(behaviours) - 1)]
+        seen.append(what)
+        if what != "close":
+            size = len(body) * (2 if what == "cut" else 1)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % size + body)  # fmt: skip
+            await writer.drain()
+        writer.close()
+
+    return handle, seen
+
+
+@pytest.mark.parametrize(
+    ("behaviours", "want_error", "want_retries", "want_seen"),
+    [
+        (["close", "ok"], None, 1, ["close", "ok"]),  # a stale connection: sent again, answered
+        (["close", "close", "ok"], "RemoteProtocolError", 1, ["close", "close"]),  # one retry only
+        (["cut", "ok"], "RemoteProtocolError", 0, ["cut"]),  # answered, then cut: an error, never re-sent
+    ],
+)
+def test_load_client_resends_only_a_request_the_server_never_answered(behaviours, want_error, want_retries, want_seen):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import asyncio
+
+    import serve_load
+
+    async def run() -> dict:
+        handle, seen = _raw_server(behaviours)
+        srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
+        async with httpx.AsyncClient() as client:
+            res = await serve_load.one(client, url, "m", "prompt", 4)
+        srv.close()
+        await srv.wait_closed()
+        return {**res, "seen": seen}
+
+    res = asyncio.run(run())
+    assert res["retries"] == want_retries and res["seen"] == want_seen
+    if want_error is None:
+        assert "error" not in res and res["text"] == "Hi" and res["tokens"] == 1 and res["ttft"] > 0
+    else:
+        assert res["error"].startswith(want_error)
