@@ -76,3 +76,39 @@ def test_bench_skip_refuses_a_reference_run(capsys):
 
     with pytest.raises(SystemExit, match="--bench-skip ort/dense: not a DeepSparse run"):
         frontier.main(["--sparsities", "0.5", "--bench-skip", "ort/dense"])
+
+
+def test_bench_groups_split_the_runs_and_keep_every_ratio_within_its_own_run():
+    assert frontier.groups_of(["a", "b", "c"], 2) == [["a", "b"], ["c"]]
+    assert frontier.groups_of(["a"], 3) == [["a"]]
+
+    def run(tok: float) -> dict:
+        return {"decode_tokens_per_s": {"median": tok, "p10": tok, "p90": tok}}
+
+    def group(ort: float, ds8: float, extra: dict) -> dict:
+        runs = {"onnxruntime/dense": run(ort), "onnxruntime/dense-int8": run(2 * ort),
+                "deepsparse/dense-int8": run(ds8), **extra}  # fmt: skip
+        return {"runs": runs, "noise": {"noisy": False, "other_cpu_mean": 0.01, "loadavg_before": [0.1]}}
+
+    # the second run was slower overall (say, a warmer machine): its sparse model is judged against its own refs
+    merged = frontier.merge_groups([
+        group(10.0, 40.0, {"deepsparse/pruned-30-int8": run(38.0)}),
+        group(5.0, 20.0, {"deepsparse/pruned-40-int8": run(22.0)}),
+    ])  # fmt: skip
+    assert merged["groups"] == 2 and merged["runs"]["onnxruntime/dense"]["decode_tokens_per_s"]["median"] == 10.0
+    rows = frontier.plan([0.3, 0.4], recover=False, precisions=("int8",))
+    qual = {r["name"]: {"perplexity": {"perplexity": 20.0 + r["sparsity"]},
+                        "tasks": {"lambada_wiki": {"acc": 0.3, "acc_stderr": 0.05}}} for r in rows}  # fmt: skip
+    pts = {p["name"]: p for p in frontier.points(rows, qual, merged, {})}
+    assert pts["pruned-40-int8"]["vs_dense_fp32_ort"] == 22.0 / 5.0  # not 22 / 10
+    assert pts["pruned-40-int8"]["vs_dense_int8_ds"] == 22.0 / 20.0
+    assert pts["pruned-30-int8"]["vs_dense_int8_ds"] == 38.0 / 40.0
+    # 40% is slower in tok/s than dense int8's first-run figure (22 < 40) but faster within its own run
+    assert frontier.versus_dense_int8(list(pts.values())).startswith("pruned-40-int8 beats dense int8")
+
+
+def test_bench_groups_refuses_zero(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit, match="--bench-groups 0: expected 1 or more"):
+        frontier.main(["--sparsities", "0.5", "--bench-groups", "0"])
