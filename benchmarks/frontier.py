@@ -260,17 +260,23 @@ def groups_of(items: list[str], n: int) -> list[list[str]]:
     return out
 
 
+def references(runs: dict) -> dict:
+    """What one interleaved run's ratios divide by: dense fp32 and int8 in ONNX Runtime, dense int8 in DeepSparse."""
+
+    def median(key: str) -> float | None:
+        return runs[key]["decode_tokens_per_s"]["median"] if key in runs else None
+
+    return {"ort": median("onnxruntime/dense"), "ort8": median("onnxruntime/dense-int8"),
+            "ds8": median("deepsparse/dense-int8")}  # fmt: skip
+
+
 def merge_groups(results: list[dict]) -> dict:
     """One bench result from several interleaved runs that each timed the anchors: a run keeps the figures of
     its own group's references (``refs``), so every ratio is still taken within one interleaved run."""
     runs, peers, refs = {}, {}, {}
     for res in results:
         r = res["runs"]
-        ref = {
-            "ort": r["onnxruntime/dense"]["decode_tokens_per_s"]["median"],
-            "ort8": r["onnxruntime/dense-int8"]["decode_tokens_per_s"]["median"],
-            "ds8": r["deepsparse/dense-int8"]["decode_tokens_per_s"]["median"],
-        }
+        ref = references(r)
         for key, run in r.items():
             if key not in runs:  # an anchor keeps the first group's figure; the others appear once
                 runs[key] = run
@@ -299,7 +305,7 @@ def bench(a: argparse.Namespace, work: Path, folders: dict[str, Path]) -> dict:
     engines = ["ort/dense", "ort/dense-int8", "ds/dense", *(f"ds/{n}" for n in timed if n != "dense-fp32")]
     engines = [e for e in engines if e not in a.bench_skip]
     others = [e for e in engines if e not in ANCHORS] + [f"peer:{p}" for p in a.peer]
-    chunks = groups_of(others, a.bench_groups) if a.bench_groups > 1 else [others]
+    chunks = groups_of(others, a.bench_groups)
     results = []
     for i, chunk in enumerate(chunks):
         out = work / "bench" if len(chunks) == 1 else work / "bench" / f"group-{i + 1}-of-{len(chunks)}"
@@ -329,19 +335,15 @@ def points(
     """One point per deployment (and peer): perplexity, accuracy, decode tok/s and the two ratios."""
     allocations, checks = allocations or {}, checks or {}
     runs = res["runs"]
-    ref = runs["onnxruntime/dense"]["decode_tokens_per_s"]["median"]
-    ref8 = runs["onnxruntime/dense-int8"]["decode_tokens_per_s"]["median"]
-
-    ds8 = runs.get("deepsparse/dense-int8", {}).get("decode_tokens_per_s", {}).get("median")
+    one_run = references(runs)
     refs = res.get("refs") or {}  # --bench-groups: each run against its own group's references
 
     def speed(key: str) -> dict:
-        tok, own = runs[key]["decode_tokens_per_s"]["median"], refs.get(key, {})
+        tok, own = runs[key]["decode_tokens_per_s"]["median"], refs.get(key, one_run)
         out = {"decode_tokens_per_s": tok, "decode_p10_p90": _spread(runs[key]), "timed_as": key,
-               "vs_dense_fp32_ort": tok / own.get("ort", ref),
-               "vs_dense_int8_ort": tok / own.get("ort8", ref8)}  # fmt: skip
-        if own.get("ds8", ds8):
-            out["vs_dense_int8_ds"] = tok / own.get("ds8", ds8)
+               "vs_dense_fp32_ort": tok / own["ort"], "vs_dense_int8_ort": tok / own["ort8"]}  # fmt: skip
+        if own["ds8"]:
+            out["vs_dense_int8_ds"] = tok / own["ds8"]
         return out
 
     def scored(name: str) -> dict:
