@@ -49,7 +49,7 @@ from owl_deploy.configs import OwlConfig  # noqa: E402
 from owl_deploy.io import atomic_file, write_json, write_report  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from frontier_report import _alloc_label, answers, markdown, plot, versus_dense_int8  # noqa: E402
+from frontier_report import alloc_label, answers, markdown, plot, versus_dense_int8  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 CLI = [str(Path(sys.executable).with_name("owl-deploy"))]
@@ -225,7 +225,17 @@ def verification(odir: Path) -> dict:
     """The export's own verdict (export.json): a deployment whose check failed stays on the frontier, flagged
     with the reasons, since the same folder is what a user would get."""
     meta = json.loads((odir / "export.json").read_text())
-    return {"verified": bool(meta.get("ok")), "problems": meta.get("problems") or []}
+    return {"verified": bool(meta.get("ok")), "problems": meta.get("problems") or [], **kernels(meta)}
+
+
+def kernels(meta: dict) -> dict:
+    """How many of the graph's linear layers DeepSparse runs with a sparse kernel (export.json's debug-analysis
+    tally): the engine picks per layer, and below ~40% sparsity it keeps dense kernels — a pruned model with
+    few sparse kernels decodes at dense speed whatever its sparsity."""
+    es = meta.get("engine_sparsity") or {}
+    if es.get("num_sparse_kernels") is None or not es.get("num_layers_reported"):
+        return {}
+    return {"sparse_kernels": es["num_sparse_kernels"], "kernel_layers": es["num_layers_reported"]}
 
 
 def quality(a: argparse.Namespace, work: Path, name: str, odir: Path) -> dict:
@@ -357,7 +367,7 @@ def points(
         if key not in runs:  # left out of the bench (--bench-skip): quality only, see untimed()
             continue
         alloc = allocations.get(f"{r['sparsity']:g}", {})
-        pts.append({**r, **checks.get(r["name"], {}), "allocation": _alloc_label(alloc), "engine": "deepsparse",
+        pts.append({**r, **checks.get(r["name"], {}), "allocation": alloc_label(alloc), "engine": "deepsparse",
                     **scored(r["name"]), **speed(key)})  # fmt: skip
     dense = {"source": "dense", "sparsity": 0.0, "recovered": False, "engine": "onnxruntime"}
     for name, key in (("dense-fp32", "onnxruntime/dense"), ("dense-int8", "onnxruntime/dense-int8")):

@@ -34,7 +34,7 @@ def answers(pts: list[dict]) -> list[str]:
     return out
 
 
-def _alloc_label(choice: dict) -> str | None:
+def alloc_label(choice: dict) -> str | None:
     if not choice:
         return None
     if choice.get("allocation") == "owl" and choice.get("m") is not None:
@@ -98,11 +98,12 @@ def markdown(res: dict) -> str:
     lines += [f"- **{a}**" for a in res["answers"]]
     bar = "the bar: faster at <= +5% perplexity"
     lines += [f"- Against dense int8 in DeepSparse ({bar}): {res['versus_dense_int8']}", ""]
-    chosen = [f"{float(k):.0%}: {_alloc_label(v)} ({v.get('reason')})" for k, v in res["allocations"].items()]
+    chosen = [f"{float(k):.0%}: {alloc_label(v)} ({v.get('reason')})" for k, v in res["allocations"].items()]
     lines += ["Sparse models are pruned as the pipeline does by default — " + "; ".join(chosen) + ".", ""]
     lines += [
-        "| deployment | engine | ppl | lambada acc | decode tok/s | vs dense fp32 ORT | vs dense int8 ORT |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| deployment | engine | ppl | lambada acc | decode tok/s | vs dense fp32 ORT | vs dense int8 ORT "
+        "| DeepSparse sparse kernels |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for p in sorted(res["points"], key=lambda p: -p["decode_tokens_per_s"]):
         ppl = f"{p['perplexity']:.2f}" if p["perplexity"] is not None else "—"
@@ -111,7 +112,7 @@ def markdown(res: dict) -> str:
         lo, hi = p["decode_p10_p90"]
         lines.append(
             f"| {name} | {p['engine']} | {ppl} | {acc} | {p['decode_tokens_per_s']:.1f} ({lo:.0f}–{hi:.0f}) | "
-            f"{p['vs_dense_fp32_ort']:.2f}x | {p['vs_dense_int8_ort']:.2f}x |"
+            f"{p['vs_dense_fp32_ort']:.2f}x | {p['vs_dense_int8_ort']:.2f}x | {_kernels(p)} |"
         )
     for p in res.get("untimed") or []:
         lines += ["", f"Not timed (`--bench-skip`): {p['name']} in {p['engine']}, ppl {p['perplexity']:.2f}, "
@@ -121,6 +122,11 @@ def markdown(res: dict) -> str:
         lines += [""] + [f"† {p['name']}: {'; '.join(p['problems'])}" for p in failed]
     lines += ["", f"![frontier]({res.get('stem') or 'frontier-' + res['model']}.png)", ""]
     return "\n".join(lines)
+
+
+def _kernels(p: dict) -> str:
+    """Linear layers DeepSparse runs with a sparse kernel, of those it reports, e.g. 116/197 (— elsewhere)."""
+    return f"{p['sparse_kernels']}/{p['kernel_layers']}" if p.get("kernel_layers") else "—"
 
 
 def plot(res: dict, dest: Path) -> None:

@@ -112,3 +112,27 @@ def test_bench_groups_refuses_zero(capsys):
 
     with pytest.raises(SystemExit, match="--bench-groups 0: expected 1 or more"):
         frontier.main(["--sparsities", "0.5", "--bench-groups", "0"])
+
+
+def test_the_table_says_how_many_layers_deepsparse_runs_sparse(tmp_path):
+    import json
+
+    import frontier_report
+
+    layers = {"num_sparse_kernels": 1, "num_layers_reported": 197, "mean_detected_sparsity": 0.31}
+    (tmp_path / "export.json").write_text(json.dumps({"ok": True, "engine_sparsity": layers}))
+    check = frontier.verification(tmp_path)
+    assert check == {"verified": True, "problems": [], "sparse_kernels": 1, "kernel_layers": 197}
+    (tmp_path / "export.json").write_text(json.dumps({"ok": True}))  # an export without the analysis
+    assert frontier.verification(tmp_path) == {"verified": True, "problems": []}
+
+    scores = {"accuracy": None, "accuracy_stderr": None}
+    sparse = {**_pt("pruned-30-int8", 19.0, 15.0), **scores, "decode_p10_p90": [14, 16], **check}
+    ort = {**_pt("dense-int8 (ort)", 18.0, 10.0, "dense", "onnxruntime"), **scores, "decode_p10_p90": [9, 11]}
+    hardware = {"flags": {}, "cpu_model": "cpu", "physical_cores": 2}
+    res = {"model": "m", "minutes": 1.0, "bench_noisy": False, "loadavg_before": [0, 0, 0], "eval_tokens": 8,
+           "limit": 2, "answers": [], "versus_dense_int8": "-", "allocations": {}, "hardware": hardware,
+           "points": [sparse, ort]}  # fmt: skip
+    rows = {line.split(" | ")[0]: line for line in frontier_report.markdown(res).splitlines() if line[:2] == "| "}
+    assert rows["| pruned-30-int8"].endswith("| 1/197 |")
+    assert rows["| dense-int8 (ort)"].endswith("| — |")
