@@ -24,7 +24,7 @@ main: assets
 # pytest's own exit status: collecting nothing (5) is a failure too
 test: assets
 	$(BIN)/ruff check .
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra --durations=15
 
 # the Qwen2.5-Coder-1.5B tests (opt-in asset: 1.1 GB download, ≈9 GB RAM, a few minutes)
 test-large: assets

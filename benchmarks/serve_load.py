@@ -57,7 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from owl_deploy.bench.machine import CpuMonitor, hardware_info, versions_info  # noqa: E402
+from owl_deploy.bench.machine import CpuMonitor, engine_env, hardware_info, versions_info  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -290,7 +290,7 @@ def _command(label: str, engine: str, target: Path, args, prompts: list[str], po
         cmd += ["--model-name", label, "--sequence-length", str(args.sequence_length)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        return cmd, {}
+        return cmd, {"env": engine_env()}  # e.g. NM_FAST_VNNI_EMULATION, which changes DeepSparse's int8 on AVX2
     binary = llama_server_binary(args.llama_server_bin)
     slots = args.llama_slots or max(args.concurrency)
     per_slot = args.sequence_length  # llama.cpp pads it to a multiple of CTX_PAD
@@ -373,7 +373,7 @@ def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) 
     for lv in levels:
         lv["wrong_answers"] = [i for i, t in lv["texts"].items() if t is not None and t != base.get(i)]
     return {"label": label, "engine": engine, "folder": str(folder), "ready_seconds": round(ready, 1),
-            "health": health, **({"llama_server": info} if llama else {}), "levels": levels,
+            "health": health, **({"llama_server": info} if llama else info), "levels": levels,
             "exit_status": code}  # fmt: skip
 
 
@@ -411,8 +411,9 @@ def markdown(res: dict) -> str:
 
         def plan(s: dict) -> str:
             h = s["health"]
+            env = "".join(f", {k}={v}" for k, v in (s.get("env") or {}).items() if k != "NM_DISABLE_ANALYTICS")
             return (f"{s['label']} {h['batch_sizes']} (ready in {s['ready_seconds']} s, "
-                    f"{h.get('kv_cache', 'external')} KV caches, prefill in {h['prefill_engine']})")  # fmt: skip
+                    f"{h.get('kv_cache', 'external')} KV caches, prefill in {h['prefill_engine']}{env})")  # fmt: skip
 
         lines += ["", "Batch sizes compiled per server: " + "; ".join(plan(s) for s in owl), ""]
     for s in res["servers"]:

@@ -456,6 +456,12 @@ def test_load_llama_server_command_carries_extra_flags_and_records_llama_env(mon
     assert cmd[0] == str(binary) and cmd[-2:] == ["--no-repack", "--flash-attn=off"] and "-np" in cmd
     assert info["env"] == {"LLAMA_ARG_REPACK": "0"} and info["flags"][-2:] == ["--no-repack", "--flash-attn=off"]
 
+    # an owl-deploy server records the engine variables instead (DeepSparse's emulated int8 mode on AVX2)
+    monkeypatch.setenv("NM_FAST_VNNI_EMULATION", "1")
+    cmd, info = serve_load._command("s", "deepsparse", tmp_path / "odir", args, ["p"], 8080)
+    assert cmd[1:4] == ["-m", "owl_deploy", "serve"] and info["env"]["NM_FAST_VNNI_EMULATION"] == "1"
+    assert "LLAMA_ARG_REPACK" not in info["env"] and "NOT_LLAMA" not in info["env"]
+
 
 def _raw_server(behaviours: list[str]):
     """A loopback HTTP server on raw sockets whose n-th connection reads one request and then does
