@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from owl_deploy import contract
+from owl_deploy.analysis import analysis_layers, deepsparse_analysis
 from owl_deploy.bench.weights import WEIGHT_OPS, ModelInfo
 from owl_deploy.contract import weight_kind
-from owl_deploy.runtime import analysis_layers, deepsparse_analysis
 
 
 def decode_feed(info: ModelInfo, context: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -422,10 +423,10 @@ class Decoder:
     tokens). Rows are independent: masks, positions and caches are per sequence.
 
     ``kv_cache="external"`` feeds every row's cache in and takes it back out as numpy arrays each step, so
-    a step of B rows copies B whole caches several times (measured on SmolLM2 70% int8, batch 16, 256 slots:
-    72 ms a step). ``"internal"`` (DeepSparse) passes one engine-side cache per row, as DeepSparse's own continuous
-    batching does, and nothing is copied (20 ms a step); its rows' caches come from a DeepSparse session with
-    an internal cache (``Session.state()``).
+    a step of B rows copies B whole caches (measured on SmolLM2 70% int8, batch 16, 256 slots: 72 ms a step;
+    the copy into the feed arrays is the part we own, see ``_gather``). ``"internal"`` (DeepSparse) passes one
+    engine-side cache per row, as DeepSparse's own continuous batching does, and nothing is copied (20 ms a
+    step); its rows' caches come from a DeepSparse session with an internal cache (``Session.state()``).
     """
 
     def __init__(
@@ -442,6 +443,8 @@ class Decoder:
         self.compile_seconds = seconds
         self.kv_cache = kv_cache
         self._graphs = graphs
+        self._past: list[np.ndarray] | None = None  # external caches: the feed arrays, reused (see _gather)
+        self._pool: ThreadPoolExecutor | None = None
 
     @property
     def capacity(self) -> int:
@@ -480,17 +483,39 @@ class Decoder:
             for st in states:
                 st.num_cached += 1
             return np.asarray(outputs[0][:k, -1], dtype=np.float32)
-        empty = np.zeros((1, spec.num_kv_heads, total - 1, spec.head_dim), np.float32)
+        past = self._gather(states, batch)
         for j in range(2 * spec.num_layers):
-            past = [st.presents[j][:, :, 1:, :] if st.presents is not None else empty for st in states]
-            past += [empty] * (batch - k)
-            name = f"past_key_values.{j // 2}.{'key' if j % 2 == 0 else 'value'}"
-            feeds[name] = np.concatenate(past)
+            feeds[f"past_key_values.{j // 2}.{'key' if j % 2 == 0 else 'value'}"] = past[j]
         outputs = self._graphs[batch].run(feeds)
         for i, st in enumerate(states):
             st.presents = [np.ascontiguousarray(o[i : i + 1]) for o in outputs[1:]]
             st.num_cached += 1
         return np.asarray(outputs[0][:k, -1], dtype=np.float32)
+
+    def _gather(self, states: Sequence[KVState], batch: int) -> list[np.ndarray]:
+        """Every row's past (its last present minus the oldest slot) copied into the feed arrays of a batch.
+
+        The arrays are allocated once, at the largest batch, and reused (the first ``batch`` rows of a
+        C-contiguous array are one), and two threads copy them while the engine waits: a fresh
+        ``np.concatenate`` per step spent 42 of a 111 ms batch-16 step here (SmolLM2 int8, 256 slots);
+        padding rows keep whatever finite values they held (the mask hides them)."""
+        spec = self.deployment.spec
+        shape = (self.max_batch, spec.num_kv_heads, self.sequence_length - 1, spec.head_dim)
+        if self._past is None:
+            self._past = [np.zeros(shape, np.float32) for _ in range(2 * spec.num_layers)]
+            self._pool = ThreadPoolExecutor(2, thread_name_prefix="owl-deploy-kv")
+
+        def fill(layers: range) -> None:
+            for j in layers:
+                for i, st in enumerate(states):
+                    if st.presents is None:
+                        self._past[j][i] = 0.0
+                    else:
+                        np.copyto(self._past[j][i], st.presents[j][0, :, 1:, :])
+
+        n = len(self._past)
+        list(self._pool.map(fill, (range(0, n, 2), range(1, n, 2))))
+        return [a[:batch] for a in self._past]
 
 
 def compile_decoder(
@@ -531,64 +556,3 @@ def compile_decoder(
                 graphs[b] = _DeepSparseGraph(path, 1, threads, internal_cache=kv_cache == "internal", batch=b)
         del copy
     return Decoder(dep, engine, total, graphs, time.perf_counter() - start, kv_cache)
-
-
-def deepsparse_analysis(
-    path: Path,
-    inputs: list[np.ndarray],
-    threads: int | None = None,
-    iterations: int = 1,
-    warmup: int = 0,
-    internal_cache: bool = False,
-) -> dict:
-    """DeepSparse's per-layer kernels, times and detected weight sparsity for one run of ``inputs``
-    (what ``deepsparse.debug_analysis`` prints); ``analysis_layers`` walks its layers."""
-    os.environ.setdefault("WAND_OPT_FLAGS", "default,~pyramids")
-    with _environ(NM_BENCHMARK_KV_TOKENS="1"):  # as deepsparse.debug_analysis runs; never left set for later engines
-        return _analyze(path, inputs, threads, iterations, warmup, internal_cache)
-
-
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """Set environment variables for the duration of the block only (engines read them when they compile)."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _analyze(path, inputs, threads, iterations, warmup, internal_cache) -> dict:
-    try:
-        from deepsparse.engine import DebugAnalysisEngine, KVCacheParams
-        from deepsparse.utils.onnx import default_cached_outputs
-
-        params = KVCacheParams(default_cached_outputs(str(path)), 0, 0) if internal_cache else None
-        with quiet_stdout():
-            engine = DebugAnalysisEngine(
-                str(path),
-                batch_size=1,
-                num_cores=threads,
-                num_iterations=iterations,
-                num_warmup_iterations=warmup,
-                kv_cache_params=params,
-            )
-    except Exception as exc:
-        raise OwlError(f"deepsparse cannot compile the graph for analysis: {one_line(exc)}") from exc
-    return engine.analyze(inputs, val_inp=False)
-
-
-def analysis_layers(result: dict) -> Iterator[dict]:
-    """Every layer of a :func:`deepsparse_analysis` result, sub-layers included (depth first)."""
-
-    def walk(layers):
-        for li in layers:
-            yield li
-            yield from walk(li.get("sub_layer_info", []))
-
-    yield from walk(result.get("layer_info", []))

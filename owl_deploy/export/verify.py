@@ -121,7 +121,8 @@ def engine_sparsity(folder: Path, sequence_length: int, threads: int | None = No
     from deepsparse.utils.onnx import generate_random_inputs
 
     from owl_deploy import contract
-    from owl_deploy.runtime import analysis_layers, deepsparse_analysis, open_deployment, quiet_stdout
+    from owl_deploy.analysis import analysis_layers, deepsparse_analysis
+    from owl_deploy.runtime import open_deployment, quiet_stdout
 
     dep = open_deployment(folder)
     proto = dep.proto
