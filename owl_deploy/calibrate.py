@@ -18,7 +18,6 @@ which see every token of every linear input, avoid converting whole activations 
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from torch import nn
 
 from owl_deploy.errors import OwlError
 from owl_deploy.model import block_linears, decoder_blocks
+from owl_deploy.versions import cpu_info
 
 
 @dataclass
@@ -206,47 +206,28 @@ def capture_block_inputs(
     return hidden, calls
 
 
-BF16_MIN_SPEEDUP = 1.3  # the bf16 GEMM must beat float32 by this much for ``auto`` to pick it without AMX
-
-
-@functools.cache
-def bf16_gemm_speedup() -> float:
-    """float32 / bf16 time of one calibration-sized GEMM (8x512 tokens, 576 -> 1536), best of 5, once per process.
-
-    Why measure: AVX512-BF16 without AMX is fast on some CPUs and slow on others. Measured 2026-12-03 with
-    torch 2.13: on an Intel Xeon with AVX512-BF16 but no AMX, bf16 GEMMs ran at 0.6x float32 and OWL+Wanda
-    calibration at 0.66x (benchmarks/results/prune_speed_128x512_owl_wanda_float32-bfloat16-xeon-avx512.md),
-    while on a Zen 5 EPYC (same flags) bf16 recovery trained 2.1x faster. The margins (0.6 against >= 2) sit
-    far either side of BF16_MIN_SPEEDUP, so the choice does not flip with timing noise."""
-    gen = torch.Generator().manual_seed(0)  # never the global RNG: a probe must not shift a seeded run's draws
-    a, b = torch.randn(4096, 576, generator=gen), torch.randn(576, 1536, generator=gen)
-    times = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y  # warm-up: the kernel's first call
-        best = float("inf")
-        for _ in range(5):
-            start = time.perf_counter()
-            x @ y
-            best = min(best, time.perf_counter() - start)
-        times[dtype] = best
-    return times[torch.float32] / times[torch.bfloat16]
+# AVX512-BF16 without AMX is fast on some CPUs and slow on others, by vendor as far as measured (torch 2.13):
+# an Intel Xeon ran bf16 GEMMs at 0.6x float32 and OWL+Wanda calibration at 0.66x
+# (benchmarks/results/prune_speed_128x512_owl_wanda_float32-bfloat16-xeon-avx512.md), LoRA training at 0.63x;
+# a Zen 5 EPYC trained 2.1x faster in bf16 (README, "Recovery").
+BF16_FAST_VENDORS = frozenset({"AuthenticAMD"})
 
 
 def resolve_dtype(name: str) -> str:
-    """``auto`` -> bfloat16 where bf16 is measured to pay on this CPU, else float32; explicit names win.
+    """``auto`` -> bfloat16 where bf16 pays on this CPU, else float32; explicit names win.
 
-    AMX: bfloat16 (calibration 2.2-2.4x faster on an AMX Xeon at a perplexity change within noise; README).
-    No native bf16 (AVX2): float32 (emulated bf16 is slower). AVX512-BF16 without AMX: bfloat16 only if
-    ``bf16_gemm_speedup()`` >= BF16_MIN_SPEEDUP (see there: the same flags are fast on one CPU, slow on
-    another)."""
+    A rule on the CPU's identity, never a timing: a GEMM probe timed in each process once decided this and flipped
+    under load (0.57-0.98x on one Xeon with the other core busy), so two processes of one study (a Ray worker and
+    its driver) pruned in different dtypes and disagreed. AMX: bfloat16 (calibration 2.2-2.4x faster on an AMX
+    Xeon at a perplexity change within noise; README). No native bf16 (AVX2): float32 (emulated bf16 is slower).
+    AVX512-BF16 without AMX: bfloat16 on the vendors in BF16_FAST_VENDORS, float32 elsewhere."""
     if name != "auto":
         return name
     if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         return "bfloat16"
     if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         return "float32"
-    return "bfloat16" if bf16_gemm_speedup() >= BF16_MIN_SPEEDUP else "float32"
+    return "bfloat16" if cpu_info()["vendor"] in BF16_FAST_VENDORS else "float32"
 
 
 def autocast_dtype(name: str) -> torch.dtype | None:

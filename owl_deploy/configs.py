@@ -129,7 +129,7 @@ class PruneConfig(Config):
     compute_dtype: Literal["auto", *COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
         "auto",
         description="Dtype of the calibration forwards (bfloat16: CPU autocast; auto: bfloat16 on AMX, and on "
-        "AVX512-BF16 where a bf16 GEMM measures faster than float32; float32 elsewhere); statistics stay float64.",
+        "AVX512-BF16 on AMD CPUs; float32 elsewhere); statistics stay float64.",
     )
 
     @model_validator(mode="after")
@@ -188,7 +188,7 @@ class RecoverConfig(Config):
     compute_dtype: Literal["auto", *COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
         "auto",
         description="bfloat16: CPU autocast of the forward and backward passes; auto: bfloat16 on AMX, and "
-        "on AVX512-BF16 where a bf16 GEMM measures faster than float32; float32 elsewhere.",
+        "on AVX512-BF16 on AMD CPUs; float32 elsewhere.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
     seed: int = Field(0, ge=0, description="Seed of the data order, the adapters' init and dropout.")

@@ -100,6 +100,7 @@ class Study:
             "global_sparsity": report["global_sparsity"],
             "block_sparsity": [b["sparsity"] for b in report["blocks"]],
             "outlier_ratio": [b["outlier_ratio"] for b in report["blocks"]],
+            "compute_dtype": report["compute_dtype"],  # what auto resolved to, in the process that ran the row
             "seconds": {"owl_ratios": ratio_seconds, "prune": prune_seconds, "score": ppl.seconds},
         }
 

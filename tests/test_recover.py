@@ -157,11 +157,12 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_fast(monkeypatc
 
     assert RecoverConfig().compute_dtype == "auto"
     assert recover.resolve_dtype("float32") == "float32" and recover.resolve_dtype("bfloat16") == "bfloat16"
-    cases = ((True, False, 2.0, "bfloat16"), (True, False, 0.6, "float32"), (False, True, 0.6, "bfloat16"))
-    for bf16, amx, speedup, want in (*cases, (False, False, 9.0, "float32")):
+    cases = ((True, False, "AuthenticAMD", "bfloat16"), (True, False, "GenuineIntel", "float32"))
+    cases += ((False, True, "GenuineIntel", "bfloat16"), (False, False, "AuthenticAMD", "float32"))
+    for bf16, amx, vendor, want in cases:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=bf16: v, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
-        monkeypatch.setattr(calibrate, "bf16_gemm_speedup", lambda v=speedup: v)
+        monkeypatch.setattr(calibrate, "cpu_info", lambda v=vendor: {"vendor": v, "flags": set(), "model": "x"})
         assert recover.resolve_dtype("auto") == want
 
 

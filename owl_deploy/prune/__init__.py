@@ -18,7 +18,7 @@ Design decisions:
 - N:M with OWL: per-block N from allocation.owl_nm (ref item 7); the global mean is then not
   guaranteed, and the report says what it is.
 - ``compute_dtype`` ``auto`` (the default) runs the calibration forwards under bf16 CPU autocast where the
-  CPU has AMX, or AVX512-BF16 with a bf16 GEMM measured faster than float32 (calibrate.resolve_dtype),
+  CPU has AMX, or AVX512-BF16 on an AMD CPU (calibrate.resolve_dtype: a Xeon with AVX512-BF16 alone is slower),
   float32 elsewhere; statistics stay float64 and weights float32. On an AMX Xeon it is 2.2-2.4x faster and
   moves perplexity within noise at 50% (0.27% of the mask differs; README, "Prune speed"); ``float32``
   reproduces the reference's arithmetic.
