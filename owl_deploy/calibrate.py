@@ -18,6 +18,7 @@ which see every token of every linear input, avoid converting whole activations 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from owl_deploy.configs import COMPUTE_DTYPES
 from owl_deploy.errors import OwlError
 from owl_deploy.model import block_linears, decoder_blocks
 from owl_deploy.versions import cpu_info
@@ -211,6 +213,7 @@ def capture_block_inputs(
 # (benchmarks/results/prune_speed_128x512_owl_wanda_float32-bfloat16-xeon-avx512.md), LoRA training at 0.63x;
 # a Zen 5 EPYC trained 2.1x faster in bf16 (README, "Recovery").
 BF16_FAST_VENDORS = frozenset({"AuthenticAMD"})
+AUTO_DTYPE_ENV = "OWL_AUTO_COMPUTE_DTYPE"  # pins what ``auto`` means in this process (see worker_env)
 
 
 def resolve_dtype(name: str) -> str:
@@ -220,14 +223,26 @@ def resolve_dtype(name: str) -> str:
     under load (0.57-0.98x on one Xeon with the other core busy), so two processes of one study (a Ray worker and
     its driver) pruned in different dtypes and disagreed. AMX: bfloat16 (calibration 2.2-2.4x faster on an AMX
     Xeon at a perplexity change within noise; README). No native bf16 (AVX2): float32 (emulated bf16 is slower).
-    AVX512-BF16 without AMX: bfloat16 on the vendors in BF16_FAST_VENDORS, float32 elsewhere."""
+    AVX512-BF16 without AMX: bfloat16 on the vendors in BF16_FAST_VENDORS, float32 elsewhere. ``AUTO_DTYPE_ENV``
+    set in the environment overrides the rule (a Ray driver pins its workers with it: ``worker_env``)."""
     if name != "auto":
         return name
+    pinned = os.environ.get(AUTO_DTYPE_ENV)
+    if pinned:
+        if pinned not in COMPUTE_DTYPES:
+            raise OwlError(f"{AUTO_DTYPE_ENV}={pinned!r}: expected one of {', '.join(COMPUTE_DTYPES)}")
+        return pinned
     if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         return "bfloat16"
     if not getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         return "float32"
     return "bfloat16" if cpu_info()["vendor"] in BF16_FAST_VENDORS else "float32"
+
+
+def worker_env() -> dict[str, str]:
+    """The environment a study's Ray workers get from their driver: ``auto`` resolved once, on the driver's CPU,
+    so every row of one study computes in one dtype whichever node (AMD or Intel, AMX or not) runs it."""
+    return {AUTO_DTYPE_ENV: resolve_dtype("auto")}
 
 
 def autocast_dtype(name: str) -> torch.dtype | None:

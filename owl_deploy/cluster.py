@@ -8,7 +8,9 @@ The driver hands a job to every idle actor, saves each result the moment it arri
 caller's checkpoint, so a killed study resumes where it stopped), and reports a failing job — or an actor
 that died — without losing the others. Actors run with the serial run's torch thread count, so every float
 reduction happens in the same order and the results are identical to a serial run (tested on a two-node
-loopback cluster). Benchmarks that time engines never come here: they must run alone on one node.
+loopback cluster), and with the environment the caller gives (``env``: e.g. the compute dtype the driver
+resolved, so a node of another CPU kind does not choose its own). Benchmarks that time engines never come
+here: they must run alone on one node.
 """
 
 from __future__ import annotations
@@ -35,9 +37,10 @@ class Job:
 class _Worker:
     """One actor: the studies it was asked for (built once each), and the jobs run on them."""
 
-    def __init__(self, threads: int):
+    def __init__(self, threads: int, env: dict[str, str]):
         import torch
 
+        os.environ.update(env)  # the driver's decisions (e.g. the compute dtype), before any job runs
         torch.set_num_threads(threads)
         self.studies: dict[Any, Any] = {}
 
@@ -76,8 +79,10 @@ class Pool:
     jobs share is built once per actor, not once per wave; ``with Pool(...) as pool`` connects (an embedded
     local Ray when ``address`` is None) and kills the actors (and a Ray it started) at the end."""
 
-    def __init__(self, address: str | None = None, threads: int = 1, actors: int | None = None):
-        self.address, self.threads, self.actors = address, threads, actors
+    def __init__(
+        self, address: str | None = None, threads: int = 1, actors: int | None = None, env: dict[str, str] | None = None
+    ):
+        self.address, self.threads, self.actors, self.env = address, threads, actors, dict(env or {})
         self._pool: list[Any] = []
         self._started = False
 
@@ -109,7 +114,7 @@ class Pool:
         n = max(1, min(self.actors or cpus // max(self.threads, 1), len(jobs)))
         worker_cls = ray.remote(num_cpus=self.threads, max_restarts=0, max_task_retries=0)(_Worker)
         while len(self._pool) < n:
-            self._pool.append(worker_cls.remote(self.threads))
+            self._pool.append(worker_cls.remote(self.threads, self.env))
         workers = self._pool[:n]
         pending = list(reversed(jobs))
         running: dict[Any, tuple[Any, Job]] = {}
@@ -153,12 +158,13 @@ def run_jobs(
     address: str | None = None,
     threads: int = 1,
     actors: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, int]:
     """One wave of ``jobs`` on a fresh :class:`Pool` (see :meth:`Pool.run`)."""
     jobs = list(jobs)
     if not jobs:
         return {"done": 0, "failed": 0, "actors": 0}
-    with Pool(address, threads, actors) as pool:
+    with Pool(address, threads, actors, env) as pool:
         return pool.run(jobs, on_result)
 
 

@@ -218,6 +218,7 @@ class Checkpoint:
     def fill(self, jobs: list, address: str | None, threads: int, actors: int | None = None) -> dict[str, int]:
         """Compute the ``jobs`` (owl_deploy.cluster.Job) not already here on Ray; each result is saved as it
         arrives, each failure recorded in ``failed`` (one line) and left to the next run."""
+        from owl_deploy.calibrate import worker_env
         from owl_deploy.cluster import run_jobs
 
         def keep(job, result, error) -> None:
@@ -229,7 +230,7 @@ class Checkpoint:
                 self.failed[job.key] = error
 
         todo = [j for j in dict((j.key, j) for j in jobs).values() if j.key not in self.rows]
-        return run_jobs(todo, keep, address=address, threads=threads, actors=actors)
+        return run_jobs(todo, keep, address=address, threads=threads, actors=actors, env=worker_env())
 
     def save(self) -> None:
         from owl_deploy.io import write_json

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from owl_deploy.allocation import outlier_ratio, owl_nm, owl_sparsities, uniform_sparsities
-from owl_deploy.calibrate import SequentialRunner, autocast_dtype
+from owl_deploy.calibrate import SequentialRunner, autocast_dtype, worker_env
 from owl_deploy.configs import OwlConfig, PruneConfig, TuneConfig, build
 from owl_deploy.errors import OwlError
 from owl_deploy.evaluate import paired_nll, perplexity, torch_logits_fn, window_count
@@ -298,7 +298,7 @@ def tune_on_ray(
 
     start = time.perf_counter()
     prune, cfg = build(PruneConfig, json.loads(spec.prune_json)), build(TuneConfig, json.loads(spec.tune_json))
-    with Pool(address, threads, actors) as pool:
+    with Pool(address, threads, actors, worker_env()) as pool:
 
         def wave(jobs: list[Job]) -> list:
             done: dict[str, object] = {}

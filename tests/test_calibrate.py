@@ -206,6 +206,7 @@ def test_auto_compute_dtype_follows_the_cpu(monkeypatch):
     from owl_deploy import calibrate
     from owl_deploy.calibrate import autocast_dtype, resolve_dtype
 
+    monkeypatch.delenv(calibrate.AUTO_DTYPE_ENV, raising=False)
     assert resolve_dtype("float32") == "float32" and autocast_dtype("float32") is None
     assert autocast_dtype("bfloat16") is torch.bfloat16
     cases = [(False, False, "AuthenticAMD", None), (True, True, "GenuineIntel", torch.bfloat16)]
@@ -216,6 +217,21 @@ def test_auto_compute_dtype_follows_the_cpu(monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
         monkeypatch.setattr(calibrate, "cpu_info", lambda v=vendor: {"vendor": v, "flags": set(), "model": "x"})
         assert autocast_dtype("auto") is want, (avx512_bf16, amx, vendor)
+
+
+def test_auto_compute_dtype_can_be_pinned_by_the_environment(monkeypatch):
+    """OWL_AUTO_COMPUTE_DTYPE overrides the CPU rule for ``auto`` (how a Ray driver pins its workers); an explicit
+    dtype still wins; a value that is no dtype is one clear error."""
+    from owl_deploy import calibrate
+    from owl_deploy.errors import OwlError
+
+    for value in ("float32", "bfloat16"):
+        monkeypatch.setenv(calibrate.AUTO_DTYPE_ENV, value)
+        assert calibrate.resolve_dtype("auto") == value and calibrate.worker_env() == {calibrate.AUTO_DTYPE_ENV: value}
+        assert calibrate.resolve_dtype("float32") == "float32"
+    monkeypatch.setenv(calibrate.AUTO_DTYPE_ENV, "fp16")
+    with pytest.raises(OwlError, match="OWL_AUTO_COMPUTE_DTYPE='fp16': expected one of float32, bfloat16"):
+        calibrate.resolve_dtype("auto")
 
 
 def test_auto_compute_dtype_times_nothing(monkeypatch):

@@ -97,6 +97,25 @@ def test_local_ray_equals_serial_reports_a_failure_and_resumes(tmp_path):
     assert again.fill(_jobs(spec), None, threads) == {"done": 0, "failed": 0, "actors": 0}
 
 
+def test_workers_compute_in_the_dtype_the_driver_resolved(tmp_path, monkeypatch):
+    """A study's rows are all pruned in one dtype: the driver resolves ``auto`` on its CPU and pins its workers to
+    it (a node of another CPU kind would otherwise choose its own). Shown by making the driver's rule answer the
+    opposite of what this CPU's rule gives the workers."""
+    from owl_deploy import calibrate
+
+    monkeypatch.delenv(calibrate.AUTO_DTYPE_ENV, raising=False)
+    want = "float32" if calibrate.resolve_dtype("auto") == "bfloat16" else "bfloat16"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: want == "bfloat16", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: want == "bfloat16", raising=False)
+    assert calibrate.worker_env() == {calibrate.AUTO_DTYPE_ENV: want}
+    cfg = (PruneConfig(method="wanda", allocation="uniform", sparsity=0.5), OwlConfig())
+    done = Checkpoint(tmp_path / "partial.json", {"study": 2})
+    counts = done.fill([Job(repr(cfg), _spec(tmp_path), run_config, cfg)], None, torch.get_num_threads())
+    assert counts["done"] == 1, done.failed
+    assert done.rows[repr(cfg)]["compute_dtype"] == want
+    assert calibrate.AUTO_DTYPE_ENV not in os.environ  # the driver's own environment is left alone
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

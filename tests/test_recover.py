@@ -155,6 +155,7 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_fast(monkeypatc
     in 128 s in bf16 against 81 s in float32 (2026-12-03), a Zen 5 EPYC 2.1x faster in bf16."""
     from owl_deploy import calibrate, recover
 
+    monkeypatch.delenv(calibrate.AUTO_DTYPE_ENV, raising=False)
     assert RecoverConfig().compute_dtype == "auto"
     assert recover.resolve_dtype("float32") == "float32" and recover.resolve_dtype("bfloat16") == "bfloat16"
     cases = ((True, False, "AuthenticAMD", "bfloat16"), (True, False, "GenuineIntel", "float32"))
