@@ -19,6 +19,7 @@ from tiny_models import save_tiny
 
 from owl_deploy.errors import OwlError
 from owl_deploy.export import int8 as q
+from owl_deploy.versions import cpu_info
 
 
 # ---------------------------------------------------------------- pure maths
@@ -346,3 +347,28 @@ def test_int8_engine_check_accepts_engines_within_the_quantization_error(engine,
     res = int8_engine_check(_logits(engine), _logits(engine), torch_fp32, (first, first))
     assert (res["ok"], res.get("accepted_by")) == expected
     assert res["first_engine_vs_torch_fp32"]["max_abs_diff"] == pytest.approx(4.0)
+
+
+@pytest.mark.skipif(
+    not any(f in cpu_info()["flags"] for f in ("avx512_vnni", "avx_vnni")),
+    reason="ONNX Runtime's signed-weight form is exact only with VNNI",
+)
+def test_onnxruntime_on_signed_weights_gives_the_same_logits_and_caches(int8_export, monkeypatch):
+    """The deployment's graph in ONNX Runtime, with and without the in-memory signed-weight rewrite: prefill
+    and decode logits bit-identical (what lets int8 servers prefill in it and decode in DeepSparse)."""
+    from owl_deploy import ort_int8, runtime
+
+    out, report = int8_export
+    signed = []
+    real = ort_int8.sign_weights
+    monkeypatch.setattr(ort_int8, "sign_weights", lambda proto: signed.append(real(proto)) or signed[-1])
+    outputs = {}
+    for value in ("0", "1"):
+        monkeypatch.setenv(ort_int8.ENV, value)
+        sess = runtime.compile(out, "onnxruntime", prefill_length=4, threads=1)
+        prefill = sess.forward([5, 9, 14, 3, 7, 2])
+        step = sess.forward([11])
+        outputs[value] = (prefill, step)
+    # only the session told to: every block projection and lm_head re-signed
+    assert signed == [7 * report["spec"]["num_layers"] + 1]
+    assert np.array_equal(outputs["0"][0], outputs["1"][0]) and np.array_equal(outputs["0"][1], outputs["1"][1])

@@ -94,7 +94,7 @@ def versions_info() -> dict[str, Any]:
 
 def engine_env() -> dict[str, str]:
     """Environment variables that change how the engines compile or run (recorded for reproducibility)."""
-    keys = ("WAND_", "NM_", "OMP_", "ORT_", "DEEPSPARSE_")
+    keys = ("WAND_", "NM_", "OMP_", "ORT_", "DEEPSPARSE_", "OWL_ORT_")
     return {k: v for k, v in sorted(os.environ.items()) if k.startswith(keys)}
 
 

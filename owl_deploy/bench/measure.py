@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from owl_deploy import ort_int8
 from owl_deploy.bench.machine import (
     CpuMonitor,
     NoisePolicy,
@@ -452,7 +453,12 @@ def run_benchmark(
         "schema": SCHEMA,
         "created": started.strftime("%Y-%m-%dT%H:%M:%SZ"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "settings": {**cfg.to_json(), "sequence_length": seq, "environment": engine_env()},
+        "settings": {
+            **cfg.to_json(),
+            "sequence_length": seq,
+            "environment": engine_env(),
+            "onnxruntime_int8_weights": ort_int8.describe(),
+        },
         "models": {label: info.describe() for label, info in infos.items()},
         "runs": results_runs,
         **({"throughput": throughput} if throughput else {}),

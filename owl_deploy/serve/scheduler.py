@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from owl_deploy import ort_int8
 from owl_deploy.errors import OwlError
 from owl_deploy.runtime import Decoder, KVState, Session
 
@@ -222,4 +223,5 @@ class Scheduler:
             "kv_cache": self.decoder.kv_cache,
             "prefill_engine": self.prefill.engine,
             "prefill_length": self.prefill.prefill_length,
+            "onnxruntime_int8_weights": ort_int8.describe(),
         }
