@@ -14,25 +14,29 @@ Layout under ``$OWL_DEPLOY_HOME`` (default ``~/.cache/owl_deploy``)::
 
 from __future__ import annotations
 
-import bz2
-import gzip
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from owl_deploy.errors import OwlError
 from owl_deploy.io import atomic_dir, atomic_file
+from owl_deploy.textprep import (
+    prepare_austen,
+    prepare_jargon,
+    prepare_news,
+    prepare_wiki,
+    run_tool,
+    wheel_member,
+)
 
 # ----------------------------------------------------------------------------- registry
 
@@ -247,7 +251,7 @@ def _download(d: Download) -> Path:
                 tmp,
                 d.spec,
             ]
-            _run(cmd, f"pip download {d.spec}")
+            run_tool(cmd, f"pip download {d.spec}")
         elif d.kind == "deb":
             os.chmod(tmp, 0o777)  # apt-get drops privileges to _apt for downloads
             _apt_download(d.spec, tmp)
@@ -270,15 +274,8 @@ def _apt_download(spec: str, tmp: str) -> None:
     cmd = ["apt-get", "download", "-qq", spec]
     proc = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
     if proc.returncode != 0:  # a fresh machine has no package lists yet
-        _run(["apt-get", "update", "-qq"], "apt-get update")
-        _run(cmd, f"apt-get download {spec}", cwd=tmp)
-
-
-def _run(cmd: list[str], what: str, cwd: str | None = None) -> None:
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
-        raise OwlError(f"{what} failed: {lines[-1] if lines else f'exit {proc.returncode}'}")
+        run_tool(["apt-get", "update", "-qq"], "apt-get update")
+        run_tool(cmd, f"apt-get download {spec}", cwd=tmp)
 
 
 def sha256_file(path: Path) -> str:
@@ -287,16 +284,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _wheel_member(wheel: Path, member: str) -> bytes:
-    with zipfile.ZipFile(wheel) as zf:
-        return zf.read(member)
-
-
-def _deb_extract(deb: Path, out: Path) -> Path:
-    _run(["dpkg-deb", "-x", str(deb), str(out)], f"dpkg-deb -x {deb.name}")
-    return out
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -408,7 +395,7 @@ GEMMA3_LICENSE = (
 
 def _gemma3_pinned_in_sums(main_wheel: Path) -> str:
     """The joined GGUF's sha256 as the main wheel's SHA256SUMS states it; it must equal our pin."""
-    sums = _wheel_member(main_wheel, f"{_GEMMA3_DATA}/SHA256SUMS").decode("utf-8", "replace")
+    sums = wheel_member(main_wheel, f"{_GEMMA3_DATA}/SHA256SUMS").decode("utf-8", "replace")
     stated = {ln.split()[-1].lstrip("*"): ln.split()[0] for ln in sums.splitlines() if len(ln.split()) == 2}
     if stated.get(_GEMMA3_GGUF) != _GEMMA3_GGUF_SHA256:
         raise OwlError(
@@ -444,7 +431,7 @@ def _prepare_gemma3(files: list[Path], out: Path) -> None:
     save_model(model, tokenizer, out)
     del model, tokenizer
     for name in _GEMMA3_TERMS:
-        (out / name).write_bytes(_wheel_member(main, f"{_GEMMA3_DATA}/{name}"))
+        (out / name).write_bytes(wheel_member(main, f"{_GEMMA3_DATA}/{name}"))
     info = {
         "name": "gemma3-270m",
         "source": [f"PyPI {GEMMA3_MAIN.spec}: {_GEMMA3_DATA}/SHA256SUMS, {', '.join(_GEMMA3_TERMS)}"]
@@ -456,96 +443,6 @@ def _prepare_gemma3(files: list[Path], out: Path) -> None:
         "params": params,
     }
     (out / "asset.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-
-
-def _paragraphs(lines: list[str]) -> list[str]:
-    """Join hard-wrapped lines into paragraphs (blank lines separate them); collapse whitespace."""
-    paras, cur = [], []
-    for line in lines:
-        if line.strip():
-            cur.append(line.strip())
-        elif cur:
-            paras.append(" ".join(cur))
-            cur = []
-    if cur:
-        paras.append(" ".join(cur))
-    # paragraphs without a letter are rules and box drawing, not text
-    return [re.sub(r"\s+", " ", p) for p in paras if any(c.isalpha() for c in p)]
-
-
-def _write_docs(docs: list[str], out: Path) -> None:
-    docs = [d.strip() for d in docs if d.strip()]
-    out.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-
-
-_WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
-_WIKI_DROP_TAGS = re.compile(
-    r"<(ref|references|gallery|math|timeline)\b[^>]*/>|<(ref|references|gallery|math|timeline)\b.*?</\2\s*>",
-    re.IGNORECASE | re.DOTALL,
-)
-# leftover markup lines: image captions, table cells, unparsed links/templates, category lines
-_WIKI_DROP = re.compile(r"^(thumb\||left\||right\||\s*\||\[\[|\{\{|\{\||\|\})|^(Category|File|Image):", re.IGNORECASE)
-
-
-def _prepare_wiki(files: list[Path], out: Path) -> None:
-    """Wikipedia articles: main namespace only, redirects dropped, <ref>/<gallery>/<math> removed,
-    markup stripped by mwparserfromhell (templates and tables dropped, links → their text), one paragraph per line,
-    the title as the first line of each document."""
-    import xml.etree.ElementTree as ET
-
-    import mwparserfromhell
-
-    xml = bz2.decompress(_wheel_member(files[0], _WIKI_MEMBER))
-    root = ET.fromstring(xml)
-    ns = {"mw": root.tag.split("}")[0].strip("{")}
-    docs = []
-    for page in root.iterfind("mw:page", ns):
-        if page.findtext("mw:ns", namespaces=ns) != "0" or page.find("mw:redirect", ns) is not None:
-            continue
-        title = page.findtext("mw:title", namespaces=ns) or ""
-        raw = page.findtext("mw:revision/mw:text", namespaces=ns) or ""
-        raw = _WIKI_DROP_TAGS.sub("", raw)  # footnotes, galleries and formulas are not running text
-        text = mwparserfromhell.parse(raw).strip_code(normalize=True, collapse=True)
-        lines = [ln.strip() for ln in text.splitlines()]
-        lines = [ln for ln in lines if ln and not _WIKI_DROP.match(ln)]
-        if lines:
-            docs.append("\n".join([title, *(re.sub(r"\s+", " ", ln) for ln in lines)]))
-    _write_docs(docs, out)
-
-
-def _prepare_news(files: list[Path], out: Path) -> None:
-    """Lee background corpus (ABC news): one story per line → one document each."""
-    raw = _wheel_member(files[0], "gensim/test/test_data/lee_background.cor").decode("utf-8", "replace")
-    _write_docs([re.sub(r"\s+", " ", ln) for ln in raw.splitlines()], out)
-
-
-def _prepare_austen(files: list[Path], out: Path) -> None:
-    """Six Austen novels from R's lazy-load database (.rdx index + zlib chunks in .rdb), read with
-    rdata; one document per novel, hard-wrapped lines joined into one paragraph per line."""
-    import warnings
-
-    import rdata
-
-    warnings.filterwarnings("ignore", message="Unknown file type", module="rdata")
-
-    with tempfile.TemporaryDirectory() as scratch:
-        root = _deb_extract(files[0], Path(scratch)) / "usr/lib/R/site-library/janeaustenr/data"
-        index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((root / "Rdata.rdx").read_bytes())))
-        rdb = (root / "Rdata.rdb").read_bytes()
-    docs = []
-    for _name, (offset, length) in sorted(index["variables"].items(), key=lambda kv: int(kv[1][0])):
-        chunk = rdb[int(offset) : int(offset) + int(length)]
-        lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(chunk[4:])))
-        docs.append("\n".join(_paragraphs([str(x) for x in lines])))
-    _write_docs(docs, out)
-
-
-def _prepare_jargon(files: list[Path], out: Path) -> None:
-    """The Jargon File 4.4.7: hard-wrapped paragraphs re-flowed, one document per paragraph."""
-    with tempfile.TemporaryDirectory() as scratch:
-        root = _deb_extract(files[0], Path(scratch))
-        raw = gzip.decompress((root / "usr/share/doc/jargon-text/jargon.txt.gz").read_bytes())
-    _write_docs(_paragraphs(raw.decode("utf-8", "replace").splitlines()), out)
 
 
 ASSETS: dict[str, Asset] = {
@@ -581,28 +478,28 @@ ASSETS: dict[str, Asset] = {
             "text",
             "107 English Wikipedia articles (evaluation text), from the PyPI gensim wheel",
             (GENSIM,),
-            _prepare_wiki,
+            prepare_wiki,
         ),
         Asset(
             "news",
             "text",
             "Lee corpus of ABC news stories, from the PyPI gensim wheel",
             (GENSIM,),
-            _prepare_news,
+            prepare_news,
         ),
         Asset(
             "austen",
             "text",
             "six Jane Austen novels (public domain), Debian r-cran-janeaustenr",
             (JANEAUSTENR,),
-            _prepare_austen,
+            prepare_austen,
         ),
         Asset(
             "jargon",
             "text",
             "the Jargon File 4.4.7 (public domain), Debian jargon-text",
             (JARGON,),
-            _prepare_jargon,
+            prepare_jargon,
         ),
     ]
 }
