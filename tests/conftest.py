@@ -32,3 +32,14 @@ def smollm2(smollm2_dir):
     from owl_deploy.specs import load_model
 
     return load_model(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(smollm2_dir, tmp_path_factory):
+    """``(folder, export report)``: SmolLM2-135M exported once per session (256-token context, every check:
+    zeros, logits and 32 greedy tokens in both engines), for the tests that need a real deployment; read-only."""
+    from owl_deploy.configs import ExportConfig
+    from owl_deploy.export import export_model
+
+    out = tmp_path_factory.mktemp("smol") / "odir"
+    return out, export_model(smollm2_dir, out, ExportConfig(sequence_length=256, greedy_tokens=32))

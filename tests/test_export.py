@@ -536,14 +536,10 @@ def test_export_cli_summary(tiny_dir, tmp_path):
 
 # ---------------------------------------------------------------- the real model
 @pytest.mark.slow
-def test_smollm2_export_dense(smollm2_dir, tmp_path_factory):
+def test_smollm2_export_dense(smollm2_export):
     """Real SmolLM2-135M: zeros, logits within 1e-3 in both engines, 32 identical greedy tokens,
     and DeepSparse's own TextGeneration pipeline on the exported folder gives torch's tokens."""
-    from owl_deploy.configs import ExportConfig
-    from owl_deploy.export import export_model
-
-    out = tmp_path_factory.mktemp("smol") / "odir"
-    report = export_model(smollm2_dir, out, ExportConfig(sequence_length=256, greedy_tokens=32))
+    out, report = smollm2_export
     assert report["ok"], report["problems"]
     assert report["zeros_preserved"] is True
     for engine in ("onnxruntime", "deepsparse"):

@@ -383,16 +383,13 @@ def test_a_bad_folder_is_one_line_and_no_server(tmp_path):
 
 # ---------------------------------------------------------------- the real model
 @pytest.mark.slow
-def test_smollm2_served_batched_equals_batch_1(smollm2_dir, tmp_path):
+def test_smollm2_served_batched_equals_batch_1(smollm2_export):
     """The real SmolLM2-135M in DeepSparse (internal caches, batched): four concurrent greedy requests, each
     equal to its batch-1 greedy continuation in ONNX Runtime; a chat completion through the model's own
-    template."""
-    from owl_deploy.configs import ExportConfig
-    from owl_deploy.export import export_model
-
-    odir = tmp_path / "smol"
-    export_model(smollm2_dir, odir, ExportConfig(sequence_length=128, greedy_tokens=0), engines=("onnxruntime",))
-    with running(odir, "--engine", "deepsparse", "--max-batch", "4", "--batch-sizes", "1,4") as (base, _):
+    template. (The session's one SmolLM2 export, shared with test_export.py.)"""
+    odir, _ = smollm2_export
+    serve_args = ("--max-batch", "4", "--batch-sizes", "1,4", "--model-name", "smol", "--sequence-length", "128")
+    with running(odir, "--engine", "deepsparse", *serve_args) as (base, _):
         prompts = ["The capital of France is", "Water boils at", "The largest planet is", "def add(a, b):"]
         results: dict[str, str] = {}
 
@@ -409,8 +406,9 @@ def test_smollm2_served_batched_equals_batch_1(smollm2_dir, tmp_path):
 
         tok = AutoTokenizer.from_pretrained(odir)
         assert httpx.get(f"{base}/health").json()["kv_cache"] == "internal"  # fp32 in DeepSparse
+        reference = runtime.compile(odir, "onnxruntime", sequence_length=128, prefill_length=4)  # the served context
         for p in prompts:
-            want = _greedy(odir, "onnxruntime", tok(p)["input_ids"], 16)
+            want = list(reference.generate(tok(p)["input_ids"], 16))
             if tok.eos_token_id in want:
                 want = want[: want.index(tok.eos_token_id) + 1]
             assert results[p] == tok.decode(want, skip_special_tokens=True), p
