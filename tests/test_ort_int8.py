@@ -122,3 +122,16 @@ def test_signed_graph_gives_the_same_integers_at_the_extremes():
     ort_int8.sign_weights(proto)
     got = _run(proto, x)[0]
     assert np.array_equal(got, want)
+
+
+def test_weights_stored_outside_the_graph_are_left_as_exported(tmp_path):
+    """A graph past the export's threshold keeps its weights in a side file: re-signing them would mean a second
+    copy in memory, so they stay uint8 (and the zero points, stored outside here too, are never read)."""
+    import onnx
+
+    onnx.save_model(
+        _graph(np.random.default_rng(2)), str(tmp_path / "m.onnx"), save_as_external_data=True, size_threshold=0
+    )
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert ort_int8.sign_weights(proto) == 0
+    assert all(t.data_type == TensorProto.UINT8 for t in proto.graph.initializer)
