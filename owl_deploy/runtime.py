@@ -129,15 +129,13 @@ class _Graph:
 
 
 class _OrtGraph(_Graph):
-    def __init__(self, model_bytes: bytes, folder: Path, threads: int | None, spin: bool = True):
+    def __init__(self, model_bytes: bytes, folder: Path, threads: int | None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         if threads:
             opts.intra_op_num_threads = threads
-        if not spin:  # its idle threads would otherwise busy-wait through whatever engine runs next
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # loaded from memory: external data is read from the deployment folder itself
         opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
         try:
@@ -377,7 +375,6 @@ def compile(
     kv_cache: str | None = None,
     threads: int | None = None,
     lengths: Sequence[int] | None = None,
-    spin: bool = True,
 ) -> Session:
     """Compile a deployment folder with ``engine`` (``deepsparse`` or ``onnxruntime``).
 
@@ -385,9 +382,6 @@ def compile(
     ``kv_cache`` is ``internal`` (DeepSparse only, its default) or ``external``. ``lengths`` (DeepSparse):
     compile exactly these static input lengths instead of ``prefill_cascade`` — each DeepSparse graph
     holds its own copy of the weights, so a check that needs less memory compiles one at a time.
-    ``spin`` False (ONNX Runtime): its threads sleep between calls instead of spinning, for a session whose
-    calls alternate with another engine's (a server's ONNX Runtime prefill beside DeepSparse decode steps:
-    spinning slowed the step right after a prefill by 18-22 ms at batch 16, measured on the Xeon).
     """
     if engine not in ENGINES:
         raise OwlError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -421,7 +415,7 @@ def compile(
     graphs: dict[int | None, _Graph] = {}
     if engine == "onnxruntime":
         _ort_form(proto)
-        graphs[None] = _OrtGraph(contract.serialized(proto, dep.spec, total, None), dep.folder, threads, spin)
+        graphs[None] = _OrtGraph(contract.serialized(proto, dep.spec, total, None), dep.folder, threads)
     else:
         for n in lengths or prefill_cascade(prefill_length):
             with contract.declared_copy(dep.folder, proto, dep.spec, total, n) as path:

@@ -122,24 +122,6 @@ def test_serving_plan_keeps_int8_exact_and_fp32_fast(odir, monkeypatch):
     assert plan(odir, ServeConfig(kv_cache="internal")) == ("internal", "deepsparse")  # asked for: allowed
 
 
-def test_an_onnxruntime_prefill_beside_deepsparse_steps_does_not_spin(odir):
-    """ONNX Runtime's idle threads spin by default; beside DeepSparse decode steps that slowed the step after each
-    prefill (18-22 ms at batch 16 on the Xeon), so a prefill session of the other engine sleeps instead."""
-    from owl_deploy.configs import ServeConfig
-    from owl_deploy.serve import build_scheduler
-
-    def spinning(cfg):
-        opts = build_scheduler(odir, cfg).prefill._graphs[None].sess.get_session_options()
-        try:
-            return opts.get_session_config_entry("session.intra_op.allow_spinning") != "0"
-        except RuntimeError:  # not set: ONNX Runtime's default, spinning
-            return True
-
-    common = {"batch_sizes": [1], "max_batch": 1, "threads": 1}
-    assert not spinning(ServeConfig(prefill_engine="onnxruntime", kv_cache="external", **common))
-    assert spinning(ServeConfig(engine="onnxruntime", **common))  # one engine: back-to-back calls keep spinning
-
-
 def test_sampling_greedy_seeded_and_nucleus():
     logits = np.array([0.0, 3.0, 2.9, -5.0])
     assert sample(logits, Sampling(), np.random.default_rng(0)) == 1

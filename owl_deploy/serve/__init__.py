@@ -78,7 +78,6 @@ def build_scheduler(folder: Path, cfg: ServeConfig):
         prefill_length=prefill_length,
         kv_cache=kv_cache,
         threads=cfg.threads,
-        spin=prefill_engine == cfg.engine,  # ONNX Runtime prefills between DeepSparse steps: no spinning
     )
     return Scheduler(prefill, decoder, cfg.max_batch, cfg.max_queue)
 
