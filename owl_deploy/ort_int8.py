@@ -103,5 +103,5 @@ def sign_weights(proto) -> int:
 
 
 def describe() -> str:
-    """What reports record of ONNX Runtime's int8 weights on this machine."""
-    return "int8 (re-signed in memory)" if enabled() else "uint8 (as exported)"
+    """What reports record of the rule on this machine (each session's count: ``Session.signed_weights``)."""
+    return "re-signed to int8 in memory where the graph holds them" if enabled() else "uint8 (as exported)"

@@ -149,12 +149,12 @@ class _OrtGraph(_Graph):
         return self.sess.run(None, {k: feeds[k] for k in self.input_names})
 
 
-def _ort_form(proto) -> None:
-    """ONNX Runtime's form of a graph: int8 weights re-signed where that is exact and faster (``ort_int8``)."""
+def _ort_form(proto) -> int:
+    """ONNX Runtime's form of a graph: int8 weights re-signed where that is exact and faster (``ort_int8``);
+    how many were."""
     from owl_deploy import ort_int8
 
-    if ort_int8.enabled():
-        ort_int8.sign_weights(proto)
+    return ort_int8.sign_weights(proto) if ort_int8.enabled() else 0
 
 
 class _DeepSparseGraph(_Graph):
@@ -206,6 +206,7 @@ class Session:
         kv_cache: str,
         graphs: dict[int | None, _Graph],
         compile_seconds: float,
+        signed_weights: int = 0,
     ):
         self.deployment = dep
         self.engine = engine
@@ -213,6 +214,7 @@ class Session:
         self.prefill_length = prefill_length
         self.kv_cache = kv_cache
         self.compile_seconds = compile_seconds
+        self.signed_weights = signed_weights  # int8 weights ONNX Runtime runs re-signed (ort_int8)
         self._graphs = graphs
         self.reset()
 
@@ -413,15 +415,16 @@ def compile(
         raise OwlError(f"{dep.folder}: this deployment was compiled already; open it again")
     proto, dep.proto = dep.proto, None  # the session does not keep a second copy of the weights
     graphs: dict[int | None, _Graph] = {}
+    signed = 0
     if engine == "onnxruntime":
-        _ort_form(proto)
+        signed = _ort_form(proto)
         graphs[None] = _OrtGraph(contract.serialized(proto, dep.spec, total, None), dep.folder, threads)
     else:
         for n in lengths or prefill_cascade(prefill_length):
             with contract.declared_copy(dep.folder, proto, dep.spec, total, n) as path:
                 graphs[n] = _DeepSparseGraph(path, n, threads, kv_cache == "internal")
     seconds = time.perf_counter() - start
-    return Session(dep, engine, total, prefill_length, kv_cache, graphs, seconds)
+    return Session(dep, engine, total, prefill_length, kv_cache, graphs, seconds, signed)
 
 
 class Decoder:
@@ -446,10 +449,12 @@ class Decoder:
         graphs: dict[int, _Graph],
         seconds: float,
         kv_cache: str = "external",
+        signed_weights: int = 0,
     ):
         self.deployment, self.engine, self.sequence_length = dep, engine, sequence_length
         self.batch_sizes = sorted(graphs)
         self.compile_seconds = seconds
+        self.signed_weights = signed_weights  # int8 weights ONNX Runtime runs re-signed (ort_int8)
         self.kv_cache = kv_cache
         self._graphs = graphs
         self._past: list[np.ndarray] | None = None  # external caches: the feed arrays, reused (see _gather)
@@ -555,8 +560,7 @@ def compile_decoder(
     graphs: dict[int, _Graph] = {}
     import onnx
 
-    if engine == "onnxruntime":
-        _ort_form(proto)
+    signed = _ort_form(proto) if engine == "onnxruntime" else 0
     for b in sizes:
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
@@ -566,4 +570,4 @@ def compile_decoder(
             with contract.declared_copy(dep.folder, copy, dep.spec, total, 1, batch=b) as path:
                 graphs[b] = _DeepSparseGraph(path, 1, threads, internal_cache=kv_cache == "internal", batch=b)
         del copy
-    return Decoder(dep, engine, total, graphs, time.perf_counter() - start, kv_cache)
+    return Decoder(dep, engine, total, graphs, time.perf_counter() - start, kv_cache, signed)

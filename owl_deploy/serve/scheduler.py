@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from owl_deploy import ort_int8
 from owl_deploy.errors import OwlError
 from owl_deploy.runtime import Decoder, KVState, Session
 
@@ -223,5 +222,9 @@ class Scheduler:
             "kv_cache": self.decoder.kv_cache,
             "prefill_engine": self.prefill.engine,
             "prefill_length": self.prefill.prefill_length,
-            "onnxruntime_int8_weights": ort_int8.describe(),
+            # int8 weights ONNX Runtime runs re-signed (ort_int8): what each compiled session did, not the rule
+            "onnxruntime_signed_weights": {
+                "prefill": self.prefill.signed_weights,
+                "decode": self.decoder.signed_weights,
+            },
         }
