@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from test_export import SEQ, _prune_folder
 from tiny_models import save_tiny
 
+from owl_deploy import ort_int8
 from owl_deploy.errors import OwlError
 from owl_deploy.export import int8 as q
-from owl_deploy.versions import cpu_info
 
 
 # ---------------------------------------------------------------- pure maths
@@ -350,13 +350,13 @@ def test_int8_engine_check_accepts_engines_within_the_quantization_error(engine,
 
 
 @pytest.mark.skipif(
-    not any(f in cpu_info()["flags"] for f in ("avx512_vnni", "avx_vnni")),
+    not ort_int8.enabled(env={}),  # the CPU rule, whatever the environment says
     reason="ONNX Runtime's signed-weight form is exact only with VNNI",
 )
 def test_onnxruntime_on_signed_weights_gives_the_same_logits_and_caches(int8_export, monkeypatch):
     """The deployment's graph in ONNX Runtime, with and without the in-memory signed-weight rewrite: prefill
     and decode logits bit-identical (what lets int8 servers prefill in it and decode in DeepSparse)."""
-    from owl_deploy import ort_int8, runtime
+    from owl_deploy import runtime
 
     out, report = int8_export
     outputs, signed = {}, {}
