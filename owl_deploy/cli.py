@@ -389,9 +389,7 @@ def serve_cmd(folder: str, **kw) -> None:
     /health, /metrics), decoding concurrent requests together; SIGTERM drains and exits 0."""
     from owl_deploy.serve import serve
 
-    cfg = SERVE.build(kw)
-    click.echo(f"serving {folder} on http://{cfg.host}:{cfg.port} ({cfg.engine}); /health is 200 when ready", err=True)
-    serve(folder, cfg)
+    serve(folder, SERVE.build(kw))
 
 
 @main.command("recover")

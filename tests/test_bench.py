@@ -428,7 +428,7 @@ def test_bytes_per_token_ceiling_math(tmp_path):
 
 # ---------------------------------------------------------------- inputs and the contract
 def test_bad_inputs_are_one_line_errors(tiny, tmp_path):
-    with pytest.raises(OwlError, match="no such folder"):
+    with pytest.raises(OwlError, match=r"^model 'sparse': .*missing: no such folder$"):
         weights.load_model_info(tmp_path / "missing", "sparse")
     with pytest.raises(OwlError, match="not a deployment folder"):
         weights.load_model_info(tmp_path, "sparse")

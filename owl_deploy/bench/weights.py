@@ -72,42 +72,44 @@ def load_model_info(folder: Path | str, label: str, with_weights: bool = True) -
     """Check that ``folder`` holds a single-token decode graph in the contract; read its weight statistics."""
     folder = Path(folder)
     if not folder.exists():
-        raise OwlError(f"--{label} {folder}: no such folder")
+        raise OwlError(f"model {label!r}: {folder}: no such folder")
     if folder.is_file() and folder.suffix == ".onnx":
         onnx_path, folder = folder, folder.parent
     elif folder.is_dir():
         onnx_path = folder / MODEL_ONNX
     else:
-        raise OwlError(f"--{label} {folder}: not a deployment folder (expected a folder with {MODEL_ONNX})")
+        raise OwlError(f"model {label!r}: {folder}: not a deployment folder (expected a folder with {MODEL_ONNX})")
     if not onnx_path.is_file():
-        raise OwlError(f"--{label} {folder}: not a deployment folder (no {MODEL_ONNX}; run `owl-deploy export` first)")
+        raise OwlError(
+            f"model {label!r}: {folder}: not a deployment folder (no {MODEL_ONNX}; run `owl-deploy export` first)"
+        )
     export: dict[str, Any] = {}
     ej = folder / EXPORT_JSON
     if ej.is_file():
         try:
             raw = json.loads(ej.read_text())
         except (OSError, ValueError) as exc:
-            raise OwlError(f"--{label} {ej}: unreadable ({exc})") from exc
+            raise OwlError(f"model {label!r}: {ej}: unreadable ({exc})") from exc
         if isinstance(raw, dict):
             export = {k: v for k, v in raw.items() if isinstance(v, str | int | float | bool) or v is None}
     try:
         proto = load_graph(onnx_path)
         contract = read_contract(proto, onnx_path)
     except OwlError as exc:
-        raise OwlError(f"--{label}: {exc}") from None
+        raise OwlError(f"model {label!r}: {exc}") from None
     if contract.input_ids_length != 1:
         raise OwlError(
-            f"--{label} {onnx_path}: expected a single-token decode graph (input_ids length 1), "
+            f"model {label!r}: {onnx_path}: expected a single-token decode graph (input_ids length 1), "
             f"got {contract.input_ids_length}"
         )
     if contract.past_length != contract.sequence_length - 1:
         raise OwlError(
-            f"--{label} {onnx_path}: the graph needs static shapes: past length {contract.past_length} != "
+            f"model {label!r}: {onnx_path}: the graph needs static shapes: past length {contract.past_length} != "
             f"sequence length {contract.sequence_length} - 1"
         )
     if "sequence_length" in export and int(export["sequence_length"]) != contract.sequence_length:
         raise OwlError(
-            f"--{label}: export.json says sequence length {export['sequence_length']}, "
+            f"model {label!r}: export.json says sequence length {export['sequence_length']}, "
             f"model.onnx {contract.sequence_length}"
         )
     info = ModelInfo(label=label, folder=folder, onnx_path=onnx_path, contract=contract, export=export)

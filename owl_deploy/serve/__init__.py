@@ -91,6 +91,7 @@ def serve(folder: str | Path, cfg: ServeConfig, ready: threading.Event | None = 
 
     folder = Path(folder).expanduser()
     dep = runtime.open_deployment(folder)  # a bad folder fails here, before anything listens
+    log.warning("serving %s on http://%s:%s (%s); /health is 200 when ready", folder, cfg.host, cfg.port, cfg.engine)
     tokenizer = dep.tokenizer()
     server = Server(cfg.model_name or folder.name)
     server.tokenizer = tokenizer
