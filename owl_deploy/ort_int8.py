@@ -7,14 +7,18 @@ are faster and exact: ``(x - 128)(w_u8 - 128) == (x - 128) w_s8`` with ``w_s8 = 
 int32 either way. Measured on SmolLM2-135M 70% int8, Xeon with AVX512-VNNI, 2 threads: a 128-token prefill
 0.24 -> 0.13 s, a batch-16 decode step 81-86 -> 69-74 ms, logits and caches bit-identical. Without VNNI
 (AVX2, AVX-512 without VNNI) MLAS's uint8 x int8 kernels sum pairs of products in saturating int16
-(``vpmaddubsw``) and can round, so the rewrite is left off there (and on weights stored outside the graph,
-see :func:`sign_weights`). The deployment on disk never changes:
-ONNX Runtime's sessions are rewritten in memory (DeepSparse keeps the uint8 pattern).
+(``vpmaddubsw``) and can round, so the rewrite is left off there. The deployment's own files never change
+(DeepSparse keeps the uint8 pattern): inline weights are re-signed in ONNX Runtime's copy of the graph in memory,
+and weights stored outside the graph (a graph past the export's 1.8 GB threshold, such as Qwen2.5-Coder-1.5B int8)
+are read from a re-signed companion file written once beside them (:func:`companion`).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +29,13 @@ ENV = "OWL_ORT_SIGNED_INT8"
 #: the CPU flags with an exact uint8 x int8 dot product (AMX CPUs have AVX512-VNNI too)
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")
 SIGNED_ZERO_POINT = "owl_ort_int8.zero_point"
+#: the re-signed copy of a deployment's external int8 weights, and what it was made from
+COMPANION = "model.ort-s8.data"
+COMPANION_INDEX = "model.ort-s8.json"
+#: companion offsets are aligned so ONNX Runtime can map each weight from the file
+ALIGN = 65536
+
+log = logging.getLogger("owl_deploy.ort_int8")
 
 
 def signed(q: np.ndarray) -> np.ndarray:
@@ -59,15 +70,14 @@ def _uint8_128(tensor) -> bool:
     return int(np.prod(tensor.dims)) == 1 and int(numpy_helper.to_array(tensor).reshape(-1)[0]) == 128
 
 
-def sign_weights(proto) -> int:
-    """Rewrite ``proto`` in place: every MatMulInteger weight that is an inline uint8 initializer with zero
-    point 128, used nowhere else, becomes int8 with zero point 0. Returns how many weights changed.
+def sign_weights(proto, folder: Path | str | None = None) -> int:
+    """Rewrite ``proto`` in place: every MatMulInteger weight that is a uint8 initializer with an inline zero
+    point of 128, used nowhere else, becomes int8 with zero point 0. Returns how many weights changed.
 
-    Left alone (still correct, just the slower kernel): zero points other than 128, initializers some other
-    node also reads, and weights held as external data (a graph past the export's 1.8 GB threshold, such as
-    Qwen2.5-Coder-1.5B int8). Those would gain most (its 128-token prefill 1.79-1.97 -> 0.61-0.94 s, measured,
-    bit-identical), but re-signed copies cost memory: kept inline, the session peaked at 8.2-9.2 GB against 4.2
-    (perplexity scoring); handed to ONNX Runtime as shared initializers, 5.0 GB against 2.0 and 6 s more setup.
+    Weights held as external data are re-signed only given the deployment ``folder``: they are then read from
+    the companion file there (written on first use, :func:`companion`); without it, or where it cannot be
+    written, they stay uint8. Left alone too (still correct, just the slower kernel): zero points other than
+    128 and initializers some other node also reads.
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -80,7 +90,9 @@ def sign_weights(proto) -> int:
 
     def convertible(name: str) -> bool:
         t = inits.get(name)
-        if t is None or t.data_type != TensorProto.UINT8 or t.data_location == TensorProto.EXTERNAL:
+        if t is None or t.data_type != TensorProto.UINT8:
+            return False
+        if t.data_location == TensorProto.EXTERNAL and folder is None:
             return False
         for node, i in readers[name]:
             if node.op_type != "MatMulInteger" or i != 1 or len(node.input) < 4:
@@ -92,14 +104,94 @@ def sign_weights(proto) -> int:
 
     weights = sorted({n.input[1] for n in graph.node if n.op_type == "MatMulInteger" and len(n.input) >= 4})
     changed = [w for w in weights if convertible(w)]
+    outside = [inits[w] for w in changed if inits[w].data_location == TensorProto.EXTERNAL]
+    placed = companion(Path(folder), outside) if outside else {}
+    if placed is None:  # no companion here: the external weights keep the slower kernel
+        changed = [w for w in changed if inits[w].data_location != TensorProto.EXTERNAL]
+        placed = {}
     for name in changed:
         tensor = inits[name]
-        tensor.CopyFrom(numpy_helper.from_array(signed(numpy_helper.to_array(tensor)), name))
+        if name in placed:
+            tensor.data_type = TensorProto.INT8
+            offset, length = placed[name]
+            del tensor.external_data[:]
+            for key, value in (("location", COMPANION), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+        else:
+            tensor.CopyFrom(numpy_helper.from_array(signed(numpy_helper.to_array(tensor)), name))
         for node, _ in readers[name]:
             node.input[3] = SIGNED_ZERO_POINT
     if changed and SIGNED_ZERO_POINT not in inits:
         graph.initializer.append(helper.make_tensor(SIGNED_ZERO_POINT, TensorProto.INT8, [], [0]))
     return len(changed)
+
+
+def _external(tensor) -> tuple[str, int, int]:
+    info = {e.key: e.value for e in tensor.external_data}
+    count = int(np.prod(tensor.dims))
+    return info["location"], int(info.get("offset", 0)), int(info.get("length", count))
+
+
+def companion(folder: Path, tensors: list) -> dict[str, tuple[int, int]] | None:
+    """Where each of ``tensors`` (external uint8 weights of the deployment in ``folder``) sits, re-signed, in
+    ``folder/COMPANION``: {name: (offset, length)}. Written once (``COMPANION_INDEX`` records the source files'
+    size and mtime, so a re-export rebuilds it); ``None`` where it cannot be written (a read-only folder, a full
+    disk), after one warning. Re-signing in memory instead would keep a second copy of the weights in the
+    process (measured on Qwen2.5-Coder-1.5B int8: 5.0 GB against 2.0); a file costs their size on disk once.
+    """
+    folder = Path(folder)
+    layout = []
+    offset = 0
+    for t in sorted(tensors, key=lambda t: t.name):
+        location, start, length = _external(t)
+        if Path(location).name != location:
+            return None  # contract.external_data_files already refuses these; never read outside the folder
+        offset = -(-offset // ALIGN) * ALIGN
+        layout.append((t.name, location, start, length, offset))
+        offset += length
+    sources = sorted({loc for _, loc, *_ in layout})
+    try:
+        stats = {loc: (folder / loc).stat() for loc in sources}
+    except OSError:
+        return None
+    key = {
+        "sources": {loc: [st.st_size, st.st_mtime_ns] for loc, st in stats.items()},
+        "weights": [[name, loc, start, length, at] for name, loc, start, length, at in layout],
+    }
+    placed = {name: (at, length) for name, _, _, length, at in layout}
+    index, data = folder / COMPANION_INDEX, folder / COMPANION
+    try:
+        if json.loads(index.read_text()) == key and data.stat().st_size >= offset:
+            return placed
+    except (OSError, ValueError):
+        pass
+    tmp = folder / f".{COMPANION}.{os.getpid()}.tmp"
+    tmp_index = folder / f".{COMPANION_INDEX}.{os.getpid()}.tmp"
+    try:
+        handles = {loc: open(folder / loc, "rb") for loc in sources}  # noqa: SIM115 (closed below)
+        try:
+            with open(tmp, "wb") as out:
+                for _, loc, start, length, at in layout:
+                    out.seek(at)
+                    src = handles[loc]
+                    src.seek(start)
+                    raw = src.read(length)
+                    if len(raw) != length:
+                        raise OSError(f"{loc} ends before {start + length} bytes")
+                    out.write((np.frombuffer(raw, np.uint8) ^ np.uint8(0x80)).tobytes())
+        finally:
+            for h in handles.values():
+                h.close()
+        os.replace(tmp, data)
+        tmp_index.write_text(json.dumps(key))
+        os.replace(tmp_index, index)
+    except OSError as exc:
+        for leftover in (tmp, tmp_index):
+            leftover.unlink(missing_ok=True)
+        log.warning("ONNX Runtime keeps the uint8 int8 weights of %s (cannot write %s: %s)", folder, COMPANION, exc)
+        return None
+    return placed
 
 
 def describe() -> str:

@@ -149,12 +149,12 @@ class _OrtGraph(_Graph):
         return self.sess.run(None, {k: feeds[k] for k in self.input_names})
 
 
-def _ort_form(proto) -> int:
-    """ONNX Runtime's form of a graph: int8 weights re-signed where that is exact and faster (``ort_int8``);
-    how many were."""
+def _ort_form(proto, folder: Path) -> int:
+    """ONNX Runtime's form of a graph: int8 weights re-signed where that is exact and faster (``ort_int8``; the
+    external ones from a companion file in ``folder``); how many were."""
     from owl_deploy import ort_int8
 
-    return ort_int8.sign_weights(proto) if ort_int8.enabled() else 0
+    return ort_int8.sign_weights(proto, folder) if ort_int8.enabled() else 0
 
 
 class _DeepSparseGraph(_Graph):
@@ -417,7 +417,7 @@ def compile(
     graphs: dict[int | None, _Graph] = {}
     signed = 0
     if engine == "onnxruntime":
-        signed = _ort_form(proto)
+        signed = _ort_form(proto, dep.folder)
         graphs[None] = _OrtGraph(contract.serialized(proto, dep.spec, total, None), dep.folder, threads)
     else:
         for n in lengths or prefill_cascade(prefill_length):
@@ -560,7 +560,7 @@ def compile_decoder(
     graphs: dict[int, _Graph] = {}
     import onnx
 
-    signed = _ort_form(proto) if engine == "onnxruntime" else 0
+    signed = _ort_form(proto, dep.folder) if engine == "onnxruntime" else 0
     for b in sizes:
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)

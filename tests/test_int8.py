@@ -369,3 +369,38 @@ def test_onnxruntime_on_signed_weights_gives_the_same_logits_and_caches(int8_exp
     # only the session told to: every block projection and lm_head re-signed
     assert signed == {"0": 0, "1": 7 * report["spec"]["num_layers"] + 1}
     assert np.array_equal(outputs["0"][0], outputs["1"][0]) and np.array_equal(outputs["0"][1], outputs["1"][1])
+
+
+@pytest.mark.skipif(
+    not ort_int8.enabled(env={}),  # the CPU rule, whatever the environment says
+    reason="ONNX Runtime's signed-weight form is exact only with VNNI",
+)
+def test_external_int8_weights_run_re_signed_from_the_companion_file(tiny_pruned, tmp_path, tiny_text, monkeypatch):
+    """A deployment whose weights live in model.data (as a 1.5B int8 export's do): the export's own ONNX Runtime
+    check writes the re-signed companion beside them, every later session reads it, the logits stay
+    bit-identical, and model.data is never touched."""
+    from owl_deploy import runtime
+    from owl_deploy.configs import CalibrationConfig, ExportConfig, QuantizeConfig
+    from owl_deploy.export import export_model
+
+    monkeypatch.delenv(ort_int8.ENV, raising=False)
+    out = tmp_path / "odir"
+    report = export_model(
+        tiny_pruned,
+        out,
+        ExportConfig(sequence_length=SEQ, prefill_length=4, greedy_tokens=4, external_data_threshold=1),
+        QuantizeConfig(scheme="int8", nsamples=4, seqlen=32),
+        CalibrationConfig(text=str(tiny_text)),
+    )
+    assert report["ok"] and report["external_data"]
+    assert {ort_int8.COMPANION, ort_int8.COMPANION_INDEX} <= set(report["files"])
+    data = (out / "model.data").read_bytes()
+    outputs, signed = {}, {}
+    for value in ("0", "1"):
+        monkeypatch.setenv(ort_int8.ENV, value)
+        sess = runtime.compile(out, "onnxruntime", prefill_length=4, threads=1)
+        outputs[value] = (sess.forward([5, 9, 14, 3, 7, 2]), sess.forward([11]))
+        signed[value] = sess.signed_weights
+    assert signed == {"0": 0, "1": 7 * report["spec"]["num_layers"] + 1}
+    assert np.array_equal(outputs["0"][0], outputs["1"][0]) and np.array_equal(outputs["0"][1], outputs["1"][1])
+    assert (out / "model.data").read_bytes() == data

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -123,14 +125,78 @@ def test_signed_graph_gives_the_same_integers_at_the_extremes():
     assert np.array_equal(got, want)
 
 
-def test_weights_stored_outside_the_graph_are_left_as_exported(tmp_path):
-    """A graph past the export's threshold keeps its weights in a side file: re-signing them would mean a second
-    copy in memory, so they stay uint8 (and the zero points, stored outside here too, are never read)."""
+def _external_graph(folder):
+    """The test graph saved with its weights in a side file (as the export stores a graph past 1.8 GB) and its
+    one-byte zero points inline (once per folder: onnx appends to an existing side file); returns the graph as
+    the runtime reads it (without the weights)."""
     import onnx
 
-    onnx.save_model(
-        _graph(np.random.default_rng(2)), str(tmp_path / "m.onnx"), save_as_external_data=True, size_threshold=0
-    )
-    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    if not (folder / "model.onnx").exists():
+        onnx.save_model(
+            _graph(np.random.default_rng(2)),
+            str(folder / "model.onnx"),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location="model.data",
+            size_threshold=40,
+        )  # fmt: skip  (onnx counts a tensor's size with Python's 33-byte bytes header: zero points stay inline)
+    return onnx.load(str(folder / "model.onnx"), load_external_data=False)
+
+
+def _run_from(folder, proto, x):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder))
+    sess = ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})[0]
+
+
+def test_weights_stored_outside_the_graph_need_their_folder(tmp_path):
+    """Without the deployment folder there is nowhere to put re-signed external weights: they stay uint8."""
+    proto = _external_graph(tmp_path)
     assert ort_int8.sign_weights(proto) == 0
     assert all(t.data_type == TensorProto.UINT8 for t in proto.graph.initializer)
+    assert not (tmp_path / ort_int8.COMPANION).exists()
+
+
+def test_weights_stored_outside_the_graph_are_read_re_signed_from_a_companion_file(tmp_path):
+    import onnx
+
+    x = np.random.default_rng(3).integers(0, 256, (4, 8), dtype=np.uint8)
+    want = _run_from(tmp_path, _external_graph(tmp_path), x)
+    data = (tmp_path / "model.data").read_bytes()
+    proto = _external_graph(tmp_path)
+    assert ort_int8.sign_weights(proto, tmp_path) == 2
+    assert (tmp_path / "model.data").read_bytes() == data  # the deployment's own weights never change
+    full = onnx.load(str(tmp_path / "model.onnx"))
+    for t in proto.graph.initializer:
+        if t.name in ("W1", "W2"):
+            info = {e.key: e.value for e in t.external_data}
+            assert t.data_type == TensorProto.INT8 and info["location"] == ort_int8.COMPANION
+            assert int(info["offset"]) % ort_int8.ALIGN == 0
+            raw = (tmp_path / ort_int8.COMPANION).read_bytes()[int(info["offset"]) :][: int(info["length"])]
+            orig = numpy_helper.to_array({i.name: i for i in full.graph.initializer}[t.name])
+            assert np.array_equal(np.frombuffer(raw, np.int8).reshape(orig.shape), ort_int8.signed(orig))
+    if VNNI:  # uint8 x int8 is exact in ONNX Runtime only with VNNI
+        assert np.array_equal(_run_from(tmp_path, proto, x), want)
+
+    stamp = (tmp_path / ort_int8.COMPANION).stat().st_mtime_ns
+    assert ort_int8.sign_weights(_external_graph(tmp_path), tmp_path) == 2
+    assert (tmp_path / ort_int8.COMPANION).stat().st_mtime_ns == stamp  # reused, not written again
+    st = (tmp_path / "model.data").stat()
+    os.utime(tmp_path / "model.data", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # as a re-export would
+    assert ort_int8.sign_weights(_external_graph(tmp_path), tmp_path) == 2
+    assert (tmp_path / ort_int8.COMPANION).stat().st_mtime_ns != stamp  # rebuilt from the new weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["model.onnx", "model.data", ort_int8.COMPANION, ort_int8.COMPANION_INDEX]
+    )
+
+
+def test_an_unwritable_companion_leaves_the_external_weights_as_exported(tmp_path, caplog):
+    (tmp_path / ort_int8.COMPANION).mkdir()  # a directory in its place: the file cannot be written there
+    proto = _external_graph(tmp_path)
+    assert ort_int8.sign_weights(proto, tmp_path) == 0
+    assert all(t.data_type == TensorProto.UINT8 for t in proto.graph.initializer)
+    assert "cannot write" in caplog.text
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no half-written file left

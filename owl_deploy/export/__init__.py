@@ -6,6 +6,8 @@ existing folder untouched)::
     out/
       model.onnx              KV-cache decoder graph in DeepSparse's contract (see export/graph.py)
       model.data              external weights, only when they pass ~1.8 GB (protobuf caps at 2 GiB)
+      model.ort-s8.data/.json int8 with external weights on a VNNI CPU: ONNX Runtime's re-signed copy of them
+                              (written by the verification's ONNX Runtime session, ``ort_int8.companion``)
       config.json, generation_config.json, tokenizer files   what deepsparse.TextGeneration loads
       sparsity.json           copied from the source folder when present
       export.json             the proof: zeros per pruned linear, engine sparsity, logits diffs, timings
