@@ -196,4 +196,6 @@ def companion(folder: Path, tensors: list) -> dict[str, tuple[int, int]] | None:
 
 def describe() -> str:
     """What reports record of the rule on this machine (each session's count: ``Session.signed_weights``)."""
-    return "re-signed to int8 in memory where the graph holds them" if enabled() else "uint8 (as exported)"
+    if not enabled():
+        return "uint8 (as exported)"
+    return f"re-signed to int8 (inline weights in memory, external ones from {COMPANION})"
