@@ -231,24 +231,43 @@ def main(argv: list[str] | None = None) -> int:
         scheme = "int8" if report.get("int8") else "fp32"
         result["runs"][label] = {"reused": str(folder), "measured": describe(report, shape, scheme, None)}
     for label, scheme, limit in runs:
-        print(f"{label}: exporting ...", file=sys.stderr, flush=True)
-        scratch = Path(tempfile.mkdtemp(prefix="owl-memory-"))
-        try:
-            run = run_export(args.model, scheme, limit, scratch / "odir", args.sequence_length)
-            if run["exit_code"] == 0:
-                report = json.loads((scratch / "odir" / "export.json").read_text())
-                run["measured"] = describe(report, shape, scheme, limit)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        result["runs"][label] = run
-        m = run.get("measured") or {}
-        print(
-            f"  exit {run['exit_code']}, {run['wall_seconds']} s, peak RSS {m.get('peak_rss_gb')} GB", file=sys.stderr
-        )
-    result["load_average_after"] = list(os.getloadavg())
-    write_report(args.out, result, markdown(result))
-    print(markdown(result))
+
+        def run(scratch: Path, scheme=scheme, limit=limit) -> dict:
+            return run_export(args.model, scheme, limit, scratch / "odir", args.sequence_length)
+
+        def measured(scratch: Path, scheme=scheme, limit=limit) -> dict:
+            report = json.loads((scratch / "odir" / "export.json").read_text())
+            return {"measured": describe(report, shape, scheme, limit)}
+
+        result["runs"][label] = run_in_scratch(f"{label}: exporting", run, measured)
+    finish(args.out, result, markdown)
     return 0
+
+
+def run_in_scratch(what: str, run, measured) -> dict:
+    """``run(scratch)`` (a child process writing into a fresh scratch folder), then, if it exited 0,
+    ``measured(scratch)`` merged into its record; the scratch folder never outlives the run."""
+    print(f"{what} ...", file=sys.stderr, flush=True)
+    scratch = Path(tempfile.mkdtemp(prefix="owl-memory-"))
+    try:
+        record = run(scratch)
+        if record["exit_code"] == 0:
+            record |= measured(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    m = record.get("measured") or {}
+    print(
+        f"  exit {record['exit_code']}, {record['wall_seconds']} s, peak RSS {m.get('peak_rss_gb')} GB", file=sys.stderr
+    )
+    return record
+
+
+def finish(out: Path, result: dict, render) -> None:
+    """The load average after the runs, then the JSON + Markdown report (and the Markdown on stdout)."""
+    result["load_average_after"] = list(os.getloadavg())
+    md = render(result)
+    write_report(out, result, md)
+    print(md)
 
 
 if __name__ == "__main__":

@@ -17,17 +17,14 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from export_memory import run_limited
+from export_memory import finish, run_in_scratch, run_limited
 
 from owl_deploy import memory
 from owl_deploy.bench.machine import hardware_info, versions_info
 from owl_deploy.errors import OwlError
-from owl_deploy.io import write_report
 from owl_deploy.specs import resolve_model
 
 
@@ -141,24 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {},
     }
     for text, _label, limit in runs:
-        print(f"{text}: pruning ...", file=sys.stderr, flush=True)
-        scratch = Path(tempfile.mkdtemp(prefix="owl-prune-memory-"))
-        try:
-            run = run_prune(args.model, limit, scratch / "pruned", prune_args)
-            if run["exit_code"] == 0:
-                report = json.loads((scratch / "pruned" / "sparsity.json").read_text())
-                run["measured"] = describe(report, shape)
-                run["weights_digest"] = weights_digest(scratch / "pruned")
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-        result["runs"][text] = run
-        m = run.get("measured") or {}
-        print(
-            f"  exit {run['exit_code']}, {run['wall_seconds']} s, peak RSS {m.get('peak_rss_gb')} GB", file=sys.stderr
-        )
-    result["load_average_after"] = list(os.getloadavg())
-    write_report(args.out, result, markdown(result))
-    print(markdown(result))
+
+        def measured(scratch: Path) -> dict:
+            report = json.loads((scratch / "pruned" / "sparsity.json").read_text())
+            return {"measured": describe(report, shape), "weights_digest": weights_digest(scratch / "pruned")}
+
+        def run(scratch: Path, limit=limit) -> dict:
+            return run_prune(args.model, limit, scratch / "pruned", prune_args)
+
+        result["runs"][text] = run_in_scratch(f"{text}: pruning", run, measured)
+    finish(args.out, result, markdown)
     return 0
 
 
