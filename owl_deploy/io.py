@@ -71,6 +71,27 @@ def atomic_dir(dest: Path, overwrite: bool = True) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
+def exclusive(lock: Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``lock`` for the block (the kernel drops it if the process dies); if another
+    process holds it, fail at once with ``busy``. The lock file is removed when the block ends."""
+    import fcntl
+
+    from owl_deploy.errors import OwlError
+
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OwlError(busy) from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def atomic_file(dest: Path, mode: str = "w") -> Iterator[Any]:
     """Open a temporary sibling file for writing; it is renamed onto ``dest`` only on success."""
     dest = Path(dest)

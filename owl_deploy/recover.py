@@ -39,7 +39,7 @@ from owl_deploy import memory
 from owl_deploy.calibrate import resolve_dtype
 from owl_deploy.configs import CalibrationConfig, EvalConfig, RecoverConfig
 from owl_deploy.errors import OwlError
-from owl_deploy.io import atomic_dir, atomic_file, write_json
+from owl_deploy.io import atomic_dir, atomic_file, exclusive, write_json
 from owl_deploy.model import named_block_linears
 from owl_deploy.versions import cpu_record
 
@@ -322,7 +322,24 @@ def run_recover(
     max_memory: memory.Limit = None,
 ) -> dict:
     """``owl-deploy recover``: train, merge, re-mask, check the zeros, score, write ``out`` (HF folder +
-    recover.json) atomically; checkpoints beside ``out`` make a killed run resumable."""
+    recover.json) atomically; checkpoints beside ``out`` make a killed run resumable. One run per ``out`` at a
+    time: a second would resume from the first's checkpoints and overwrite them while it trains."""
+    out = Path(out)
+    lock = out.parent / f".{out.name}.recover.lock"
+    busy = f"another `owl-deploy recover` is writing {out} (it holds {lock}); let it finish or choose another --out"
+    with exclusive(lock, busy):
+        return _recover(model_spec, out, cfg, calibration, evaluate, teacher_spec, max_memory)
+
+
+def _recover(
+    model_spec: str,
+    out: Path,
+    cfg: RecoverConfig,
+    calibration: CalibrationConfig | None,
+    evaluate: EvalConfig | None,
+    teacher_spec: str | None,
+    max_memory: memory.Limit,
+) -> dict:
     import shutil
     import sys
 

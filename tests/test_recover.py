@@ -261,3 +261,25 @@ def test_a_teacher_loaded_from_its_folder_keeps_nothing_mapped(tmp_path):
     gc.collect()
     assert not mapped()
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_holds_it(tmp_path):
+    """Two runs writing one --out would resume from each other's checkpoints and overwrite them: the second stops
+    at once with a one-line error (before loading anything), and the lock goes with the run that held it."""
+    from owl_deploy.io import exclusive
+    from owl_deploy.recover import run_recover
+
+    out = tmp_path / "recovered"
+    lock = tmp_path / ".recovered.recover.lock"
+    with exclusive(lock, "held by this test"):
+        with pytest.raises(
+            OwlError, match=r"^another `owl-deploy recover` is writing .*recovered .*choose another --out$"
+        ):
+            run_recover("no-such-model", out, _cfg())
+        with pytest.raises(OwlError, match=r"^held by this test$"), exclusive(lock, "held by this test"):
+            pass
+        assert lock.exists()  # the refused one leaves the holder's lock alone
+    assert not lock.exists()
+    with pytest.raises(OwlError, match="model not found"):  # free again: the run goes on to its own checks
+        run_recover("no-such-model", out, _cfg())
+    assert not lock.exists() and not out.exists()
