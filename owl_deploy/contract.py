@@ -307,7 +307,8 @@ def load_graph(path: Path | str):
 
 
 # ---------------------------------------------------------------- weights
-def _external_info(tensor) -> dict[str, str]:
+def external_info(tensor) -> dict[str, str]:
+    """Where an external initializer's bytes live: its ``location`` (and ``offset``, ``length`` when given)."""
     return {e.key: e.value for e in tensor.external_data}
 
 
@@ -325,9 +326,9 @@ def external_data_files(proto, folder: Path) -> list[str]:
 
     names = sorted(
         {
-            _external_info(init)["location"]
+            external_info(init)["location"]
             for init in proto.graph.initializer
-            if init.data_location == onnx.TensorProto.EXTERNAL and "location" in _external_info(init)
+            if init.data_location == onnx.TensorProto.EXTERNAL and "location" in external_info(init)
         }
     )
     for name in names:
@@ -356,7 +357,7 @@ def initializer_array(tensor, folder: Path, mmap: bool = False) -> np.ndarray:
 
     if tensor.data_location != onnx.TensorProto.EXTERNAL:
         return numpy_helper.to_array(tensor)
-    info = _external_info(tensor)
+    info = external_info(tensor)
     dtype = np.dtype(onnx.mapping.TENSOR_TYPE_TO_NP_TYPE[tensor.data_type])
     count = int(np.prod(tensor.dims)) if tensor.dims else 1
     offset = int(info.get("offset", 0))

@@ -127,12 +127,6 @@ def sign_weights(proto, folder: Path | str | None = None) -> int:
     return len(changed)
 
 
-def _external(tensor) -> tuple[str, int, int]:
-    info = {e.key: e.value for e in tensor.external_data}
-    count = int(np.prod(tensor.dims))
-    return info["location"], int(info.get("offset", 0)), int(info.get("length", count))
-
-
 def companion(folder: Path, tensors: list) -> dict[str, tuple[int, int]] | None:
     """Where each of ``tensors`` (external uint8 weights of the deployment in ``folder``) sits, re-signed, in
     ``folder/COMPANION``: {name: (offset, length)}. Written once (``COMPANION_INDEX`` records the source files'
@@ -140,55 +134,38 @@ def companion(folder: Path, tensors: list) -> dict[str, tuple[int, int]] | None:
     disk), after one warning. Re-signing in memory instead would keep a second copy of the weights in the
     process (measured on Qwen2.5-Coder-1.5B int8: 5.0 GB against 2.0); a file costs their size on disk once.
     """
+    from owl_deploy import contract
+    from owl_deploy.io import atomic_file, write_json
+
     folder = Path(folder)
-    layout = []
-    offset = 0
+    layout = []  # (tensor, where its uint8 bytes are, where its re-signed bytes go)
+    end = 0
     for t in sorted(tensors, key=lambda t: t.name):
-        location, start, length = _external(t)
-        if Path(location).name != location:
-            return None  # contract.external_data_files already refuses these; never read outside the folder
-        offset = -(-offset // ALIGN) * ALIGN
-        layout.append((t.name, location, start, length, offset))
-        offset += length
-    sources = sorted({loc for _, loc, *_ in layout})
+        at = -(-end // ALIGN) * ALIGN
+        layout.append((t, contract.external_info(t), at))
+        end = at + contract.tensor_nbytes(t)
     try:
-        stats = {loc: (folder / loc).stat() for loc in sources}
+        stats = {info["location"]: (folder / info["location"]).stat() for _, info, _ in layout}
     except OSError:
         return None
     key = {
-        "sources": {loc: [st.st_size, st.st_mtime_ns] for loc, st in stats.items()},
-        "weights": [[name, loc, start, length, at] for name, loc, start, length, at in layout],
+        "sources": {loc: [st.st_size, st.st_mtime_ns] for loc, st in sorted(stats.items())},
+        "weights": [[t.name, info["location"], info.get("offset", "0"), at] for t, info, at in layout],
     }
-    placed = {name: (at, length) for name, _, _, length, at in layout}
+    placed = {t.name: (at, contract.tensor_nbytes(t)) for t, _, at in layout}
     index, data = folder / COMPANION_INDEX, folder / COMPANION
     try:
-        if json.loads(index.read_text()) == key and data.stat().st_size >= offset:
+        if json.loads(index.read_text()) == key and data.stat().st_size >= end:
             return placed
     except (OSError, ValueError):
         pass
-    tmp = folder / f".{COMPANION}.{os.getpid()}.tmp"
-    tmp_index = folder / f".{COMPANION_INDEX}.{os.getpid()}.tmp"
     try:
-        handles = {loc: open(folder / loc, "rb") for loc in sources}  # noqa: SIM115 (closed below)
-        try:
-            with open(tmp, "wb") as out:
-                for _, loc, start, length, at in layout:
-                    out.seek(at)
-                    src = handles[loc]
-                    src.seek(start)
-                    raw = src.read(length)
-                    if len(raw) != length:
-                        raise OSError(f"{loc} ends before {start + length} bytes")
-                    out.write((np.frombuffer(raw, np.uint8) ^ np.uint8(0x80)).tobytes())
-        finally:
-            for h in handles.values():
-                h.close()
-        os.replace(tmp, data)
-        tmp_index.write_text(json.dumps(key))
-        os.replace(tmp_index, index)
+        with atomic_file(data, "wb") as out:
+            for t, _, at in layout:
+                out.seek(at)
+                out.write(signed(contract.initializer_array(t, folder)).tobytes())
+        write_json(index, key)
     except OSError as exc:
-        for leftover in (tmp, tmp_index):
-            leftover.unlink(missing_ok=True)
         log.warning("ONNX Runtime keeps the uint8 int8 weights of %s (cannot write %s: %s)", folder, COMPANION, exc)
         return None
     return placed

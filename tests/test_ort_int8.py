@@ -199,4 +199,4 @@ def test_an_unwritable_companion_leaves_the_external_weights_as_exported(tmp_pat
     assert ort_int8.sign_weights(proto, tmp_path) == 0
     assert all(t.data_type == TensorProto.UINT8 for t in proto.graph.initializer)
     assert "cannot write" in caplog.text
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no half-written file left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written file left
