@@ -2,7 +2,7 @@
 """Which (M, λ) does the tune stage ever pick? A wide grid scored on held-out calibration text, per sparsity.
 
 The pipeline's tune stage (owl_deploy/tune.py) scores a small grid; this script scores a wide one with the
-same code, so the default grid can be the region where winners actually fall (the README says which):
+same code, so the default grid can be the region where winners actually fall (docs/results.md says which):
 
     .venv/bin/python benchmarks/tune_grid.py --model smollm2-135m --sparsities 0.5,0.6,0.7,0.8
 

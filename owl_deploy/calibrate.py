@@ -211,7 +211,7 @@ def capture_block_inputs(
 # AVX512-BF16 without AMX is fast on some CPUs and slow on others, by vendor as far as measured (torch 2.13):
 # an Intel Xeon ran bf16 GEMMs at 0.6x float32 and OWL+Wanda calibration at 0.66x
 # (benchmarks/results/prune_speed_128x512_owl_wanda_float32-bfloat16-xeon-avx512.md), LoRA training at 0.63x;
-# a Zen 5 EPYC trained 2.1x faster in bf16 (README, "Recovery").
+# a Zen 5 EPYC trained 2.1x faster in bf16 (docs/results.md, "Recovery").
 BF16_FAST_VENDORS = frozenset({"AuthenticAMD"})
 AUTO_DTYPE_ENV = "OWL_AUTO_COMPUTE_DTYPE"  # pins what ``auto`` means in this process (see worker_env)
 
@@ -222,9 +222,10 @@ def resolve_dtype(name: str) -> str:
     A rule on the CPU's identity, never a timing: a GEMM probe timed in each process once decided this and flipped
     under load (0.57-0.98x on one Xeon with the other core busy), so two processes of one study (a Ray worker and
     its driver) pruned in different dtypes and disagreed. AMX: bfloat16 (calibration 2.2-2.4x faster on an AMX
-    Xeon at a perplexity change within noise; README). No native bf16 (AVX2): float32 (emulated bf16 is slower).
-    AVX512-BF16 without AMX: bfloat16 on the vendors in BF16_FAST_VENDORS, float32 elsewhere. ``AUTO_DTYPE_ENV``
-    set in the environment overrides the rule (a Ray driver pins its workers with it: ``worker_env``)."""
+    Xeon at a perplexity change within noise; docs/results.md). No native bf16 (AVX2): float32 (emulated bf16 is
+    slower). AVX512-BF16 without AMX: bfloat16 on the vendors in BF16_FAST_VENDORS, float32 elsewhere.
+    ``AUTO_DTYPE_ENV`` set in the environment overrides the rule (a Ray driver pins its workers with it:
+    ``worker_env``)."""
     if name != "auto":
         return name
     pinned = os.environ.get(AUTO_DTYPE_ENV)

@@ -47,7 +47,7 @@ PREFILL_RULE = "1 or a multiple of 4"
 
 
 #: tokens per prefill call wherever owl_deploy chooses (bench, eval of a deployment, serve): 128-token calls
-#: measured 1.8-3.4x the prompt throughput of 16-token calls on 128/512-token prompts (README)
+#: measured 1.8-3.4x the prompt throughput of 16-token calls on 128/512-token prompts (docs/results.md)
 LONG_PREFILL_LENGTH = 128
 
 

@@ -5,7 +5,7 @@ refuses before loading the model names itself, its estimate and the limit in one
 estimates are the stage's weight-proportional copies (fp32 weights, the tracer's, the optimizer's)
 plus what its settings put beside them (calibration activations, Hessians, logits): each term is
 written out so that ``--max-memory`` errors and ``memory.json``-style records can show it, and the
-constants are the peaks measured on SmolLM2-135M and Qwen2.5-Coder-1.5B (README, "Memory").
+constants are the peaks measured on SmolLM2-135M and Qwen2.5-Coder-1.5B (docs/results.md, "Memory").
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def check(estimate: Estimate | None, limit: Limit) -> None:
         what = "free now" if limit == "auto" else "allowed by --max-memory"
         raise OwlError(
             f"{estimate.stage} would need about {estimate.describe()}, more than the {allowed / GB:.1f} GB {what}: "
-            "free memory, choose smaller settings, or pass --max-memory off (estimates: README, Memory)"
+            "free memory, choose smaller settings, or pass --max-memory off (estimates: docs/results.md, Memory)"
         )
 
 
@@ -246,7 +246,7 @@ def prune_estimate(
 
 
 def export_estimate(shape: Shape, int8: bool, deepsparse_graphs: int) -> Estimate:
-    """The largest of the export's phases (measured on Qwen2.5-Coder-1.5B, README "Memory").
+    """The largest of the export's phases (measured on Qwen2.5-Coder-1.5B, docs/results.md, "Memory").
 
     The trace holds torch's fp32 weights (an fp32 checkpoint is mapped and streamed from the file, not held:
     int8's SmoothQuant scales each projection weight as the graph rewrite reads it, not in torch) and the

@@ -39,12 +39,12 @@ LOGITS_TOLERANCE = 1e-3
 #: one rounding.  (DeepSparse's *sparse* int8 multi-token kernels are not exact: recorded, not checked.)
 INT8_ENGINE_TOLERANCE = 5e-2
 #: ... or, failing that, the share of positions whose argmax agrees.  DeepSparse's *sparse* int8 kernels are
-#: not bit-exact with ONNX Runtime (a few positions differ by about a logit; README, "int8"), while its dense
+#: not bit-exact with ONNX Runtime (a few positions differ by about a logit; docs/results.md, "int8"), while its dense
 #: int8 ones are.
 INT8_ENGINE_MIN_ARGMAX_AGREEMENT = 0.9
 #: ... or, failing both, the engine is within the quantization error: its distance to the first engine is at
 #: most this share of the first engine's distance to fp32 torch, and it agrees with fp32 torch's argmax at
-#: least as often as the first engine does (the case of a 70% 1.5B model; README, "Qwen2.5-Coder-1.5B").
+#: least as often as the first engine does (the case of a 70% 1.5B model; docs/results.md, "Qwen2.5-Coder-1.5B").
 INT8_ENGINE_MAX_SHARE_OF_QUANT_ERROR = 0.5
 
 

@@ -11,7 +11,7 @@ Design decisions:
   the dense model's own inputs to block l, not the already-pruned stream. That pass is one forward of
   the model with hooks, about half of Wanda's cost (two forwards), so by default it runs on the first
   ``owl.nsamples = 8`` calibration windows only, which moves the allocated sparsities far less than
-  lambda spreads them (measured in the README). ``owl.nsamples = None`` (CLI ``--owl-nsamples all``)
+  lambda spreads them (measured in docs/results.md). ``owl.nsamples = None`` (CLI ``--owl-nsamples all``)
   uses every window, exactly the reference.
 - Bounds: a block's sparsity is clipped to [0, 0.99] and the others re-centred so the unweighted mean
   stays the target (allocation.owl_sparsities); impossible targets raise OwlError.
@@ -20,7 +20,7 @@ Design decisions:
 - ``compute_dtype`` ``auto`` (the default) runs the calibration forwards under bf16 CPU autocast where the
   CPU has AMX, or AVX512-BF16 on an AMD CPU (calibrate.resolve_dtype: a Xeon with AVX512-BF16 alone is slower),
   float32 elsewhere; statistics stay float64 and weights float32. On an AMX Xeon it is 2.2-2.4x faster and
-  moves perplexity within noise at 50% (0.27% of the mask differs; README, "Prune speed"); ``float32``
+  moves perplexity within noise at 50% (0.27% of the mask differs; docs/results.md, "Status in detail"); ``float32``
   reproduces the reference's arithmetic.
 - Per-layer ablation (``granularity="layer"``): one outlier ratio per linear and the allocation spread
   over all linears of the model; the linears' sparsities are then shifted by one common amount so the
