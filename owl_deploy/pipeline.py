@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import sys
@@ -50,7 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from owl_deploy.errors import OwlError
-from owl_deploy.io import atomic_dir, remove_stale, write_json
+from owl_deploy.io import atomic_dir, remove_stale, waiting, write_json
 from owl_deploy.memory import Limit
 from owl_deploy.recipe import Recipe
 from owl_deploy.stages import DONE, STAGES, Done, Stage, StageContext
@@ -173,16 +172,9 @@ class RunReport:
 @contextlib.contextmanager
 def _stage_lock(stage_dir: Path, key: str, log: Callable[[str], None]) -> Iterator[None]:
     stage_dir.mkdir(parents=True, exist_ok=True)
-    with open(stage_dir / f".{key}.lock", "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"  waiting for another run that is computing {stage_dir.name}/{key} ...")
-            fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    busy = f"  waiting for another run that is computing {stage_dir.name}/{key} ..."
+    with waiting(stage_dir / f".{key}.lock", lambda: log(busy)):
+        yield
 
 
 def _remove_partials(path: Path, log: Callable[[str], None]) -> None:

@@ -200,3 +200,27 @@ def test_an_unwritable_companion_leaves_the_external_weights_as_exported(tmp_pat
     assert all(t.data_type == TensorProto.UINT8 for t in proto.graph.initializer)
     assert "cannot write" in caplog.text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written file left
+
+
+def test_a_second_opener_waits_for_the_companion_being_written_and_reads_it(tmp_path):
+    """Two first-time sessions of one deployment write the 1.5 GB file once: the second waits on the folder's lock
+    and, finding the file current when it gets the lock, reads it instead of writing its own."""
+    import threading
+
+    from owl_deploy.io import waiting
+
+    tensors = [t for t in _external_graph(tmp_path).graph.initializer if t.name in ("W1", "W2")]
+    placed = ort_int8.companion(tmp_path, tensors)
+    index = tmp_path / ort_int8.COMPANION_INDEX
+    good, inode = index.read_text(), (tmp_path / ort_int8.COMPANION).stat().st_ino
+    index.write_text("{}")  # stale: a first-time opener must (re)write the companion
+    got = []
+    with waiting(tmp_path):  # another process is writing it
+        opener = threading.Thread(target=lambda: got.append(ort_int8.companion(tmp_path, tensors)))
+        opener.start()
+        opener.join(0.5)
+        assert opener.is_alive() and not got  # waits instead of writing beside the other writer
+        index.write_text(good)  # the other writer finishes
+    opener.join(10)
+    assert got == [placed]
+    assert (tmp_path / ort_int8.COMPANION).stat().st_ino == inode  # read, not written a second time
