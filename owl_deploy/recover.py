@@ -28,6 +28,7 @@ import io
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -194,11 +195,13 @@ def recover_model(
     checkpoint_dir: Path | None = None,
     progress: bool = True,
     bf16_frozen: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> tuple[nn.Module, dict]:
     """Fine-tune ``model`` (pruned, in place) on ``windows`` [n, seqlen]; returns (the trained model — a PEFT
     wrapper for LoRA —, the training record). Resumes from ``checkpoint_dir`` when it holds a checkpoint.
     ``bf16_frozen`` (LoRA in bf16 only): the frozen linears are stored in bf16 while training, so the returned
-    model must get its fp32 weights back (:func:`fp32_again`) before it is scored or merged."""
+    model must get its fp32 weights back (:func:`fp32_again`) before it is scored or merged. ``log`` gets one line
+    per held-out evaluation (where no progress bar is drawn: a log file, CI)."""
     if len(windows) < cfg.steps * cfg.batch_size:
         raise OwlError(f"{cfg.steps} steps x {cfg.batch_size} windows need {cfg.steps * cfg.batch_size} windows")
     cfg = cfg.model_copy(update={"compute_dtype": resolve_dtype(cfg.compute_dtype)})
@@ -222,6 +225,8 @@ def recover_model(
         opt.load_state_dict(saved["optimizer"])
         start, record, best_state, waited = saved["step"], saved["record"], saved["best_state"], saved["waited"]
         record["resumed_from"] = start
+        if log is not None:
+            log(f"recover: resumed from the checkpoint at step {start}/{cfg.steps}")
     if start == 0:  # the pruned model's own held-out loss: where the curve starts
         record["evals"].append({"step": 0, "heldout_loss": round(heldout_loss(model, heldout, cfg), 5)})
     bar = tqdm(range(start, cfg.steps), desc=f"recover ({cfg.method})", disable=not progress, initial=start,
@@ -254,6 +259,11 @@ def recover_model(
                 waited = 0
             else:
                 waited += 1
+            if log is not None:
+                left = (cfg.steps - step - 1) * (time.perf_counter() - t0) / (step + 1 - start) / 60
+                best = " (best)" if waited == 0 else ""
+                log(f"recover: step {step + 1}/{cfg.steps}, loss {loss:.3f}, held-out {held:.4f}{best}, "
+                    f"{rate:.0f} tok/s, about {left:.0f} min left")  # fmt: skip
             if ckpt is not None:
                 _save_checkpoint(ckpt, params, opt, step + 1, record, best_state, waited)
             if waited >= cfg.patience:
@@ -391,9 +401,11 @@ def _recover(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if lean(cfg):
         del masks  # read again from the fp32 weights after training
+    tty = sys.stderr.isatty()
     model, record = recover_model(
-        model, windows, held_windows, cfg, teacher, ckpt_dir, sys.stderr.isatty(), bf16_frozen=lean(cfg)
-    )
+        model, windows, held_windows, cfg, teacher, ckpt_dir, tty, bf16_frozen=lean(cfg),
+        log=None if tty else lambda line: print(line, file=sys.stderr, flush=True),
+    )  # fmt: skip
     del teacher  # not needed for the merge; the merge phase's memory is the fp32 model and two mask sets
     if lean(cfg):  # free the bf16 model before the fp32 one is read back
         trained = adapters_of(model)

@@ -140,6 +140,10 @@ def test_cli_recover_then_export_proves_the_zeros(tmp_path):
             "--eval-text", str(text), "--eval-seqlen", "32", "--eval-tokens", "256", "--out", str(out)]  # fmt: skip
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
+    # no terminal: one line per held-out evaluation instead of a progress bar (a log file is not silent for an hour)
+    lines = [line for line in res.stderr.splitlines() if line.startswith("recover: step")]
+    assert [line.split(",")[0] for line in lines] == ["recover: step 3/6", "recover: step 6/6"], res.stderr
+    assert all("held-out" in line and "tok/s" in line and "min left" in line for line in lines)
     report = json.loads((out / "recover.json").read_text())
     assert report["zeros"]["identical_mask"] and report["zeros"]["pruned"] == report["zeros"]["recovered"]
     assert set(report["perplexity"]) == {"pruned", "adapter", "merged_remasked"} and report["teacher"] == str(dense)
