@@ -28,6 +28,7 @@ import io
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -106,7 +107,9 @@ def _trainable(model, cfg: RecoverConfig, masks: dict[str, torch.Tensor]):
 
         targets = sorted(named_block_linears(model))
         lora = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=targets, lora_dropout=0.0, bias="none")
-        model = get_peft_model(model, lora)
+        with warnings.catch_warnings():  # PEFT reads a property transformers deprecated: nothing a user can act on
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            model = get_peft_model(model, lora)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     else:
         params = {}
