@@ -207,9 +207,14 @@ def check(estimate: Estimate | None, limit: Limit) -> None:
     if estimate.total > allowed:
         what = "free now" if limit == "auto" else "allowed by --max-memory"
         raise OwlError(
-            f"{estimate.stage} would need about {estimate.describe()}, more than the {allowed / GB:.1f} GB {what}: "
+            f"{estimate.stage} would need about {estimate.describe()}, more than the {_size(allowed)} {what}: "
             "free memory, choose smaller settings, or pass --max-memory off (estimates: docs/results.md, Memory)"
         )
+
+
+def _size(n: float) -> str:
+    """0.9 GB and up in GB (one decimal), less in MB: a small limit does not read as "0.0 GB"."""
+    return f"{n / GB:.1f} GB" if n >= 0.95 * GB else f"{n / 1e6:.0f} MB"
 
 
 def _block_params(shape: Shape) -> int:

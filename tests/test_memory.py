@@ -83,6 +83,8 @@ def test_check_refuses_with_stage_estimate_and_limit():
     msg = str(info.value)
     assert msg.startswith("prune would need about") and "1.0 GB allowed by --max-memory" in msg
     assert f"{est.total / memory.GB:.1f} GB" in msg and "fp32 weights" in msg and "\n" not in msg
+    with pytest.raises(OwlError, match=r"more than the 1 MB allowed by --max-memory"):  # not "0.0 GB"
+        memory.check(est, 1e6)
     huge = memory.prune_estimate(_shape(params=10**13), 8, 256, 8, False)  # 40 TB: more than any machine here
     with pytest.raises(OwlError, match="free now"):
         memory.check(huge, "auto")
