@@ -78,12 +78,14 @@ def resolved(delta: float, se: float, k: float = 2.0) -> int:
     return -1 if delta < -k * se else 1 if delta > k * se else 0
 
 
-def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, progress: bool = True) -> Perplexity:
-    """Perplexity of any model exposed as ``logits_fn`` over ``tokens`` (torch, ORT or DeepSparse)."""
+def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, progress: bool | None = None) -> Perplexity:
+    """Perplexity of any model exposed as ``logits_fn`` over ``tokens`` (torch, ORT or DeepSparse). ``progress``
+    None: a bar on a terminal only (a log file would get one carriage-returned line per window)."""
     start = time.perf_counter()
     wins = windows_of(tokens, seqlen)
     nlls = []
-    for ids in tqdm(wins, desc="perplexity", unit="win", disable=not progress, leave=False):
+    quiet = None if progress is None else not progress  # tqdm: None = disabled where stderr is not a terminal
+    for ids in tqdm(wins, desc="perplexity", unit="win", disable=quiet, leave=False):
         nlls.append(window_nll(logits_fn(ids[None]), ids))
     t = torch.tensor(nlls, dtype=torch.float64)
     mean = float(t.mean())

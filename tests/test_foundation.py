@@ -278,6 +278,17 @@ def test_paired_nll_is_the_mean_difference_with_its_standard_error_and_resolved_
         paired_nll(a, b[:3])
 
 
+def test_perplexity_draws_its_bar_on_a_terminal_only(capsys):
+    """By default no bar where stderr is not a terminal (a log file, CI): tqdm there writes a carriage-returned
+    line per window. Asked for, it is drawn anyway. The numbers are the same either way."""
+    logits = torch.log_softmax(torch.randn(16, 10, generator=torch.Generator().manual_seed(0)), dim=-1)
+    tokens = torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(1))
+    quiet = perplexity(lambda ids: logits[: ids.shape[1]], tokens, 16)
+    assert capsys.readouterr().err == ""
+    shown = perplexity(lambda ids: logits[: ids.shape[1]], tokens, 16, progress=True)
+    assert "perplexity" in capsys.readouterr().err and shown.window_nll == quiet.window_nll
+
+
 def test_write_report_appends_suffixes_to_a_dotted_stem_and_makes_the_folder(tmp_path):
     from owl_deploy.io import write_report
 
