@@ -73,18 +73,16 @@ def atomic_dir(dest: Path, overwrite: bool = True) -> Iterator[Path]:
 @contextlib.contextmanager
 def exclusive(lock: Path, busy: str) -> Iterator[None]:
     """Hold an exclusive flock on ``lock`` for the block (the kernel drops it if the process dies); if another
-    process holds it, fail at once with ``busy``. The lock file is removed when the block ends."""
-    import fcntl
-
+    process holds it, fail at once with ``busy`` (``waiting``, refusing instead of waiting). The lock file is
+    removed when the block ends."""
     from owl_deploy.errors import OwlError
+
+    def refuse() -> None:
+        raise OwlError(busy) from None
 
     lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "w") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise OwlError(busy) from None
+    with waiting(lock, refuse):
         try:
             yield
         finally:
