@@ -10,7 +10,7 @@ are required::
     prune: {method: wanda, allocation: owl, sparsity: 0.7, ...}                      # PruneConfig
     owl: {m: 5, lambda: 0.08, nsamples: 8, tune: true}                               # OwlConfig
     tune: {m: [3, 5, 8], lambda: [0.04, 0.08, 0.15, 0.25], heldout_tokens: 8192}     # TuneConfig
-    recover: {enabled: false, method: lora, rank: 16, steps: 200, ...}              # RecoverConfig
+    recover: {enabled: false, method: lora, rank: 64, steps: 200, ...}              # RecoverConfig
     evaluate: {text: wiki, seqlen: 512, max_tokens: 16384}                           # EvalConfig
     export: {sequence_length: 512, attention: grouped, require_ok: true, ...}        # ExportConfig
     quantize: {scheme: null, smooth_alpha: 0.7, lm_head: true, keep_fp32: [], ...}  # QuantizeConfig
