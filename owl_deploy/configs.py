@@ -174,7 +174,7 @@ class RecoverConfig(Config):
 
     enabled: bool = Field(False, description="In a pipeline: run the recover stage between prune and export.")
     method: Literal["lora", "masked"] = Field("lora", description="LoRA adapters, or masked full fine-tuning.")
-    # 64, not 16: resolved better on both models measured at 50% (docs/results.md, "A larger adapter"), ~10% slower
+    # 64, not 16: resolved better on both models measured at 50% (docs/results.md, "A larger adapter"), 9-14% slower
     rank: int = Field(64, ge=1, description="LoRA rank.")
     alpha: float = Field(128.0, gt=0, description="LoRA scaling alpha (alpha/rank scales the adapters' update).")
     steps: int = Field(200, ge=1, description="Optimizer steps at most (early stopping may end sooner).")
