@@ -290,7 +290,9 @@ def _command(label: str, engine: str, target: Path, args, prompts: list[str], po
         cmd += ["--model-name", label, "--sequence-length", str(args.sequence_length)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
-        return cmd, {"env": engine_env()}  # e.g. NM_FAST_VNNI_EMULATION, which changes DeepSparse's int8 on AVX2
+        flags = [f for lab, f in args.serve_arg if lab == label]
+        # env: e.g. NM_FAST_VNNI_EMULATION, which changes DeepSparse's int8 on AVX2
+        return cmd + flags, {"env": engine_env(), "serve_args": flags}
     binary = llama_server_binary(args.llama_server_bin)
     slots = args.llama_slots or max(args.concurrency)
     per_slot = args.sequence_length  # llama.cpp pads it to a multiple of CTX_PAD
@@ -377,6 +379,20 @@ def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) 
             "exit_status": code}  # fmt: skip
 
 
+def compare_to_reference(runs: list[dict], reference: str) -> None:
+    """Record, per level of every server of the reference's deployment folder, the requests whose answer differs
+    from the reference server's c=1 answer (the same deployment in another engine or serving plan must answer
+    alike: greedy, same prompts)."""
+    ref = next(r for r in runs if r["label"] == reference)
+    base = ref["levels"][0]["texts"]
+    for run in runs:
+        if run["folder"] != ref["folder"]:
+            continue
+        for lv in run["levels"]:
+            lv["differs_from_reference"] = [i for i, t in lv["texts"].items() if t is not None and t != base.get(i)]
+        run["reference"] = reference
+
+
 def _num(x: float | None, fmt: str, scale: float = 1.0) -> str:
     return "—" if x is None else format(x * scale, fmt)
 
@@ -397,14 +413,20 @@ def markdown(res: dict) -> str:
         "| answers ≠ c=1 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    ref = any(s.get("reference") for s in res["servers"])
+    if ref:
+        lines[-2] += " answers ≠ the reference's c=1 (reference) |"
+        lines[-1] += "---:|"
     for s in res["servers"]:
         for lv in s["levels"]:
+            diff = lv.get("differs_from_reference")
+            tail = "" if not ref else f" {len(diff)} ({s['reference']}) |" if diff is not None else " — |"
             lines.append(
                 f"| {s['label']} ({s['engine']}) | {lv['concurrency']} | "
                 f"{_num(lv['aggregate_tokens_per_s'], '.1f')} | {_num(lv['per_stream_tokens_per_s'], '.1f')} | "
                 f"{_num(lv['ttft_p50'], '.3f')} / {_num(lv['ttft_p99'], '.3f')} | "
                 f"{_num(lv['itl_p50'], '.1f', 1e3)} / {_num(lv['itl_p99'], '.1f', 1e3)} | "
-                f"{len(lv['errors'])} ({lv['retried']}) | {len(lv['wrong_answers'])} |"
+                f"{len(lv['errors'])} ({lv['retried']}) | {len(lv['wrong_answers'])} |{tail}"
             )
     owl = [s for s in res["servers"] if "llama_server" not in s]
     if owl:
@@ -412,6 +434,7 @@ def markdown(res: dict) -> str:
         def plan(s: dict) -> str:
             h = s["health"]
             env = "".join(f", {k}={v}" for k, v in (s.get("env") or {}).items() if k != "NM_DISABLE_ANALYTICS")
+            env += "".join(f", `{f}`" for f in s.get("serve_args") or [])
             return (f"{s['label']} {h['batch_sizes']} (ready in {s['ready_seconds']} s, "
                     f"{h.get('kv_cache', 'external')} KV caches, prefill in {h['prefill_engine']}{env})")  # fmt: skip
 
@@ -461,6 +484,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--llama-slots", type=int, default=None, help="llama-server -np [the largest concurrency]")
     p.add_argument("--llama-server-bin", default=None, help="[what benchmarks/build_llama_server.sh installs]")
     p.add_argument(
+        "--serve-arg",
+        action="append",
+        default=[],
+        metavar="LABEL=FLAG",
+        type=lambda s: tuple(s.split("=", 1)),
+        help="one more owl-deploy serve flag for the server LABEL, recorded (write LABEL=--kv-cache=external)",
+    )
+    p.add_argument(
+        "--reference",
+        action="append",
+        default=[],
+        metavar="LABEL",
+        help="count, for every server of the same deployment folder, the answers unlike this server's c=1 ones",
+    )
+    p.add_argument(
         "--llama-arg",
         action="append",
         default=[],
@@ -484,7 +522,19 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     before = [round(x, 2) for x in os.getloadavg()]
     prompts = prompts_from(tokenizer_folder(a.tokenizer, servers), a.text, a.requests, a.prompt_tokens)
+    labels = {label for label, _, _ in servers}
+    for label, _ in a.serve_arg:
+        if label not in labels:
+            p.error(f"--serve-arg {label}=...: no --server {label}")
+    folders = [folder for label, _, folder in servers if label in a.reference]
+    for ref in a.reference:
+        if ref not in labels:
+            p.error(f"--reference {ref}: no --server {ref}")
+    if len(set(folders)) < len(folders):
+        p.error("--reference: one reference per deployment folder")
     runs = [run_server(label, engine, folder, a, prompts) for label, engine, folder in servers]
+    for ref in a.reference:
+        compare_to_reference(runs, ref)
     res = {
         "name": a.name,
         "servers": runs,

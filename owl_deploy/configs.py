@@ -281,15 +281,15 @@ class ServeConfig(Config):
     prefill_engine: Literal["auto", "deepsparse", "onnxruntime"] = Field(
         "auto",
         description="Engine that prefills prompts; auto: DeepSparse when it keeps the caches (internal), else "
-        "ONNX Runtime for int8 deployments (a cache DeepSparse's int8 kernels fill leads to other greedy tokens "
-        "than ONNX Runtime's), else the decode engine.",
+        "ONNX Runtime for int8 deployments, else the decode engine.",
     )
     kv_cache: Literal["auto", "internal", "external"] = Field(
         "auto",
         description="Where decode keeps each sequence's KV cache: internal (DeepSparse's engine-side buffers, "
         "prompts prefilled in DeepSparse; nothing copied per step) or external (numpy arrays fed in and out); "
-        "auto: internal for DeepSparse on fp32 graphs, external for int8 ones (an int8 cache must come from "
-        "ONNX Runtime's prefill to keep its greedy tokens) and for onnxruntime.",
+        "auto: internal for DeepSparse (fp32 and int8), external for onnxruntime. DeepSparse's int8 answers part "
+        "from ONNX Runtime's after some tokens whatever the plan (equal quality, other rounding): "
+        "--engine onnxruntime for its exact tokens.",
     )
     prefill_length: int | None = Field(
         None,

@@ -102,10 +102,10 @@ def test_internal_cache_decodes_to_the_end_of_the_context_as_onnxruntime(odir):
         runtime.compile_decoder(odir, "onnxruntime", [1], kv_cache="internal")
 
 
-def test_serving_plan_keeps_int8_exact_and_fp32_fast(odir, monkeypatch):
-    """fp32 in DeepSparse: internal caches and a DeepSparse prefill; int8: external caches and an ONNX
-    Runtime prefill (a cache DeepSparse's int8 kernels fill leads to other greedy tokens than ONNX
-    Runtime's); contradictions are one-line errors."""
+def test_serving_plan_keeps_caches_in_deepsparse_for_fp32_and_int8(odir, monkeypatch):
+    """DeepSparse: internal caches and a DeepSparse prefill, fp32 and int8 alike (no DeepSparse plan keeps ONNX
+    Runtime's int8 tokens, see serving_plan); external caches on int8 keep the ONNX Runtime prefill; ONNX
+    Runtime: external; contradictions are one-line errors."""
     import owl_deploy.serve as serve_mod
     from owl_deploy.configs import ServeConfig
 
@@ -118,8 +118,9 @@ def test_serving_plan_keeps_int8_exact_and_fp32_fast(odir, monkeypatch):
     with pytest.raises(OwlError, match="DeepSparse feature"):
         plan(odir, ServeConfig(engine="onnxruntime", kv_cache="internal"))
     monkeypatch.setattr(serve_mod, "is_int8", lambda folder: True)
-    assert plan(odir, ServeConfig()) == ("external", "onnxruntime")
-    assert plan(odir, ServeConfig(kv_cache="internal")) == ("internal", "deepsparse")  # asked for: allowed
+    assert plan(odir, ServeConfig()) == ("internal", "deepsparse")
+    assert plan(odir, ServeConfig(kv_cache="external")) == ("external", "onnxruntime")
+    assert plan(odir, ServeConfig(engine="onnxruntime")) == ("external", "onnxruntime")
 
 
 def test_sampling_greedy_seeded_and_nucleus():
@@ -449,7 +450,8 @@ def test_load_llama_server_command_carries_extra_flags_and_records_llama_env(mon
     monkeypatch.setenv("LLAMA_ARG_REPACK", "0")
     monkeypatch.setenv("NOT_LLAMA", "1")
     args = argparse.Namespace(llama_server_bin=str(binary), llama_slots=None, concurrency=[1, 4], sequence_length=256,
-                              threads=2, llama_arg=["--no-repack", "--flash-attn=off"])  # fmt: skip
+                              threads=2, llama_arg=["--no-repack", "--flash-attn=off"],
+                              serve_arg=[("s", "--kv-cache=external")])  # fmt: skip
     cmd, info = serve_load._command("q8", serve_load.LLAMA_SERVER, tmp_path / "m.gguf", args, ["p"], 8080)
     assert cmd[0] == str(binary) and cmd[-2:] == ["--no-repack", "--flash-attn=off"] and "-np" in cmd
     assert info["env"] == {"LLAMA_ARG_REPACK": "0"} and info["flags"][-2:] == ["--no-repack", "--flash-attn=off"]
@@ -459,6 +461,21 @@ def test_load_llama_server_command_carries_extra_flags_and_records_llama_env(mon
     cmd, info = serve_load._command("s", "deepsparse", tmp_path / "odir", args, ["p"], 8080)
     assert cmd[1:4] == ["-m", "owl_deploy", "serve"] and info["env"]["NM_FAST_VNNI_EMULATION"] == "1"
     assert "LLAMA_ARG_REPACK" not in info["env"] and "NOT_LLAMA" not in info["env"]
+    assert cmd[-1] == "--kv-cache=external" and info["serve_args"] == ["--kv-cache=external"]  # only for its label
+    assert serve_load._command("t", "deepsparse", tmp_path / "odir", args, ["p"], 8080)[1]["serve_args"] == []
+
+
+def test_load_reference_counts_answers_that_differ_only_within_one_deployment():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_load
+
+    def run(label, folder, *levels):
+        return {"label": label, "folder": folder, "levels": [{"texts": dict(enumerate(t))} for t in levels]}
+
+    runs = [run("ort", "a", ["x", "y"], ["x", "y"]), run("ds", "a", ["x", "z"], ["x", None]), run("o", "b", ["q", "r"])]
+    serve_load.compare_to_reference(runs, "ort")
+    assert [lv["differs_from_reference"] for lv in runs[1]["levels"]] == [[1], []]  # a failed request is not counted
+    assert runs[0]["levels"][0]["differs_from_reference"] == [] and "differs_from_reference" not in runs[2]["levels"][0]
 
 
 def _raw_server(behaviours: list[str]):

@@ -3,7 +3,7 @@
 The server listens at once and compiles in the background (``/health`` says 503 ``loading`` until the
 engines are ready): a batch-1 session for prefill, and the single-token graph at every batch size of
 ``ServeConfig.compiled_batch_sizes`` for decode (scheduler.py); each sequence's KV cache lives inside
-DeepSparse (fp32 graphs) or in numpy arrays (int8 graphs, ONNX Runtime) — see ``serving_plan``. SIGTERM (or Ctrl-C)
+DeepSparse (fp32 and int8 graphs) or in numpy arrays (ONNX Runtime) — see ``serving_plan``. SIGTERM (or Ctrl-C)
 stops accepting requests, lets the ones in flight finish for up to ``drain_seconds`` and exits 0.
 
 Nothing here imports torch: a serving install needs numpy, the engines, tokenizers/transformers and the
@@ -37,16 +37,19 @@ def serving_plan(folder: Path, cfg: ServeConfig) -> tuple[str, str]:
     """(KV cache kind, prefill engine) for ``cfg`` on ``folder``.
 
     DeepSparse decodes fastest with its internal cache (one engine-side cache per row, nothing copied per
-    step), which only a DeepSparse prefill can fill. On int8 graphs DeepSparse rounds differently from ONNX
-    Runtime (its logits drift by up to ~3 within a dozen tokens): a cache DeepSparse fills itself gives other
-    greedy tokens within a few tokens on most prompts, while ONNX Runtime's prefill continued by DeepSparse
-    through external caches kept ONNX Runtime's tokens (measured, SmolLM2 int8, AMX Xeon). So int8 prompts are
-    prefilled in ONNX Runtime and decoded with external caches.
+    step), which only a DeepSparse prefill can fill: the default for fp32 and int8 graphs alike. On int8 graphs
+    DeepSparse rounds differently from ONNX Runtime — at equal quality (SmolLM2 dense int8, 16,384 wiki tokens:
+    perplexity 25.04 in DeepSparse, 25.08 in ONNX Runtime) — so its greedy answers part from ONNX Runtime's after
+    some tokens under *any* plan: measured on 16 prompts x 64 tokens, 2/16 kept ONNX Runtime's answer with a
+    DeepSparse prefill, and 6/16 even with ONNX Runtime's prefill continued by DeepSparse through external caches
+    (``--kv-cache external --prefill-engine onnxruntime``, the int8 default until 2026-12-05, which serves 2.4x
+    less at 16 streams; ``--kv-cache external`` on int8 still picks it). ONNX Runtime's exact tokens need
+    ``--engine onnxruntime``.
     """
     int8 = is_int8(folder)
     kv_cache = cfg.kv_cache
     if kv_cache == "auto":
-        kv_cache = "internal" if cfg.engine == "deepsparse" and not int8 else "external"
+        kv_cache = "internal" if cfg.engine == "deepsparse" else "external"
     if kv_cache == "internal" and cfg.engine != "deepsparse":
         raise OwlError("an internal KV cache is a DeepSparse feature; use --kv-cache external with onnxruntime")
     prefill_engine = cfg.prefill_engine
