@@ -469,14 +469,6 @@ class Decoder:
     def max_batch(self) -> int:
         return self.batch_sizes[-1]
 
-    def new_state(self) -> KVState:
-        """An empty cache of this decoder's kind, for a sequence whose prompt is fed through its steps."""
-        if self.kv_cache == "internal":
-            from deepsparse.engine import LIB
-
-            return KVState(None, 0, internal=LIB.kv_cache(0, 0))
-        return KVState(None, 0)
-
     def step(self, tokens: Sequence[int], states: Sequence[KVState]) -> np.ndarray:
         """Feed ``tokens[i]`` after ``states[i]``; update the states in place; logits ``[len(tokens), vocab]``."""
         k = len(tokens)

@@ -47,14 +47,11 @@ def serving_plan(folder: Path, cfg: ServeConfig) -> tuple[str, str]:
     ``--engine onnxruntime``.
     """
     int8 = is_int8(folder)
-    stepped = cfg.prefill_length == 1
     kv_cache = cfg.kv_cache
     if kv_cache == "auto":
         kv_cache = "internal" if cfg.engine == "deepsparse" else "external"
     if kv_cache == "internal" and cfg.engine != "deepsparse":
         raise OwlError("an internal KV cache is a DeepSparse feature; use --kv-cache external with onnxruntime")
-    if stepped:  # experimental: prompts fed through the decode steps
-        return kv_cache, "steps"
     prefill_engine = cfg.prefill_engine
     if prefill_engine == "auto":
         prefill_engine = "deepsparse" if kv_cache == "internal" else "onnxruntime" if int8 else cfg.engine
@@ -74,8 +71,6 @@ def build_scheduler(folder: Path, cfg: ServeConfig):
     decoder = runtime.compile_decoder(
         folder, cfg.engine, cfg.compiled_batch_sizes, cfg.sequence_length, cfg.threads, kv_cache=kv_cache
     )
-    if prefill_engine == "steps":  # prompts go through the decode steps; no prefill session
-        return Scheduler(None, decoder, cfg.max_batch, cfg.max_queue)
     prefill_length = cfg.prefill_length
     if prefill_length is None:  # the long default, shortened to leave the cache a slot in a short context
         prefill_length = prefill_length_within(LONG_PREFILL_LENGTH, decoder.sequence_length - 1)

@@ -7,9 +7,6 @@ cache handed to the decoder — and (2) runs one batched decode step over all ac
 request therefore waits at most for the step under way and the prefills admitted before it, never for a
 running request to finish; a finished or cancelled request frees its row at the next step.
 
-Without a prefill session (``prefill=None``) a prompt is fed through the batched steps themselves, one token
-per step in its row beside the rows that decode (experimental).
-
 The engine is one thread (the engines pin their threads to the cores; two callers would fight for them).
 Requests cross threads through their own queues of events: ``("token", id)`` then ``("done", reason)``.
 """
@@ -82,7 +79,6 @@ class Request:
     generated: int = 0
     last: int = 0
     rng: np.random.Generator | None = None
-    pending: deque[int] = field(default_factory=deque)  # prompt tokens not yet fed (prompts fed by the steps)
 
     def cancel(self) -> None:
         """The client went away (or a stop string was found): free the row at the next step."""
@@ -97,7 +93,7 @@ class Scheduler:
 
     def __init__(
         self,
-        prefill: Session | None,
+        prefill: Session,
         decoder: Decoder,
         max_batch: int,
         max_queue: int,
@@ -167,13 +163,6 @@ class Scheduler:
         if req.cancelled.is_set():
             req.report(("done", "cancelled"))
             return
-        if self.prefill is None:  # the prompt goes through the decode steps, one token per step
-            req.rng = req.sampling.rng()
-            req.state = self.decoder.new_state()
-            req.pending = deque(req.prompt_ids)
-            req.last = req.pending.popleft()
-            self._active.append(req)
-            return
         try:
             self.prefill.reset()
             logits = self.prefill.forward(req.prompt_ids)[-1]
@@ -217,12 +206,8 @@ class Scheduler:
             self._active = []
             return
         for req, row in zip(keep, logits, strict=True):
-            if req.pending:  # still in its prompt: the next prompt token, nothing to emit
-                req.last = req.pending.popleft()
-            else:
-                self._emit(req, sample(row, req.sampling, req.rng))
-        # a request that has emitted nothing is still in its prompt (whose last token may well be a stop token)
-        self._active = [r for r in keep if not r.generated or (r.generated < r.max_tokens and r.last not in r.stop_ids)]
+            self._emit(req, sample(row, req.sampling, req.rng))
+        self._active = [r for r in keep if r.generated < r.max_tokens and r.last not in r.stop_ids]
         with self._lock:
             waiting = len(self._waiting)
         self.on_step(len(keep), waiting, time.perf_counter() - t0)
@@ -235,11 +220,11 @@ class Scheduler:
             "max_queue": self.max_queue,
             "sequence_length": self.sequence_length,
             "kv_cache": self.decoder.kv_cache,
-            "prefill_engine": self.prefill.engine if self.prefill else "decode steps",
-            "prefill_length": self.prefill.prefill_length if self.prefill else 1,
+            "prefill_engine": self.prefill.engine,
+            "prefill_length": self.prefill.prefill_length,
             # int8 weights ONNX Runtime runs re-signed (ort_int8): what each compiled session did, not the rule
             "onnxruntime_signed_weights": {
-                "prefill": self.prefill.signed_weights if self.prefill else 0,
+                "prefill": self.prefill.signed_weights,
                 "decode": self.decoder.signed_weights,
             },
         }
