@@ -40,11 +40,10 @@ def serving_plan(folder: Path, cfg: ServeConfig) -> tuple[str, str]:
     step), which only a DeepSparse prefill can fill: the default for fp32 and int8 graphs alike. On int8 graphs
     DeepSparse rounds differently from ONNX Runtime — at equal quality (SmolLM2 dense int8, 16,384 wiki tokens:
     perplexity 25.04 in DeepSparse, 25.08 in ONNX Runtime) — so its greedy answers part from ONNX Runtime's after
-    some tokens under *any* plan: measured on 16 prompts x 64 tokens, 2/16 kept ONNX Runtime's answer with a
-    DeepSparse prefill, and 6/16 even with ONNX Runtime's prefill continued by DeepSparse through external caches
-    (``--kv-cache external --prefill-engine onnxruntime``, the int8 default until 2026-12-05, which serves 2.4x
-    less at 16 streams; ``--kv-cache external`` on int8 still picks it). ONNX Runtime's exact tokens need
-    ``--engine onnxruntime``.
+    some tokens under *any* plan: over 32 wiki prompts x 64 tokens (AMX Xeon, serve_load.py --reference) 2 of 32
+    dense int8 answers kept ONNX Runtime's with a DeepSparse prefill, and 11 of 32 even with ONNX Runtime's prefill
+    continued by DeepSparse through external caches (``--kv-cache external``, the int8 default until 2026-12-05,
+    which served 1.7x less at 16 streams on 70% int8). ONNX Runtime's exact tokens need ``--engine onnxruntime``.
     """
     int8 = is_int8(folder)
     kv_cache = cfg.kv_cache
