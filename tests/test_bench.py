@@ -666,7 +666,8 @@ def exported(tmp_path_factory) -> Path:
 
 def test_single_model_prefill_lengths_and_batched_throughput(exported):
     """No dense model: statistics without speedups. Prefill/TTFT per prompt length; batch 2 decodes through
-    the serving path, every row equal to ONNX Runtime's batch-1 greedy tokens, aggregate = 2 x per stream."""
+    the serving path, every row equal to batch 1 of the same plan (fp32: ONNX Runtime's tokens), aggregate = 2 x per
+    stream."""
     cfg = BenchConfig(context=8, steps=4, rounds=2, warmup_rounds=1, prefill_length=4, batch_sizes=[2],
                       prompt_lengths=[4, 16], **FAST)  # fmt: skip
     runs = measure.parse_engines(None, ["sparse"])

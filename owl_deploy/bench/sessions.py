@@ -130,29 +130,29 @@ class DeploymentTarget(Target):
 
 class BatchedSession(DecodeSession):
     """``batch`` sequences per decode step through ``runtime.Decoder``, with the KV caches ``owl-deploy serve``
-    would use (``serve.serving_plan``): DeepSparse on fp32 graphs keeps one internal cache per row, each
-    filled by a DeepSparse prefill of the context prompt (untimed); otherwise every row starts from a copy
-    of ONNX Runtime's batch-1 cache. No prefill is timed."""
+    would use (``serve.serving_plan``): DeepSparse keeps one internal cache per row (fp32 and int8), each filled
+    by a DeepSparse prefill of the context prompt (untimed); ONNX Runtime's rows start from copies of its batch-1
+    cache. The rows must equal batch 1 of the same plan (DeepSparse's int8 tokens are not ONNX Runtime's, see
+    ``serving_plan``). No prefill is timed."""
 
     def __init__(self, engine: str, info: ModelInfo, batch: int, cfg: BenchConfig, prompt: list[int]):
         from owl_deploy import runtime
-        from owl_deploy.serve import is_int8
+        from owl_deploy.configs import ServeConfig
+        from owl_deploy.serve import serving_plan
 
         self.key, self.batch = f"{run_key(engine, info.label)}@b{batch}", batch
-        ref = runtime.compile(info.folder, "onnxruntime", prefill_length=cfg.prefill_length, threads=cfg.threads)
+        kv, prefill_engine = serving_plan(info.folder, ServeConfig(engine=engine))
+        ref = runtime.compile(info.folder, prefill_engine, prefill_length=cfg.prefill_length, kv_cache=kv,
+                              threads=cfg.threads)  # fmt: skip
         self.first_token = int(np.argmax(ref.forward(prompt)[-1]))
-        self.state = ref.state()
         self.reference_tokens, token = [], self.first_token
-        for _ in range(cfg.steps):  # what batch 1 in ONNX Runtime decodes from the same cache
+        self.state = ref.state() if kv == "external" else None  # an internal cache is not copied: rows prefill
+        for _ in range(cfg.steps):  # what batch 1 of this plan decodes from the same prompt
             token = int(np.argmax(ref.step(token)))
             self.reference_tokens.append(token)
-        del ref
-        kv = "internal" if engine == "deepsparse" and not is_int8(info.folder) else "external"
-        self.prefiller = None
-        if kv == "internal":
-            self.prefiller = runtime.compile(
-                info.folder, engine, prefill_length=cfg.prefill_length, kv_cache=kv, threads=cfg.threads
-            )
+        self.prefiller = ref if kv == "internal" else None
+        if self.prefiller is None:
+            del ref
         self.decoder = runtime.compile_decoder(info.folder, engine, [batch], threads=cfg.threads, kv_cache=kv)
         self.compile_seconds = float(self.decoder.compile_seconds)
         self.kv_cache = f"{kv} (batched)"
