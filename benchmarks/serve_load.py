@@ -373,10 +373,15 @@ def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) 
             log.close()
     base = levels[0]["texts"]
     for lv in levels:
-        lv["wrong_answers"] = [i for i, t in lv["texts"].items() if t is not None and t != base.get(i)]
+        lv["wrong_answers"] = differing(lv["texts"], base)
     return {"label": label, "engine": engine, "folder": str(folder), "ready_seconds": round(ready, 1),
             "health": health, **({"llama_server": info} if llama else info), "levels": levels,
             "exit_status": code}  # fmt: skip
+
+
+def differing(texts: dict, base: dict) -> list:
+    """The requests answered (not failed) with another text than in ``base``."""
+    return [i for i, t in texts.items() if t is not None and t != base.get(i)]
 
 
 def compare_to_reference(runs: list[dict], reference: str) -> None:
@@ -389,7 +394,7 @@ def compare_to_reference(runs: list[dict], reference: str) -> None:
         if run["folder"] != ref["folder"]:
             continue
         for lv in run["levels"]:
-            lv["differs_from_reference"] = [i for i, t in lv["texts"].items() if t is not None and t != base.get(i)]
+            lv["differs_from_reference"] = differing(lv["texts"], base)
         run["reference"] = reference
 
 
@@ -521,7 +526,6 @@ def main(argv: list[str] | None = None) -> None:
         servers.append((label, engine, Path(folder).resolve() if engine == LLAMA_SERVER else Path(folder)))
     t0 = time.perf_counter()
     before = [round(x, 2) for x in os.getloadavg()]
-    prompts = prompts_from(tokenizer_folder(a.tokenizer, servers), a.text, a.requests, a.prompt_tokens)
     labels = {label for label, _, _ in servers}
     for label, _ in a.serve_arg:
         if label not in labels:
@@ -532,6 +536,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--reference {ref}: no --server {ref}")
     if len(set(folders)) < len(folders):
         p.error("--reference: one reference per deployment folder")
+    prompts = prompts_from(tokenizer_folder(a.tokenizer, servers), a.text, a.requests, a.prompt_tokens)
     runs = [run_server(label, engine, folder, a, prompts) for label, engine, folder in servers]
     for ref in a.reference:
         compare_to_reference(runs, ref)

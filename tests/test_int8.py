@@ -430,16 +430,16 @@ def test_real_smollm2_int8_scores_alike_in_deepsparse_and_onnxruntime(smollm2_di
 def test_bench_batched_int8_follows_the_server_plan(int8_export):
     """`bench --batch-sizes` on an int8 deployment measures what `serve` runs: DeepSparse with one internal cache
     per row (ONNX Runtime with external ones), every batched row equal to batch 1 of the same plan."""
+    from test_bench import FAST, _hardware
+
     from owl_deploy import bench
-    from owl_deploy.bench import machine, measure
+    from owl_deploy.bench import measure
     from owl_deploy.configs import BenchConfig
 
     out, _ = int8_export
-    cfg = BenchConfig(context=8, steps=4, rounds=1, warmup_rounds=0, prefill_length=4, batch_sizes=[2],
-                      measure_bandwidth=False, gap_seconds=0.0)  # fmt: skip
-    hw = machine.hardware_info(measure_bandwidth=False, deepsparse_view=False)
-    hw["memory_read_gb_per_s"] = {"1_thread": 10.0, "all_cores": 20.0}
-    res = bench.run_benchmark({"sparse": out}, measure.parse_engines(None, ["sparse"]), cfg, log=None, hardware=hw)
+    cfg = BenchConfig(context=8, steps=4, rounds=1, warmup_rounds=0, prefill_length=4, batch_sizes=[2], **FAST)
+    runs = measure.parse_engines(None, ["sparse"])
+    res = bench.run_benchmark({"sparse": out}, runs, cfg, log=None, hardware=_hardware())
     for key, want in (("deepsparse/sparse", "internal (batched)"), ("onnxruntime/sparse", "external (batched)")):
         two = res["throughput"][key]["2"]
         assert two["kv_cache"] == want and two["same_greedy_tokens_as_batch_1"] is True, (key, two)

@@ -150,9 +150,8 @@ class BatchedSession(DecodeSession):
         for _ in range(cfg.steps):  # what batch 1 of this plan decodes from the same prompt
             token = int(np.argmax(ref.step(token)))
             self.reference_tokens.append(token)
-        self.prefiller = ref if kv == "internal" else None
-        if self.prefiller is None:
-            del ref
+        self.prefiller = ref if kv == "internal" else None  # ONNX Runtime's session is freed before compiling
+        del ref
         self.decoder = runtime.compile_decoder(info.folder, engine, [batch], threads=cfg.threads, kv_cache=kv)
         self.compile_seconds = float(self.decoder.compile_seconds)
         self.kv_cache = f"{kv} (batched)"
