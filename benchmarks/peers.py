@@ -21,6 +21,8 @@ prepared from the same model, scored on the same text, and (optionally) timed be
 
 Writes ``benchmarks/results/peers-<model>.{json,md}`` (``-quick`` with ``--quick``) and, with ``--bench``,
 the benchmark folder ``benchmarks/results/peers-<model>-bench/`` (results.json, results.md, decode.png).
+``--no-quality`` without ``--bench`` only prepares the peers and prints their folders: it writes no report,
+so it never replaces a recorded one.
 """
 
 from __future__ import annotations
@@ -52,7 +54,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--text", default="wiki", help="evaluation text [wiki]")
     p.add_argument("--threads", type=int, default=None, help="cores per engine [every physical core]")
     p.add_argument("--no-torch", action="store_true", help="skip the torch fp32 reference perplexity")
-    p.add_argument("--no-quality", action="store_true", help="skip every perplexity (prepare, and --bench only)")
+    p.add_argument(
+        "--no-quality",
+        action="store_true",
+        help="skip every perplexity (prepare, and --bench only; without --bench no report is written)",
+    )
     p.add_argument("--dense", default=None, help="our dense fp32 deployment folder (the benchmark's reference)")
     p.add_argument("--sparse", default=None, help="our sparse deployment folder (the benchmark's headline)")
     p.add_argument("--deployment", action="append", default=[], metavar="LABEL=ODIR", help="another deployment")
@@ -266,6 +272,11 @@ def main(argv: list[str] | None = None) -> None:
         bench_res, bench_dir = bench(a, prepared, name) if a.bench else (None, None)
     except OwlError as exc:
         sys.exit(f"peers: {exc}")
+    if not qual and bench_res is None:
+        # --no-quality without --bench only prepares: a report with nothing measured must not replace a recorded one
+        for key, folder in prepared.items():
+            print(f"{key}: {folder}")
+        return
     first = next(iter(qual.values()), {})
     res = {
         "schema": SCHEMA,

@@ -308,3 +308,20 @@ def test_peers_times_the_runs_asked_for_and_always_the_reference():
     assert {("onnxruntime", m) for m in deps} <= set(default)
     with pytest.raises(OwlError, match="unknown model 'int8'"):
         peers_script.timed_runs("ds/int8", deps)
+
+
+def test_peers_prepare_only_writes_no_report(monkeypatch, tmp_path, capsys):
+    """peers.py --no-quality without --bench prepares and prints the folders; a report with nothing measured
+    would replace the recorded one of the same name, so none is written."""
+    import peers as peers_script
+
+    import owl_deploy.specs
+
+    prepared = {"llama.cpp/q8_0": tmp_path / "work" / "llama.cpp-q8_0"}
+    monkeypatch.setattr(owl_deploy.specs, "resolve_model", lambda spec: tmp_path / spec)
+    monkeypatch.setattr(peers_script.peers, "prepare_peers", lambda *args, **kwargs: prepared)
+    results = tmp_path / "results"
+    results.mkdir()
+    peers_script.main(["--model", "m", "--peers", "llama.cpp/q8_0", "--no-quality", "--results", str(results)])
+    assert list(results.iterdir()) == []
+    assert f"llama.cpp/q8_0: {prepared['llama.cpp/q8_0']}" in capsys.readouterr().out
