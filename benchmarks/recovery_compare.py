@@ -37,7 +37,8 @@ def load(item: str) -> dict:
     rec = json.loads(path.read_text())
     meta_path = Path(folder) / "sparsity.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    pruned = {k: meta.get(k) for k in ("method", "allocation", "target_sparsity", "global_sparsity", "owl")}
+    keys = ("method", "allocation", "target_sparsity", "global_sparsity", "owl", "calibration")
+    pruned = {k: meta.get(k) for k in keys}
     return {"label": label, "folder": folder, "recover": rec, "pruned_with": pruned}
 
 
@@ -59,28 +60,43 @@ def compare(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def pruned_how(pw: dict) -> str:
+    """'owl M=5.0 λ=0.08, 128×512' — the allocation, OWL's setting and the calibration tokens, what is known."""
+    owl = pw.get("owl") or {}
+    how = pw.get("allocation") or "?"
+    if how == "owl" and owl:
+        how += f" M={owl.get('m')} λ={owl.get('lambda')}"
+    calib = pw.get("calibration") or {}
+    if calib.get("nsamples") and calib.get("seqlen"):
+        how += f", {calib['nsamples']}×{calib['seqlen']}"
+    return how
+
+
+def recovered_how(settings: dict) -> str:
+    """'lora r64 α128, lr 0.0002, 120 steps' from recover.json's settings; '?' for what it does not record."""
+    method = settings.get("method", "?")
+    adapter = f" r{settings['rank']} α{settings['alpha']:g}" if method == "lora" and "rank" in settings else ""
+    return f"{method}{adapter}, lr {settings.get('lr', '?')}, {settings.get('steps', '?')} steps"
+
+
 def markdown(res: dict) -> str:
     ref = res["rows"][0]["label"]
     lines = [
         f"# Before and after recovery, against {ref}", "",
         f"Perplexity on `{res['text']}` ({res['windows']} windows of the evaluation text); Δ = mean per-window NLL "
         f"minus {ref}'s on the same windows ± its standard error (negative: better than {ref}).", "",
-        "| model | pruned with | ppl pruned | Δ NLL pruned | ppl recovered (merged, re-masked) | Δ NLL recovered "
-        "| recover wall |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| model | pruned with | recovered with | ppl pruned | Δ NLL pruned | ppl recovered (merged, re-masked) "
+        "| Δ NLL recovered | recover wall |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
     ]  # fmt: skip
     for r in res["rows"]:
-        pw = r["pruned_with"]
-        owl = pw.get("owl") or {}
-        how = pw.get("allocation") or "?"
-        if how == "owl" and owl:
-            how += f" M={owl.get('m')} λ={owl.get('lambda')}"
         cells = []
         for stage in ("pruned", "merged_remasked"):
             s = r[stage]
             ref_row = s["verdict"] == "reference"
             delta = "—" if ref_row else f"{s['delta_nll']:+.4f} ± {s['delta_se']:.4f} ({s['verdict']})"
             cells += [f"{s['perplexity']:.2f}", delta]
+        how = f"{pruned_how(r['pruned_with'])} | {recovered_how(r['settings'])}"
         lines.append(f"| {r['label']} | {how} | " + " | ".join(cells) + f" | {r['wall_seconds']:.0f} s |")
     return "\n".join(lines) + "\n"
 
