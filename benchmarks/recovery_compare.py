@@ -61,10 +61,12 @@ def compare(runs: list[dict]) -> list[dict]:
 
 
 def pruned_how(pw: dict) -> str:
-    """'owl M=5.0 λ=0.08, 128×512' — the allocation, OWL's setting and the calibration tokens, what is known."""
+    """'wanda, owl M=5.0 λ=0.08, 128×512' — the method, the allocation, OWL's setting and the calibration tokens,
+    what is known."""
     owl = pw.get("owl") or {}
-    how = pw.get("allocation") or "?"
-    if how == "owl" and owl:
+    allocation = pw.get("allocation") or "?"
+    how = f"{pw.get('method') or '?'}, {allocation}"
+    if allocation == "owl" and owl:
         how += f" M={owl.get('m')} λ={owl.get('lambda')}"
     calib = pw.get("calibration") or {}
     if calib.get("nsamples") and calib.get("seqlen"):

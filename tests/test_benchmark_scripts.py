@@ -116,25 +116,27 @@ def test_recovery_compare_pairs_windows_before_and_after_recovery(tmp_path):
 
     settings = {"method": "lora", "rank": 64, "alpha": 128.0, "lr": 0.0002, "steps": 120}
 
-    def folder(name: str, pruned: list[float], merged: list[float], allocation: str) -> str:
+    def folder(name: str, pruned: list[float], merged: list[float], allocation: str, method: str = "wanda") -> str:
         d = tmp_path / name
         d.mkdir()
         rec = {"window_nll": {"pruned": pruned, "merged_remasked": merged}, "settings": settings, "wall_seconds": 1.0,
                "perplexity": {"pruned": 2.0, "merged_remasked": 1.5}, "perplexity_text": "wiki"}  # fmt: skip
         (d / "recover.json").write_text(json.dumps(rec))
         calib = {"nsamples": 128, "seqlen": 512, "text": "news"}
-        (d / "sparsity.json").write_text(json.dumps({"allocation": allocation, "calibration": calib}))
+        (d / "sparsity.json").write_text(json.dumps({"method": method, "allocation": allocation, "calibration": calib}))
         return f"{name}={d}"
 
     uni = folder("uniform", [3.0, 3.2, 3.1, 2.9], [2.0, 2.2, 2.1, 1.9], "uniform")
-    owl = folder("owl", [2.8, 3.0, 2.9, 2.7], [2.01, 2.19, 2.12, 1.9], "owl")  # better pruned, same recovered
+    # better pruned, same recovered
+    owl = folder("owl", [2.8, 3.0, 2.9, 2.7], [2.01, 2.19, 2.12, 1.9], "owl", "sparsegpt")
     rows = recovery_compare.compare([recovery_compare.load(uni), recovery_compare.load(owl)])
     assert rows[0]["pruned"]["verdict"] == "reference"
     assert rows[1]["pruned"]["verdict"] == "better" and rows[1]["pruned"]["delta_nll"] == pytest.approx(-0.2)
     assert rows[1]["merged_remasked"]["verdict"] == "same within noise"
     md = recovery_compare.markdown({"rows": rows, "text": "wiki", "windows": 4})
-    # what differs between recoveries is named on each row: the calibration and the recovery's settings
-    assert "| owl | owl, 128×512 | lora r64 α128, lr 0.0002, 120 steps | 2.00 |" in md
+    # what differs between recoveries is named on each row: the method, the calibration and the recovery's settings
+    assert "| owl | sparsegpt, owl, 128×512 | lora r64 α128, lr 0.0002, 120 steps | 2.00 |" in md
+    assert "| uniform | wanda, uniform, 128×512 |" in md
     assert recovery_compare.recovered_how({}) == "?, lr ?, ? steps"
     with pytest.raises(SystemExit, match="LABEL=FOLDER"):
         recovery_compare.load(f"x={tmp_path}")
