@@ -77,7 +77,8 @@ def pruned_how(pw: dict) -> str:
 def recovered_how(settings: dict) -> str:
     """'lora r64 α128, lr 0.0002, 120 steps' from recover.json's settings; '?' for what it does not record."""
     method = settings.get("method", "?")
-    adapter = f" r{settings['rank']} α{settings['alpha']:g}" if method == "lora" and "rank" in settings else ""
+    lora = method in ("lora", "masked-lora") and "rank" in settings
+    adapter = f" r{settings['rank']} α{settings['alpha']:g}" if lora else ""
     return f"{method}{adapter}, lr {settings.get('lr', '?')}, {settings.get('steps', '?')} steps"
 
 

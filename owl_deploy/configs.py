@@ -169,11 +169,16 @@ class RecoverConfig(Config):
     """A short fine-tune that wins back quality and keeps every zero (``owl-deploy recover``, the recover stage).
 
     ``lora``: low-rank adapters on the block linears, merged into the weights at the end and the pruning mask
-    re-applied; ``masked``: the block linears themselves, their pruned entries' gradients zeroed.
+    re-applied; ``masked-lora``: the same adapters with their update masked while training (owl_deploy.masked_lora);
+    ``masked``: the block linears themselves, their pruned entries' gradients zeroed.
     """
 
     enabled: bool = Field(False, description="In a pipeline: run the recover stage between prune and export.")
-    method: Literal["lora", "masked"] = Field("lora", description="LoRA adapters, or masked full fine-tuning.")
+    method: Literal["lora", "masked-lora", "masked"] = Field(
+        "lora",
+        description="LoRA adapters; LoRA whose update is masked to the kept weights while it trains (the "
+        "trained model is the deployed one); or masked full fine-tuning.",
+    )
     # 64, not 16: resolved better on both models measured at 50% (docs/results.md, "A larger adapter"), 9-14% slower
     rank: int = Field(64, ge=1, description="LoRA rank.")
     alpha: float = Field(128.0, gt=0, description="LoRA scaling alpha (alpha/rank scales the adapters' update).")

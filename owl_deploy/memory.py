@@ -290,9 +290,9 @@ def recover_estimate(
 ) -> Estimate:
     """The fp32 model, its masks (a byte per weight), bf16 copies when autocasting, the optimizer (masked:
     gradients and AdamW's two moments of every weight), the activations kept for the backward pass and the
-    logits (cross-entropy and its gradient). ``lean`` (LoRA in bf16, owl_deploy.recover): the block linears
-    train in bf16 with no masks and no copies, then the fp32 model and its masks come back for the merge; the
-    larger of the two phases."""
+    logits (cross-entropy and its gradient). ``lean`` (LoRA in bf16, owl_deploy.recover): the block linears train
+    in bf16 with no masks and no copies (masked LoRA: its keep masks and bf16 effective weights), then the fp32
+    model and its masks come back for the merge; the larger of the two phases."""
     tokens = batch_size * seqlen
     per_layer = 4.0 * tokens * (12 * shape.hidden + 4 * shape.intermediate + 2 * shape.heads * seqlen)
     activations = (2 * per_layer if checkpointing else shape.layers * per_layer) * (0.7 if bf16 else 1.0)
@@ -314,6 +314,8 @@ def recover_estimate(
     if lean:
         train |= {"fp32 weights": shape.fp32_bytes - blocks, "bf16 block weights": blocks / 2}
         train |= {"masks": 0.0, "bf16 weight copies": 0.0}
+        if method == "masked-lora":  # its keep masks, and the bf16 effective weights kept for the backward pass
+            train |= {"masks": blocks / 4, "bf16 weight copies": blocks / 2}
         # the teacher is freed before the merge (owl_deploy.recover.recover)
         merge = {"libraries": BASE_BYTES, "fp32 weights": shape.fp32_bytes, "mapped checkpoint": shape.mapped_bytes}
         # the pruned model's masks and the merged model's, compared (measured: 12.3 GB peak in this phase, 1.5B)

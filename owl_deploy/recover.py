@@ -5,8 +5,10 @@ LoRA (PEFT) trains low-rank adapters on the block linears with next-token cross-
 held-out tail of the calibration sources. At the end the adapters are merged into the weights and the pruning
 mask is applied again, so the result holds exactly the pruned model's zeros (``export``'s zero proof passes
 unchanged); both the adapter model's and the merged, re-masked model's perplexity are reported, and only
-the second is what deploys. ``masked`` trains the block linears themselves with the gradients of pruned
-entries zeroed (small models: it needs the optimizer state of every weight).
+the second is what deploys. ``masked-lora`` masks the adapters' update while it trains
+(owl_deploy.masked_lora), so the trained model and the deployed one are the same function. ``masked`` trains
+the block linears themselves with the gradients of pruned entries zeroed (small models: it needs the
+optimizer state of every weight).
 
 Checkpoints (trainable tensors, optimizer, step, curve) are written every ``eval_every`` steps next to the
 output; a re-run with the same settings after a kill resumes from the last one.
@@ -37,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from owl_deploy import memory
+from owl_deploy import masked_lora, memory
 from owl_deploy.calibrate import resolve_dtype
 from owl_deploy.configs import CalibrationConfig, EvalConfig, RecoverConfig
 from owl_deploy.errors import OwlError
@@ -111,6 +113,8 @@ def _trainable(model, cfg: RecoverConfig, masks: dict[str, torch.Tensor]):
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             model = get_peft_model(model, lora)
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    elif cfg.method == "masked-lora":
+        params = masked_lora.add_masked_adapters(model, masks, cfg.rank, cfg.alpha)
     else:
         params = {}
         for name, lin in named_block_linears(model).items():
@@ -127,7 +131,7 @@ def _trainable(model, cfg: RecoverConfig, masks: dict[str, torch.Tensor]):
 
 def lean(cfg: RecoverConfig) -> bool:
     """Train on bf16 frozen weights: LoRA under bf16 autocast (the only case where that changes no number)."""
-    return cfg.method == "lora" and cfg.compute_dtype == "bfloat16"
+    return cfg.method in ("lora", "masked-lora") and cfg.compute_dtype == "bfloat16"
 
 
 def _frozen_bf16(t: torch.Tensor) -> nn.Parameter:
@@ -144,7 +148,7 @@ def _frozen_to_bf16(model) -> int:
         if isinstance(base, nn.Linear) and base.weight.dtype == torch.float32:
             base.weight = _frozen_bf16(base.weight)
             n += 1
-    return n
+    return n + masked_lora.frozen_to_bf16(model)
 
 
 @torch.no_grad()
@@ -321,6 +325,7 @@ def merge(model, masks: dict[str, torch.Tensor]):
     """The deployable model: adapters merged into the weights, then the pruning mask applied again."""
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
+    masked_lora.merge_masked(model)
     apply_masks(model, masks)
     return model
 

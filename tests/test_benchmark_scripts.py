@@ -138,6 +138,8 @@ def test_recovery_compare_pairs_windows_before_and_after_recovery(tmp_path):
     assert "| owl | sparsegpt, owl, 128×512 | lora r64 α128, lr 0.0002, 120 steps | 2.00 |" in md
     assert "| uniform | wanda, uniform, 128×512 |" in md
     assert recovery_compare.recovered_how({}) == "?, lr ?, ? steps"
+    masked = {"method": "masked-lora", "rank": 64, "alpha": 128.0, "lr": 2e-4, "steps": 200}
+    assert recovery_compare.recovered_how(masked) == "masked-lora r64 α128, lr 0.0002, 200 steps"
     with pytest.raises(SystemExit, match="LABEL=FOLDER"):
         recovery_compare.load(f"x={tmp_path}")
 

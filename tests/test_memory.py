@@ -68,6 +68,8 @@ def test_estimates_grow_with_what_they_count():
     full = memory.recover_estimate(qwen, 4, 256, "lora", True, False, False)
     assert lean.total < full.total - 0.5 * qwen.fp32_bytes
     assert lean.terms["masks"] == qwen.fp32_bytes / 2  # the merge (two mask sets) outweighs bf16 training here
+    masked = memory.recover_estimate(qwen, 4, 256, "masked-lora", True, False, False, lean=True)
+    assert masked.total > lean.total  # its keep masks and bf16 effective weights outweigh the merge
     assert memory.recover_estimate(s, 8, 256, "lora", True, False, False).total > lora.total
     fp32 = memory.export_estimate(s, int8=False, deepsparse_graphs=2)
     assert memory.export_estimate(s, int8=True, deepsparse_graphs=2).total < fp32.total
@@ -130,6 +132,7 @@ def test_estimates_against_recorded_peaks(smollm2_dir):
     names = [f"recover-smollm2-135m-{s}-epyc.json" for s in stems]
     # distillation, once the teacher's checkpoint is released and the teacher freed before the merge
     names.append("recover-smollm2-135m-70-8steps-lora-kd05-bf16-xeon-amx.json")
+    names.append("recover-smollm2-135m-70-owl-200steps-masked-lora-r64-bf16-xeon-amx.json")  # keeps its masks
     _check_recover_records(smollm2_dir, names)
 
 

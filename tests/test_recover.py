@@ -15,6 +15,7 @@ from tiny_models import save_tiny, tiny_model
 from owl_deploy.cli import main
 from owl_deploy.configs import OwlConfig, PruneConfig, RecoverConfig
 from owl_deploy.errors import OwlError
+from owl_deploy.masked_lora import MaskedLowRank, masked_linears
 from owl_deploy.prune import prune_model
 from owl_deploy.recover import masks_of, merge, recover_model
 
@@ -40,7 +41,7 @@ def _cfg(**kw) -> RecoverConfig:
     return RecoverConfig(**{**base, **kw})
 
 
-@pytest.mark.parametrize(("method", "lr"), [("lora", 1e-2), ("masked", 3e-3)])
+@pytest.mark.parametrize(("method", "lr"), [("lora", 1e-2), ("masked-lora", 1e-2), ("masked", 3e-3)])
 def test_recovery_learns_and_keeps_exactly_the_pruned_zeros(method, lr):
     model = _pruned()
     masks = masks_of(model)
@@ -54,6 +55,41 @@ def test_recovery_learns_and_keeps_exactly_the_pruned_zeros(method, lr):
     assert all(torch.equal(masks[k], after[k]) for k in masks)  # every zero, and no other, is a zero
     if method == "lora":
         assert not hasattr(merged, "peft_config")  # the adapters are merged into plain weights
+    if method == "masked-lora":
+        assert not masked_linears(merged) and not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_masked_lora_updates_only_kept_weights_and_its_merge_changes_no_number():
+    """On a 4x8 linear: the effective weight is zero wherever pruning put a zero, the adapters' gradients are
+    those of the masked update alone, and the trained model is the merged one (plain LoRA's is not)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 4, bias=False)
+    pruned = torch.rand(4, 8) < 0.5
+    with torch.no_grad():
+        lin.weight.masked_fill_(pruned, 0.0)
+    w0 = lin.weight.detach().clone()
+    param = MaskedLowRank(~pruned, rank=2, alpha=4.0)
+    with torch.no_grad():
+        param.lora_B.normal_()
+    torch.nn.utils.parametrize.register_parametrization(lin, "weight", param)
+    eff = lin.weight
+    assert torch.equal(eff[pruned], torch.zeros(int(pruned.sum())))
+    assert torch.allclose(eff, w0 + 2.0 * (param.lora_B @ param.lora_A) * ~pruned)
+    x = torch.randn(3, 8)
+    lin(x).square().sum().backward()
+    a, b = param.lora_A.detach().clone().requires_grad_(), param.lora_B.detach().clone().requires_grad_()
+    (x @ (w0 + 2.0 * (b @ a) * ~pruned).T).square().sum().backward()
+    assert torch.allclose(param.lora_A.grad, a.grad) and torch.allclose(param.lora_B.grad, b.grad)
+
+    model = _pruned()
+    masks = masks_of(model)
+    trained, _ = recover_model(model, _pattern(40), _pattern(4, offset=3), _cfg(method="masked-lora", steps=20),
+                               progress=False)  # fmt: skip
+    batch = _pattern(2, offset=1)
+    with torch.no_grad():
+        before = trained(batch).logits
+        after = merge(trained, masks)(batch).logits
+    assert torch.allclose(before, after, atol=1e-5, rtol=1e-5)
 
 
 def test_early_stopping_keeps_the_best_held_out_state(monkeypatch):
@@ -171,10 +207,11 @@ def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_fast(monkeypatc
         assert recover.resolve_dtype("auto") == want
 
 
-def test_lean_bf16_training_changes_no_number(tmp_path, monkeypatch):
-    """LoRA in bf16 with the frozen linears stored in bf16 (the default) against the same run with them in fp32:
-    the same loss curve, held-out losses, perplexities and merged weights, to the last bit; the masks are
-    read back from the fp32 weights for the merge."""
+@pytest.mark.parametrize("method", ["lora", "masked-lora"])
+def test_lean_bf16_training_changes_no_number(tmp_path, monkeypatch, method):
+    """LoRA (plain or masked) in bf16 with the frozen linears stored in bf16 (the default) against the same run
+    with them in fp32: the same loss curve, held-out losses, perplexities and merged weights, to the last bit;
+    the masks are read back from the fp32 weights for the merge."""
     from safetensors.torch import load_file
 
     from owl_deploy import recover
@@ -188,7 +225,8 @@ def test_lean_bf16_training_changes_no_number(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     args = ["recover", "--model", str(pruned), "--steps", "6", "--batch-size", "2", "--seqlen", "32",
             "--eval-every", "3", "--heldout-tokens", "128", "--calib", str(text), "--eval-text", str(text),
-            "--eval-seqlen", "32", "--eval-tokens", "256", "--compute-dtype", "bfloat16", "--lr", "0.01"]  # fmt: skip
+            "--eval-seqlen", "32", "--eval-tokens", "256", "--compute-dtype", "bfloat16", "--lr", "0.01",
+            "--method", method]  # fmt: skip
     reports, weights = {}, {}
     for name in ("lean", "fp32"):
         if name == "fp32":
@@ -206,6 +244,8 @@ def test_lean_bf16_training_changes_no_number(tmp_path, monkeypatch):
             b[key] = [{k: v for k, v in c.items() if k != "tokens_per_s"} for c in b[key]]
         assert a[key] == b[key], key
     assert a["zeros"]["identical_mask"] and a["curve"][-1]["loss"] < a["curve"][0]["loss"]
+    if method == "masked-lora":  # trained and deployed are one function
+        assert a["perplexity"]["adapter"] == pytest.approx(a["perplexity"]["merged_remasked"], rel=1e-5)
     assert weights["lean"].keys() == weights["fp32"].keys()
     assert all(torch.equal(weights["lean"][k], weights["fp32"][k]) for k in weights["lean"])
 
