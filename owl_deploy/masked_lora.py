@@ -43,8 +43,10 @@ class MaskedLowRank(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-            weight = weight.to(torch.bfloat16)
-        return weight.float() + self.delta().float()
+            # a bf16 sum (computed in fp32, rounded once): what autocast would make of the fp32 sum, without the
+            # two full-size fp32 temporaries
+            return weight.to(torch.bfloat16) + self.delta().to(torch.bfloat16)
+        return weight + self.delta()
 
 
 def add_masked_adapters(model: nn.Module, masks: dict[str, torch.Tensor], rank: int, alpha: float) -> dict:
@@ -58,18 +60,6 @@ def add_masked_adapters(model: nn.Module, masks: dict[str, torch.Tensor], rank: 
 def masked_linears(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if parametrize.is_parametrized(m, "weight")
             and isinstance(m.parametrizations.weight[0], MaskedLowRank)]  # fmt: skip
-
-
-@torch.no_grad()
-def frozen_to_bf16(model: nn.Module) -> int:
-    """Store the parametrized linears' frozen weights in bf16 (what bf16 autocast multiplies); returns the count."""
-    n = 0
-    for lin in masked_linears(model):
-        plist = lin.parametrizations.weight
-        if plist.original.dtype == torch.float32:
-            plist.original = nn.Parameter(plist.original.detach().to(torch.bfloat16), requires_grad=False)
-            n += 1
-    return n
 
 
 @torch.no_grad()

@@ -130,7 +130,8 @@ def _trainable(model, cfg: RecoverConfig, masks: dict[str, torch.Tensor]):
 
 
 def lean(cfg: RecoverConfig) -> bool:
-    """Train on bf16 frozen weights: LoRA under bf16 autocast (the only case where that changes no number)."""
+    """Train on bf16 frozen weights: LoRA or masked LoRA under bf16 autocast (the only cases where that changes
+    no number)."""
     return cfg.method in ("lora", "masked-lora") and cfg.compute_dtype == "bfloat16"
 
 
@@ -140,15 +141,20 @@ def _frozen_bf16(t: torch.Tensor) -> nn.Parameter:
 
 @torch.no_grad()
 def _frozen_to_bf16(model) -> int:
-    """The LoRA-wrapped linears' frozen weights in bf16, what autocast multiplies; their biases (small) stay fp32
-    and autocast casts them per call. Returns the count."""
+    """The LoRA-wrapped (or masked-LoRA parametrized) linears' frozen weights in bf16, what autocast multiplies;
+    their biases (small) stay fp32 and autocast casts them per call. Returns the count."""
     n = 0
     for module in model.modules():
         base = getattr(module, "base_layer", None)
         if isinstance(base, nn.Linear) and base.weight.dtype == torch.float32:
             base.weight = _frozen_bf16(base.weight)
             n += 1
-    return n + masked_lora.frozen_to_bf16(model)
+    for lin in masked_lora.masked_linears(model):
+        plist = lin.parametrizations.weight
+        if plist.original.dtype == torch.float32:
+            plist.original = _frozen_bf16(plist.original)
+            n += 1
+    return n
 
 
 @torch.no_grad()
