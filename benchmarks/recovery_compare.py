@@ -21,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from owl_deploy.configs import ADAPTER_METHODS  # noqa: E402
 from owl_deploy.evaluate import paired_nll, resolved  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 
@@ -77,7 +78,7 @@ def pruned_how(pw: dict) -> str:
 def recovered_how(settings: dict) -> str:
     """'lora r64 α128, lr 0.0002, 120 steps' from recover.json's settings; '?' for what it does not record."""
     method = settings.get("method", "?")
-    lora = method in ("lora", "masked-lora") and "rank" in settings
+    lora = method in ADAPTER_METHODS and "rank" in settings
     adapter = f" r{settings['rank']} α{settings['alpha']:g}" if lora else ""
     return f"{method}{adapter}, lr {settings.get('lr', '?')}, {settings.get('steps', '?')} steps"
 

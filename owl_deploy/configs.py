@@ -165,6 +165,9 @@ class PruneConfig(Config):
         return parse_nm(self.nm) if self.nm is not None else None
 
 
+ADAPTER_METHODS = ("lora", "masked-lora")  # the recover methods that train low-rank adapters
+
+
 class RecoverConfig(Config):
     """A short fine-tune that wins back quality and keeps every zero (``owl-deploy recover``, the recover stage).
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from owl_deploy import masked_lora, memory
 from owl_deploy.calibrate import resolve_dtype
-from owl_deploy.configs import CalibrationConfig, EvalConfig, RecoverConfig
+from owl_deploy.configs import ADAPTER_METHODS, CalibrationConfig, EvalConfig, RecoverConfig
 from owl_deploy.errors import OwlError
 from owl_deploy.io import atomic_dir, atomic_file, exclusive, write_json
 from owl_deploy.model import named_block_linears
@@ -132,7 +132,7 @@ def _trainable(model, cfg: RecoverConfig, masks: dict[str, torch.Tensor]):
 def lean(cfg: RecoverConfig) -> bool:
     """Train on bf16 frozen weights: LoRA or masked LoRA under bf16 autocast (the only cases where that changes
     no number)."""
-    return cfg.method in ("lora", "masked-lora") and cfg.compute_dtype == "bfloat16"
+    return cfg.method in ADAPTER_METHODS and cfg.compute_dtype == "bfloat16"
 
 
 def _frozen_bf16(t: torch.Tensor) -> nn.Parameter:

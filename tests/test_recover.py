@@ -113,7 +113,9 @@ def _lora_sum(model) -> float:
     return float(sum(p.detach().abs().sum() for n, p in model.named_parameters() if "lora_" in n))
 
 
-def test_same_seed_same_weights_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch):
+@pytest.mark.parametrize(("method", "lr"), [("lora", 1e-2), ("masked-lora", 1e-2), ("masked", 3e-3)])
+def test_same_seed_same_weights_and_a_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, method, lr):
+    """Each method's checkpoint holds what it trains (adapters, their parametrized form, or the linears)."""
     from owl_deploy import recover
 
     masks = masks_of(_pruned())
@@ -121,7 +123,7 @@ def test_same_seed_same_weights_and_a_resumed_run_equals_an_uninterrupted_one(tm
     def weights(model):
         return [p.detach().clone() for p in merge(model, masks).parameters()]
 
-    cfg = _cfg(steps=30)
+    cfg = _cfg(steps=30, method=method, lr=lr)
     whole = weights(recover_model(_pruned(), _pattern(60), _pattern(4, offset=3), cfg, progress=False)[0])
     again = weights(recover_model(_pruned(), _pattern(60), _pattern(4, offset=3), cfg, progress=False)[0])
     assert all(torch.equal(a, b) for a, b in zip(whole, again, strict=True))
