@@ -144,6 +144,7 @@ def test_estimates_against_recorded_peaks_qwen():
     stems = ("60-owl", "60-uniform", "50-owl")
     names = [f"recover-qwen2.5-coder-1.5b-{s}-lora-bf16-epyc.json" for s in stems]
     names.append("recover-qwen2.5-coder-1.5b-50-owl-8steps-lora-bf16-lean-xeon-amx.json")  # the mapping released
+    names.append("recover-qwen2.5-coder-1.5b-50-owl-calib128x512-masked-lora-r64-bf16-xeon-amx.json")  # 120 steps
     _check_recover_records(resolve_model("qwen2.5-coder-1.5b"), names)
 
 
