@@ -177,7 +177,7 @@ class RecoverConfig(Config):
     """
 
     enabled: bool = Field(False, description="In a pipeline: run the recover stage between prune and export.")
-    method: Literal["lora", "masked-lora", "masked"] = Field(
+    method: Literal[*ADAPTER_METHODS, "masked"] = Field(  # type: ignore[valid-type]
         "lora",
         description="LoRA adapters; LoRA whose update is masked to the kept weights while it trains (the "
         "trained model is the deployed one); or masked full fine-tuning.",

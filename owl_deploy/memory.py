@@ -315,10 +315,10 @@ def recover_estimate(
         train |= {"fp32 weights": shape.fp32_bytes - blocks, "bf16 block weights": blocks / 2}
         train |= {"masks": 0.0, "bf16 weight copies": 0.0}
         if method == "masked-lora":  # its keep masks, and the bf16 effective weights kept for the backward pass
-            train |= {"masks": blocks / 4, "bf16 weight copies": blocks / 2}
-            # measured, not explained: the 1.5B model's 120-step run peaked 2,439 MiB over the terms above (18,337
-            # against 15,898 MiB; the per-linear bf16 temporaries of the update, as the heap keeps them, is a guess)
-            train["update temporaries"] = blocks / 2
+            # update temporaries: measured, not explained — the 1.5B model's 120-step run peaked 2,439 MiB over the
+            # other terms (18,337 against 15,898 MiB; the per-linear bf16 temporaries of the update, as the heap keeps
+            # them, is a guess)
+            train |= {"masks": blocks / 4, "bf16 weight copies": blocks / 2, "update temporaries": blocks / 2}
         # the teacher is freed before the merge (owl_deploy.recover.recover)
         merge = {"libraries": BASE_BYTES, "fp32 weights": shape.fp32_bytes, "mapped checkpoint": shape.mapped_bytes}
         # the pruned model's masks and the merged model's, compared (measured: 12.3 GB peak in this phase, 1.5B)
