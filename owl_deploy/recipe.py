@@ -209,6 +209,8 @@ def _semantic_problems(recipe: Recipe, base: Path) -> list[tuple[tuple, str]]:
         )
     if recipe.quantize.scheme is None and recipe.quantize.keep_fp32:
         out.append((("quantize", "keep_fp32"), "has no effect without quantize.scheme: int8"))
+    if recipe.quantize.scheme is None and recipe.quantize.keep_fp32_worst:
+        out.append((("quantize", "keep_fp32_worst"), "has no effect without quantize.scheme: int8"))
     if recipe.model not in assets.MODELS and not _resolve_path(recipe.model, base).exists():
         out.append(
             (("model",), f"{recipe.model!r} is neither a model asset ({', '.join(sorted(assets.MODELS))}) nor a path")

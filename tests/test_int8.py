@@ -83,6 +83,32 @@ def test_int8_config_validation():
         build(QuantizeConfig, {"keep_fp32": ["attention"]})
 
 
+def test_int8_output_error_by_hand():
+    # steps that are powers of two: x on a 0.5 grid (range 63.5 -> s = 0.5), every row of w on a 1/16 grid with
+    # its maximum 127/16 (s = 1/16): int8 represents both exactly, so the error is exactly zero
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(-127, 128, (4, 8), generator=gen).float() * 0.5
+    w = torch.randint(-127, 128, (3, 8), generator=gen).float() / 16
+    w[:, 0] = 127 / 16
+    err, norm = q.int8_output_error(x, w, 63.5)
+    assert err == 0.0 and norm == pytest.approx(float(((x @ w.T) ** 2).sum()))
+    # anything else: the numpy path of the export (quantize_weight on the [K, N] layout, a saturating activation)
+    x, w = torch.randn(4, 8, generator=gen) * 3, torch.randn(3, 8, generator=gen)
+    wq = q.dequantize_weight(*q.quantize_weight(w.T.numpy())).T
+    s = q.activation_scale(2.0)  # |x| reaches ~9: the rest saturates at -128 / 127 steps
+    xq = np.clip(np.rint(x.numpy() / s), -128, 127) * s
+    want = float((((xq @ wq.T) - (x @ w.T).numpy()) ** 2).sum())
+    err, _ = q.int8_output_error(x, w, 2.0)
+    assert err == pytest.approx(want, rel=1e-5) and err > 0
+
+
+def test_worst_is_the_largest_errors_ties_by_name():
+    errors = {"b": 0.3, "a": 0.1, "c": 0.3, "d": 0.0}
+    assert q.worst(errors, 2) == ["b", "c"]
+    assert q.worst(errors, 0) == []
+    assert q.worst(errors, 9) == ["b", "c", "a", "d"]
+
+
 # ---------------------------------------------------------------- smoothing on a real (tiny) model
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gemma3"])
 def test_smooth_model_keeps_function_and_zeros(family, tmp_path):
@@ -146,6 +172,35 @@ def test_norm_offset_is_found_by_running_the_norm(family, offset):
     assert {q.norm_offset(n) for n in norms} == {offset}
     with pytest.raises(OwlError, match="neither w nor 1 \\+ w"):
         q.norm_offset(torch.nn.LayerNorm(8))  # x - mean(x) of a constant row is 0: not an RMSNorm
+
+
+def test_int8_errors_run_the_unfolded_model_and_match_the_pure_error(tmp_path):
+    """The ranking pass needs the model as it was (fold=False leaves every tensor alone) and gives each projection
+    the pure error of its own smoothed input and weight (nothing quantized upstream)."""
+    from owl_deploy.specs import load_model
+
+    folder = _prune_folder(save_tiny("qwen2", tmp_path / "dense"), tmp_path / "pruned", 0.5)
+    model, _ = load_model(folder)
+    ids = torch.randint(3, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    absmax = q.activation_absmax(model, ids)
+    plan = q.smoothing_plan(model, absmax, 0.7, fold=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ranges = {name: float(r.max()) for name, r in plan.ranges.items()}
+    errors = q.int8_errors(model, ids, plan, ranges)
+    assert set(errors) == set(ranges) and all(0 < e < 1 for e in errors.values())
+
+    name = "model.layers.1.mlp.down_proj"  # smoothed on its input (its scale folded into up_proj's rows)
+    lin = dict(model.named_modules())[name]
+    seen = []
+    handle = lin.register_forward_hook(lambda _m, args, _o: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        for row in ids:
+            model(input_ids=row[None], use_cache=False)
+    handle.remove()
+    mul, _ = plan.weights[name]
+    parts = [q.int8_output_error(x / mul, lin.weight.detach() * mul, ranges[name]) for x in seen]
+    assert errors[name] == pytest.approx(sum(e for e, _ in parts) / sum(n for _, n in parts), rel=1e-6)
 
 
 # ---------------------------------------------------------------- the int8 export
@@ -224,6 +279,33 @@ def test_int8_engines_agree_and_error_is_small(int8_export):
     err = ort["vs_torch_fp32"]["max_abs_diff"]
     assert 0 < err < 0.5
     assert report["int8"]["smooth_alpha"] == 0.7
+
+
+def test_keep_fp32_worst_leaves_the_ranked_projections_fp32(tiny_pruned, tiny_text, tmp_path):
+    """--keep-fp32-worst N: the N projections with the largest int8 error stay fp32 MatMuls (recorded with every
+    error in export.json), the rest are the MatMulInteger pattern, and the export passes its checks."""
+    import onnx
+
+    from owl_deploy.configs import CalibrationConfig, ExportConfig, QuantizeConfig
+    from owl_deploy.export import export_model
+
+    out = tmp_path / "odir"
+    report = export_model(
+        tiny_pruned,
+        out,
+        ExportConfig(sequence_length=SEQ, prefill_length=4, greedy_tokens=4),
+        QuantizeConfig(scheme="int8", nsamples=4, seqlen=32, keep_fp32_worst=3),
+        CalibrationConfig(text=str(tiny_text)),
+    )
+    assert report["ok"], report["problems"]
+    int8 = report["int8"]
+    kept = int8["kept_fp32_worst"]
+    assert kept == q.worst(int8["relative_errors"], 3)
+    assert len(int8["relative_errors"]) == 7 * report["spec"]["num_layers"] + 1  # ranked among every int8 target
+    assert not set(kept) & set(int8["layers"]) and len(int8["layers"]) == len(int8["relative_errors"]) - 3
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count("MatMulInteger") == 7 * report["spec"]["num_layers"] + 1 - 3
+    assert report["zeros_preserved"] is True
 
 
 def test_int8_gemma3_export(tiny_text, tmp_path):
@@ -309,6 +391,8 @@ def test_export_int8_bad_options(tiny_pruned, tmp_path):
     for args, msg in (
         (["--smooth-alpha", "2"], "smooth-alpha"),
         (["--keep-fp32", "attention"], "keep-fp32"),
+        (["--keep-fp32-worst", "-1"], "keep-fp32-worst"),
+        (["--keep-fp32-worst", "22", "--sequence-length", "16"], "keep-fp32-worst 22 would keep every one of the 22"),
     ):
         out = tmp_path / "bad"
         res = CliRunner().invoke(

@@ -250,6 +250,8 @@ MP = M + "prune: {sparsity: 0.5}\n"
         (MP + "bench: {prefill_chunk: 6}\n", "recipe.yaml:3: bench.prefill_chunk: must be 1 or a multiple of 4"),
         (MP + "quantize: {scheme: int8, keep_fp32: [mlp]}\n", "recipe.yaml:3: quantize.keep_fp32: mlp is not"),
         (MP + "quantize: {keep_fp32: [down_proj]}\n", "recipe.yaml:3: quantize.keep_fp32: has no effect without"),
+        (MP + "quantize: {keep_fp32_worst: 4}\n", "recipe.yaml:3: quantize.keep_fp32_worst: has no effect without"),
+        (MP + "quantize: {scheme: int8, keep_fp32_worst: -1}\n", "recipe.yaml:3: quantize.keep_fp32_worst: "),
         (MP + "quantize: {scheme: int4}\n", "recipe.yaml:3: quantize.scheme: must be"),
         (MP + "bench: {engines: gpu}\n", "recipe.yaml:3: bench.engines: unknown engine 'gpu'; use ds|deepsparse"),
         (MP + "owl: 5\n", "recipe.yaml:3: owl: must be a mapping of keys (got 5)"),

@@ -102,6 +102,8 @@ def export_model(
     phases.mark("load_model")
     spec, _ = graph_spec(hf_model)
     check_sequence_length(spec, sequence_length)
+    if int8:
+        _check_int8_targets(hf_model, quantize)
 
     # torch's references come first: the int8 rewrite folds SmoothQuant into the norms of hf_model
     t = time.perf_counter()
@@ -114,11 +116,11 @@ def export_model(
     timings["torch_reference"] = time.perf_counter() - t
     phases.mark("torch_reference")
 
-    rewrite = None
+    rewrite, int8_choice = None, {}
     if int8:
         t = time.perf_counter()
         say(f"int8: calibrating activation ranges on {quantize.nsamples}x{quantize.seqlen} tokens")
-        rewrite = _int8_rewrite(hf_model, tokenizer, quantize, calibration)
+        rewrite, int8_choice = _int8_rewrite(hf_model, tokenizer, quantize, calibration)
         timings["int8_calibration"] = time.perf_counter() - t
         phases.mark("int8_calibration")
 
@@ -242,6 +244,7 @@ def export_model(
             else {
                 **quantize.to_json(),
                 "calibration": {"text": calibration.text, "seed": calibration.seed},
+                **int8_choice,
                 "layers": info["rewrite"],
             },
             "opset": OPSET,
@@ -265,6 +268,8 @@ def export_model(
     return report
 
 
+#: calibration windows that rank the projections for ``keep_fp32_worst`` (4 x 512 tokens by default)
+ERROR_WINDOWS = 4
 _VERSIONED = ("torch", "transformers", "onnx", "onnxruntime", "deepsparse")
 
 
@@ -304,24 +309,45 @@ def _deepsparse_one_graph_at_a_time(
     return res, tokens, seconds
 
 
-def _int8_rewrite(hf_model, tokenizer, cfg: QuantizeConfig, calibration: CalibrationConfig) -> Callable:
-    """Calibrate activation ranges and return the graph rewrite for export_onnx. With SmoothQuant the norms and
-    biases of ``hf_model`` are folded in place, its projection weights are not: until the rewrite scales them
-    in the graph, ``hf_model`` is not the model any more (take torch's references before)."""
+def _check_int8_targets(hf_model, cfg: QuantizeConfig) -> None:
+    """Fail before any work when ``keep_fp32_worst`` would leave nothing int8."""
+    from owl_deploy.export import int8 as q
+
+    n = len(q.quantize_targets(hf_model, cfg))
+    if cfg.keep_fp32_worst >= n:
+        raise OwlError(f"--keep-fp32-worst {cfg.keep_fp32_worst} would keep every one of the {n} int8 projections "
+                       "fp32; export without --quantize instead")  # fmt: skip
+
+
+def _int8_rewrite(hf_model, tokenizer, cfg: QuantizeConfig, calibration: CalibrationConfig) -> tuple[Callable, dict]:
+    """Calibrate activation ranges; return the graph rewrite for export_onnx and what it chose (for export.json).
+    With SmoothQuant the norms and biases of ``hf_model`` are folded in place, its projection weights are not:
+    until the rewrite scales them in the graph, ``hf_model`` is not the model any more (take torch's references
+    before)."""
     from owl_deploy.data import calibration_windows
     from owl_deploy.export import int8 as q
     from owl_deploy.export import verify
 
     windows = calibration_windows(tokenizer, calibration.text, cfg.nsamples, cfg.seqlen, calibration.seed)
+    targets = q.quantize_targets(hf_model, cfg)
+    report: dict = {}
     with verify.torch_threads(None):
         absmax = q.activation_absmax(hf_model, windows)
-    scales = None
-    if cfg.smooth_alpha is not None:
-        # norms and biases now; each projection weight as the rewrite reads it (never a second copy of them)
-        plan = q.smoothing_plan(hf_model, absmax, cfg.smooth_alpha)
-        absmax, scales = plan.ranges, plan.weights
-    ranges = {name: float(absmax[name].max()) for name in q.quantize_targets(hf_model, cfg)}
-    return lambda proto, weights, base_dir: q.quantize_graph(proto, ranges, weights, base_dir, scales)
+        plan = None
+        if cfg.smooth_alpha is not None:
+            # the ranking runs the model as it is, so the norms are folded only after it
+            plan = q.smoothing_plan(hf_model, absmax, cfg.smooth_alpha, fold=not cfg.keep_fp32_worst)
+        ranges = {name: float((plan.ranges if plan else absmax)[name].max()) for name in targets}
+        if cfg.keep_fp32_worst:
+            errors = q.int8_errors(hf_model, windows[:ERROR_WINDOWS], plan, ranges)
+            kept = q.worst(errors, cfg.keep_fp32_worst)
+            ranges = {name: r for name, r in ranges.items() if name not in kept}
+            report = {"kept_fp32_worst": kept, "relative_errors": {n: round(e, 6) for n, e in errors.items()},
+                      "error_windows": len(windows[:ERROR_WINDOWS])}  # fmt: skip
+            if plan is not None:
+                plan = q.smoothing_plan(hf_model, absmax, cfg.smooth_alpha)
+    scales = plan.weights if plan is not None else None
+    return (lambda proto, weights, base_dir: q.quantize_graph(proto, ranges, weights, base_dir, scales)), report
 
 
 def _write_side_files(hf_model, tokenizer, source: Path, dest: Path) -> None:

@@ -17,7 +17,12 @@ The pattern (``cpu-runtime.md``, "What makes DeepSparse fast here"), per project
   positive scale keeps every pruned zero an exact zero.  Gemma's RMSNorms scale by ``1 + w`` (found by
   running the norm, :func:`norm_offset`), so the fold divides ``1 + w``; Gemma 3's gate/up read
   ``pre_feedforward_layernorm`` (its ``post_attention_layernorm`` normalises the attention output).
-* Projections named in ``keep_fp32`` (and lm_head unless asked for) stay fp32 MatMuls.
+* Projections named in ``keep_fp32`` (and lm_head unless asked for) stay fp32 MatMuls, and so do the
+  ``keep_fp32_worst`` ones int8 hurts most: :func:`int8_errors` ranks every int8 projection by its relative
+  output error on calibration windows (SmoothQuant applied, nothing upstream quantized). What a static per-tensor
+  scale costs is spread over the ``down_proj`` inputs (SwiGLU products; a few early and late blocks of
+  Qwen2.5-Coder-1.5B lead the ranking); 8 of its 197 projections fp32 halve int8's perplexity cost
+  (docs/results.md, "int8 that keeps its quality").
 
 The pure parts (:func:`quantize_weight`, :func:`activation_scale`, :func:`smoothing_scales`) work on
 plain arrays; :func:`quantize_graph` rewrites an exported fp32 ONNX graph in place.
@@ -79,6 +84,26 @@ def smoothing_scales(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alph
     s = a.pow(alpha) / w.pow(1.0 - alpha)
     s = torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
     return s.float()
+
+
+def int8_output_error(x: torch.Tensor, w: torch.Tensor, act_range: float) -> tuple[float, float]:
+    """(sum of squared errors, sum of squares) of ``x @ w.T`` done the deployment's int8 way: ``x`` [T, K] per
+    tensor from ``act_range`` (:func:`activation_scale`, zero point 128: steps -128..127), ``w`` [N, K] (torch's
+    layout) per output channel as :func:`quantize_weight` does. Their ratio ranks what int8 costs a projection.
+    """
+    x, w = x.float(), w.float()
+    ws = w.abs().amax(1, keepdim=True)
+    ws = torch.where(ws > 0, ws / QMAX, torch.ones_like(ws))
+    wq = torch.clamp(torch.round(w / ws), -QMAX, QMAX) * ws
+    s = activation_scale(act_range)
+    xq = torch.clamp(torch.round(x / s), -ZERO_POINT, 255 - ZERO_POINT) * s
+    y = x @ w.T
+    return float(((xq @ wq.T - y) ** 2).sum()), float((y**2).sum())
+
+
+def worst(errors: dict[str, float], n: int) -> list[str]:
+    """The ``n`` names with the largest error (ties by name: the same errors always give the same choice)."""
+    return sorted(errors, key=lambda name: (-errors[name], name))[:n]
 
 
 # ---------------------------------------------------------------- calibration (torch)
@@ -162,10 +187,11 @@ def _add_weight_scales(plan: dict[str, WeightScales], name: str, mul: torch.Tens
 
 
 @torch.no_grad()
-def smoothing_plan(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float) -> Smoothing:
+def smoothing_plan(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float, fold: bool = True) -> Smoothing:
     """Fold SmoothQuant's scales into the norms and biases of a LLaMA-family model in place; return the smoothed
     activation ranges and each projection weight's scaling (apply it with :func:`scale_weight_t`, or in torch
     with :func:`apply_weight_scales`). Until the weights are scaled the model computes a different function.
+    ``fold=False`` only computes the plan (the model untouched: :func:`int8_errors` runs it as it was).
 
     Four folds per block: input_layernorm -> q/k/v, the norm before the MLP (post_attention_layernorm, or
     Gemma 3's pre_feedforward_layernorm) -> gate/up, v_proj rows -> o_proj (one scale per kv head and dim,
@@ -186,7 +212,8 @@ def smoothing_plan(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: flo
             a = absmax[names[0]]
             wmax = torch.stack([lin.weight.abs().amax(0) for lin in linears]).amax(0)
             s = smoothing_scales(a, wmax, alpha)
-            _fold_into_norm(norm, s)
+            if fold:
+                _fold_into_norm(norm, s)
             for lin, name in zip(linears, names, strict=True):
                 _add_weight_scales(plan, name, s.to(lin.weight.dtype), None)
                 out[name] = a / s
@@ -207,7 +234,7 @@ def smoothing_plan(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: flo
         w_o = attn.o_proj.weight.abs().amax(0).view(kvh, group, hd).amax(1)
         s_kv = smoothing_scales(a_o.reshape(-1), w_o.reshape(-1), alpha)  # [kvh * hd] = v_proj's rows
         _add_weight_scales(plan, f"{p}.self_attn.v_proj", None, s_kv)
-        if attn.v_proj.bias is not None:
+        if fold and attn.v_proj.bias is not None:
             attn.v_proj.bias.div_(s_kv)
         s_o = s_kv.view(kvh, 1, hd).expand(kvh, group, hd).reshape(-1)
         _add_weight_scales(plan, f"{p}.self_attn.o_proj", s_o, None)
@@ -216,7 +243,7 @@ def smoothing_plan(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: flo
         # up_proj -> down_proj: down's input is silu(gate) * up, linear in up's output
         s_d = smoothing_scales(absmax[f"{p}.mlp.down_proj"], mlp.down_proj.weight.abs().amax(0), alpha)
         _add_weight_scales(plan, f"{p}.mlp.up_proj", None, s_d)
-        if mlp.up_proj.bias is not None:
+        if fold and mlp.up_proj.bias is not None:
             mlp.up_proj.bias.div_(s_d)
         _add_weight_scales(plan, f"{p}.mlp.down_proj", s_d, None)
         out[f"{p}.mlp.down_proj"] = absmax[f"{p}.mlp.down_proj"] / s_d
@@ -224,7 +251,8 @@ def smoothing_plan(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: flo
     head, norm = model.get_output_embeddings(), getattr(getattr(model, "model", None), "norm", None)
     if isinstance(head, nn.Linear) and norm is not None and "lm_head" in absmax:
         s = smoothing_scales(absmax["lm_head"], head.weight.abs().amax(0), alpha)
-        _fold_into_norm(norm, s)
+        if fold:
+            _fold_into_norm(norm, s)
         _add_weight_scales(plan, "lm_head", s.to(head.weight.dtype), None)
         out["lm_head"] = absmax["lm_head"] / s
     return Smoothing(out, plan)
@@ -286,6 +314,41 @@ def smooth_model(model: nn.Module, absmax: dict[str, torch.Tensor], alpha: float
     plan = smoothing_plan(model, absmax, alpha)
     apply_weight_scales(model, plan)
     return plan.ranges
+
+
+@torch.inference_mode()
+def int8_errors(
+    model: nn.Module, windows: torch.Tensor, plan: Smoothing | None, ranges: dict[str, float]
+) -> dict[str, float]:
+    """Relative output error int8 gives each projection in ``ranges`` (name -> smoothed activation range) on
+    ``windows``: ``model`` runs unquantized and *unfolded* (``smoothing_plan(..., fold=False)``), and each
+    projection's input and weight are smoothed by ``plan`` and quantized in a hook, so one projection's error
+    never feeds the next one's input. Relative: sum of squared errors over sum of squares of the output."""
+    projs = _projections(model)
+    sums: dict[str, tuple[float, float]] = {}
+    handles = []
+    for name, act_range in ranges.items():
+        mul, div = plan.weights.get(name, (None, None)) if plan is not None else (None, None)
+
+        def hook(lin, args, _out, name=name, act_range=act_range, mul=mul, div=div):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            w = lin.weight.float()
+            if mul is not None:
+                x, w = x / mul, w * mul
+            if div is not None:
+                w = w / div[:, None]
+            err, norm = int8_output_error(x, w, act_range)
+            e0, n0 = sums.get(name, (0.0, 0.0))
+            sums[name] = (e0 + err, n0 + norm)
+
+        handles.append(projs[name].register_forward_hook(hook))
+    try:
+        for ids in windows:
+            model(input_ids=ids[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: err / norm if norm > 0 else 0.0 for name, (err, norm) in sums.items()}
 
 
 # ---------------------------------------------------------------- the ONNX rewrite
