@@ -335,7 +335,8 @@ def _int8_rewrite(hf_model, tokenizer, cfg: QuantizeConfig, calibration: Calibra
         absmax = q.activation_absmax(hf_model, windows)
         plan = None
         if cfg.smooth_alpha is not None:
-            # the ranking runs the model as it is, so the norms are folded only after it
+            # norms and biases folded in torch; each projection weight scaled as the rewrite reads it (never a
+            # second copy of the weights). The ranking runs the model as it is, so then the norms fold after it.
             plan = q.smoothing_plan(hf_model, absmax, cfg.smooth_alpha, fold=not cfg.keep_fp32_worst)
         ranges = {name: float((plan.ranges if plan else absmax)[name].max()) for name in targets}
         if cfg.keep_fp32_worst:

@@ -30,6 +30,7 @@ plain arrays; :func:`quantize_graph` rewrites an exported fp32 ONNX graph in pla
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,21 +123,27 @@ def _projections(model: nn.Module) -> dict[str, nn.Linear]:
 def activation_absmax(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-input-channel max |x| of every projection's input over the calibration ``windows`` [n, seqlen]."""
     stats: dict[str, torch.Tensor] = {}
-    handles = []
+    hooks = []
     for name, lin in _projections(model).items():
 
         def hook(_m, args, _out, name=name):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
             stats[name] = torch.maximum(stats[name], x) if name in stats else x
 
-        handles.append(lin.register_forward_hook(hook))
+        hooks.append((lin, hook))
+    _run_hooked(model, windows, hooks)
+    return stats
+
+
+def _run_hooked(model: nn.Module, windows: torch.Tensor, hooks: list[tuple[nn.Module, Callable]]) -> None:
+    """Run ``model`` on each window with the forward ``hooks`` attached; they are removed whatever happens."""
+    handles = [module.register_forward_hook(fn) for module, fn in hooks]
     try:
         for ids in windows:
             model(input_ids=ids[None], use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return stats
 
 
 @torch.no_grad()
@@ -326,7 +333,7 @@ def int8_errors(
     never feeds the next one's input. Relative: sum of squared errors over sum of squares of the output."""
     projs = _projections(model)
     sums: dict[str, tuple[float, float]] = {}
-    handles = []
+    hooks = []
     for name, act_range in ranges.items():
         mul, div = plan.weights.get(name, (None, None)) if plan is not None else (None, None)
 
@@ -341,13 +348,8 @@ def int8_errors(
             e0, n0 = sums.get(name, (0.0, 0.0))
             sums[name] = (e0 + err, n0 + norm)
 
-        handles.append(projs[name].register_forward_hook(hook))
-    try:
-        for ids in windows:
-            model(input_ids=ids[None], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+        hooks.append((projs[name], hook))
+    _run_hooked(model, windows, hooks)
     return {name: err / norm if norm > 0 else 0.0 for name, (err, norm) in sums.items()}
 
 
