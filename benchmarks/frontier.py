@@ -2,7 +2,8 @@
 """The speed/quality frontier: which deployment of a model is the fastest at the quality a user accepts?
 
 For one model: dense fp32 and int8, and Wanda at each ``--sparsities`` × {pruned, recovered} ×
-{fp32, int8}, pruned as the pipeline does by default (``owl-deploy tune`` chooses OWL's M and λ on held-out
+{fp32, int8} (``--precisions`` adds int8-keepN: int8 with the N projections int8 hurts most kept fp32,
+dense and sparse), pruned as the pipeline does by default (``owl-deploy tune`` chooses OWL's M and λ on held-out
 calibration text, or uniform when no OWL setting beats it; ``--allocation owl|uniform`` forces one), each
 measured as it deploys:
 
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -70,6 +72,15 @@ def sh(args: list[str], log: Path | None = None) -> str:
 
 
 PRECISIONS = ("fp32", "int8")
+KEEP = re.compile(r"int8-keep([1-9][0-9]*)")  # int8 with the N projections int8 hurts most kept fp32
+
+
+def export_args(precision: str) -> list[str]:
+    """``owl-deploy export`` options of a precision: fp32, int8 or int8-keepN (``--keep-fp32-worst N``)."""
+    if precision == "fp32":
+        return []
+    keep = KEEP.fullmatch(precision)
+    return ["--quantize", "int8", *(["--keep-fp32-worst", keep[1]] if keep else [])]
 
 
 def plan(sparsities: list[float], recover: bool, precisions: tuple[str, ...] = PRECISIONS) -> list[dict]:
@@ -77,10 +88,11 @@ def plan(sparsities: list[float], recover: bool, precisions: tuple[str, ...] = P
 
     Dense fp32 and int8 are always built: every ratio divides by their ONNX Runtime runs. ``precisions``
     narrows only the sparse rows (a 1.5B model's sparse fp32 exports cost ~8 min each, and their DeepSparse
-    engines do not fit in 23 GB beside the rest of the bench)."""
+    engines do not fit in 23 GB beside the rest of the bench); an int8-keepN precision adds its dense row too
+    (on Qwen2.5-Coder-1.5B, dense int8 with 8 projections fp32 was the fastest deployment within +10%)."""
+    dense = (*PRECISIONS, *(p for p in precisions if p not in PRECISIONS))
     rows = [
-        {"name": f"dense-{p}", "source": "dense", "precision": p, "sparsity": 0.0, "recovered": False}
-        for p in PRECISIONS
+        {"name": f"dense-{p}", "source": "dense", "precision": p, "sparsity": 0.0, "recovered": False} for p in dense
     ]
     for s in sparsities:
         for rec in (False, True) if recover else (False,):
@@ -91,12 +103,16 @@ def plan(sparsities: list[float], recover: bool, precisions: tuple[str, ...] = P
 
 
 def _precisions(spec: str) -> tuple[str, ...]:
-    """``"int8"`` / ``"fp32,int8"`` -> a tuple in the canonical order; anything else is a one-line error."""
-    asked = [x.strip() for x in spec.split(",") if x.strip()]
-    bad = [x for x in asked if x not in PRECISIONS]
+    """``"int8"`` / ``"fp32,int8,int8-keep8"`` -> a tuple in the canonical order (fp32, int8, then int8-keepN by
+    N); anything else is a one-line error."""
+    asked = list(dict.fromkeys(x.strip() for x in spec.split(",") if x.strip()))
+    bad = [x for x in asked if x not in PRECISIONS and not KEEP.fullmatch(x)]
     if bad or not asked:
-        raise argparse.ArgumentTypeError(f"expected a comma list of {', '.join(PRECISIONS)}, got {spec!r}")
-    return tuple(p for p in PRECISIONS if p in asked)
+        raise argparse.ArgumentTypeError(
+            f"expected a comma list of {', '.join(PRECISIONS)} or int8-keepN (N >= 1), got {spec!r}"
+        )
+    keeps = sorted((x for x in asked if x not in PRECISIONS), key=lambda x: int(KEEP.fullmatch(x)[1]))
+    return (*(p for p in PRECISIONS if p in asked), *keeps)
 
 
 def _reuse(items: list[str], what: str) -> dict[str, Path]:
@@ -199,7 +215,6 @@ def build(a: argparse.Namespace, work: Path, rows: list[dict]) -> tuple[dict[str
     for r in rows:
         odir = deploy_given.get(r["name"]) or work / "deploy" / r["name"]
         if not odir.exists():
-            quant = ["--quantize", "int8"] if r["precision"] == "int8" else []
             try:
                 sh(
                     [
@@ -210,7 +225,7 @@ def build(a: argparse.Namespace, work: Path, rows: list[dict]) -> tuple[dict[str
                         str(odir),
                         "--sequence-length",
                         str(a.sequence_length),
-                        *quant,
+                        *export_args(r["precision"]),
                     ],
                     work / "logs" / f"export-{r['name']}.log",
                 )
@@ -413,7 +428,8 @@ def main(argv: list[str] | None = None) -> None:
         "--precisions",
         default="fp32,int8",
         type=_precisions,
-        help="precisions of the sparse deployments (dense fp32 and int8 are always built: the references)",
+        help="precisions of the sparse deployments: fp32, int8, int8-keepN (int8 with --keep-fp32-worst N; adds "
+        "its dense row); dense fp32 and int8 are always built: the references",
     )
     p.add_argument("--recover-args", default="", help="extra options for owl-deploy recover (quoted)")
     p.add_argument(

@@ -26,7 +26,26 @@ def test_precisions_narrow_the_sparse_rows_and_keep_both_references(capsys):
     assert frontier._precisions("int8,fp32") == ("fp32", "int8")
     with pytest.raises(SystemExit) as exc:
         frontier.main(["--precisions", "fp16"])
-    assert exc.value.code == 2 and "expected a comma list of fp32, int8, got 'fp16'" in capsys.readouterr().err
+    assert exc.value.code == 2 and "expected a comma list of fp32, int8 or int8-keepN (N >= 1), got 'fp16'" in (
+        capsys.readouterr().err
+    )
+
+
+def test_int8_keep_precisions_add_their_dense_row_and_export_with_keep_fp32_worst(capsys):
+    import pytest
+
+    assert frontier._precisions("int8-keep16,int8,int8-keep4,int8") == ("int8", "int8-keep4", "int8-keep16")
+    rows = frontier.plan([0.5], recover=True, precisions=frontier._precisions("int8,int8-keep8"))
+    names = [r["name"] for r in rows]
+    assert names == ["dense-fp32", "dense-int8", "dense-int8-keep8", "pruned-50-int8", "pruned-50-int8-keep8",
+                     "recovered-50-int8", "recovered-50-int8-keep8"]  # fmt: skip
+    assert frontier.export_args("fp32") == []
+    assert frontier.export_args("int8") == ["--quantize", "int8"]
+    assert frontier.export_args("int8-keep8") == ["--quantize", "int8", "--keep-fp32-worst", "8"]
+    for bad in ("int8-keep0", "int8-keep", "int8-keep-3", "int8-keep08"):
+        with pytest.raises(SystemExit) as exc:
+            frontier.main(["--precisions", f"int8,{bad}"])
+        assert exc.value.code == 2 and f"got 'int8,{bad}'" in capsys.readouterr().err
 
 
 def _pt(name: str, ppl: float, tok: float, source: str = "pruned", engine: str = "deepsparse") -> dict:
