@@ -99,7 +99,8 @@ def markdown(res: dict) -> str:
     bar = "the bar: faster at <= +5% perplexity"
     lines += [f"- Against dense int8 in DeepSparse ({bar}): {res['versus_dense_int8']}", ""]
     chosen = [f"{float(k):.0%}: {alloc_label(v)} ({v.get('reason')})" for k, v in res["allocations"].items()]
-    lines += ["Sparse models are pruned as the pipeline does by default — " + "; ".join(chosen) + ".", ""]
+    if chosen:  # a dense-only frontier (--sparsities '') prunes nothing
+        lines += ["Sparse models are pruned as the pipeline does by default — " + "; ".join(chosen) + ".", ""]
     lines += [
         "| deployment | engine | ppl | lambada acc | decode tok/s | vs dense fp32 ORT | vs dense int8 ORT "
         "| DeepSparse sparse kernels |",

@@ -155,3 +155,6 @@ def test_the_table_says_how_many_layers_deepsparse_runs_sparse(tmp_path):
     rows = {line.split(" | ")[0]: line for line in frontier_report.markdown(res).splitlines() if line[:2] == "| "}
     assert rows["| pruned-30-int8"].endswith("| 1/197 |")
     assert rows["| dense-int8 (ort)"].endswith("| — |")
+    assert "pruned as the pipeline does" not in frontier_report.markdown(res)  # a dense-only frontier prunes nothing
+    res["allocations"] = {"0.3": {"allocation": "owl", "m": 8.0, "lambda": 0.15, "reason": "held-out"}}
+    assert "default — 30%: owl M=8 λ=0.15 (held-out)." in frontier_report.markdown(res)
