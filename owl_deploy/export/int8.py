@@ -92,10 +92,8 @@ def int8_output_error(x: torch.Tensor, w: torch.Tensor, act_range: float) -> tup
     tensor from ``act_range`` (:func:`activation_scale`, zero point 128: steps -128..127), ``w`` [N, K] (torch's
     layout) per output channel as :func:`quantize_weight` does. Their ratio ranks what int8 costs a projection.
     """
-    x, w = x.float(), w.float()
-    ws = w.abs().amax(1, keepdim=True)
-    ws = torch.where(ws > 0, ws / QMAX, torch.ones_like(ws))
-    wq = torch.clamp(torch.round(w / ws), -QMAX, QMAX) * ws
+    x, w = x.float(), w.detach().float()
+    wq = torch.from_numpy(dequantize_weight(*quantize_weight(w.T.numpy()))).T  # the export's own rounding
     s = activation_scale(act_range)
     xq = torch.clamp(torch.round(x / s), -ZERO_POINT, 255 - ZERO_POINT) * s
     y = x @ w.T
