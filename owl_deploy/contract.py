@@ -168,6 +168,50 @@ def set_batch(proto, batch: int) -> None:
             dims[0].dim_value = batch
 
 
+def last_logits(proto, spec: GraphSpec) -> None:
+    """Compute ``logits`` for the last input token only: a ``Slice`` of the lm_head's input to its last position.
+
+    A prompt needs the logits after its last token, and a multi-token call otherwise multiplies every
+    position by the ``vocab x hidden`` lm_head (SmolLM2: 3.6 of a 64-token chunk's GFLOP go there). The
+    projections before the lm_head work per token (int8 activations use static scales), so the last row is
+    the same numbers the full graph computes. ``logits`` becomes ``[batch, 1, vocab]``.
+    """
+    g = proto.graph
+    consts = {i.name for i in g.initializer} | {o for n in g.node if n.op_type == "Constant" for o in n.output}
+    weights = {i.name: list(i.dims) for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    node, tensor = producer.get("logits"), "logits"
+    while node is not None:  # back through the lm_head's rescale/cast ops to its MatMul
+        if node.op_type in ("MatMul", "MatMulInteger") and (weights.get(node.input[1]) or [0])[-1] == spec.vocab_size:
+            break
+        live = [t for t in node.input if t and t not in consts]
+        if len(live) != 1:
+            node = None
+            break
+        tensor = live[0]
+        node = producer.get(tensor)
+    if node is None:
+        raise OwlError(f"cannot find the lm_head MatMul behind 'logits' (last input tensor {tensor!r})")
+    consumer, x = node, node.input[0]
+    quant = producer.get(x)
+    if quant is not None and quant.op_type == "QuantizeLinear" and all(t in consts for t in quant.input[1:]):
+        consumer, x = quant, quant.input[0]  # static scales: slice before the quantization, same rows
+    from onnx import helper, numpy_helper
+
+    names = [f"owl_last_logits.{k}" for k in ("starts", "ends", "axes", "out")]
+    for name, value in zip(names[:3], ([-1], [np.iinfo(np.int64).max], [1]), strict=True):
+        g.initializer.append(numpy_helper.from_array(np.array(value, np.int64), name))
+    at = list(g.node).index(consumer)
+    g.node.insert(at, helper.make_node("Slice", [x, *names[:3]], [names[3]], name="owl_last_logits.slice"))
+    consumer.input[0] = names[3]
+    for out in g.output:
+        if out.name == "logits":
+            dims = out.type.tensor_type.shape.dim
+            if len(dims) == 3:
+                dims[1].ClearField("dim_param")
+                dims[1].dim_value = 1
+
+
 def _declared(value_infos) -> list:
     return [(v.name, [(d.dim_value, d.dim_param) for d in v.type.tensor_type.shape.dim]) for v in value_infos]
 
@@ -376,16 +420,23 @@ def initializer_array(tensor, folder: Path, mmap: bool = False) -> np.ndarray:
 # ---------------------------------------------------------------- a re-declared copy
 @contextlib.contextmanager
 def declared_copy(
-    folder: Path, proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None, batch: int = 1
+    folder: Path,
+    proto,
+    spec: GraphSpec,
+    sequence_length: int,
+    input_ids_length: int | None,
+    batch: int = 1,
+    last: bool = False,
 ) -> Iterator[Path]:
-    """``model.onnx`` of ``folder`` with re-declared input shapes (and ``batch`` sequences), in a temporary
-    folder (external data linked, not copied); yields the folder's own file when it already declares these."""
+    """``model.onnx`` of ``folder`` with re-declared input shapes (and ``batch`` sequences; ``last``: logits of
+    the last token only, see :func:`last_logits`), in a temporary folder (external data linked, not copied);
+    yields the folder's own file when it already declares these."""
     import onnx
 
     shell = onnx.ModelProto()
     shell.graph.input.extend(proto.graph.input)
     set_input_shapes(shell, spec, sequence_length, input_ids_length, batch)
-    if batch == 1 and _declared(shell.graph.input) == _declared(proto.graph.input):
+    if batch == 1 and not last and _declared(shell.graph.input) == _declared(proto.graph.input):
         yield Path(folder) / MODEL_ONNX
         return
     external = external_data_files(proto, Path(folder))
@@ -402,6 +453,8 @@ def declared_copy(
         set_input_shapes(copy, spec, sequence_length, input_ids_length, batch)
         if batch != 1:
             set_batch(copy, batch)
+        if last:
+            last_logits(copy, spec)
         with open(tmp / MODEL_ONNX, "wb") as fh:
             fh.write(copy.SerializeToString())
         del copy
@@ -410,11 +463,15 @@ def declared_copy(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def serialized(proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None, batch: int = 1) -> bytes:
+def serialized(
+    proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None, batch: int = 1, last: bool = False
+) -> bytes:
     """``proto`` re-declared and serialised (for an engine that loads from memory: ONNX Runtime)."""
     set_input_shapes(proto, spec, sequence_length, input_ids_length, batch)
     if batch != 1:
         set_batch(proto, batch)
+    if last:
+        last_logits(proto, spec)
     return proto.SerializeToString()
 
 

@@ -207,8 +207,10 @@ class Session:
         graphs: dict[int | None, _Graph],
         compile_seconds: float,
         signed_weights: int = 0,
+        last_logits: bool = False,
     ):
         self.deployment = dep
+        self.last_logits = last_logits  # multi-token calls return the last token's logits only
         self.engine = engine
         self.sequence_length = sequence_length
         self.prefill_length = prefill_length
@@ -252,7 +254,8 @@ class Session:
 
     # -- running
     def forward(self, input_ids: Sequence[int]) -> np.ndarray:
-        """Feed ``input_ids`` after the cached tokens; return their logits ``[len(input_ids), vocab]``."""
+        """Feed ``input_ids`` after the cached tokens; return their logits ``[len(input_ids), vocab]`` (``[1, vocab]``,
+        the last token's, in a session compiled with ``last_logits``)."""
         ids = [int(t) for t in input_ids]
         if not ids:
             raise OwlError("forward() needs at least one token")
@@ -274,7 +277,7 @@ class Session:
                 raise OwlError(f"no compiled graph takes {left} tokens (this session has {lengths})")
             out.append(self._run(ids[pos : pos + n]))
             pos += n
-        return np.concatenate(out, axis=0)
+        return out[-1][-1:] if self.last_logits else np.concatenate(out, axis=0)
 
     def step(self, token: int) -> np.ndarray:
         """One decode step: the logits ``[vocab]`` after ``token``."""
@@ -377,6 +380,7 @@ def compile(
     kv_cache: str | None = None,
     threads: int | None = None,
     lengths: Sequence[int] | None = None,
+    last_logits: bool = False,
 ) -> Session:
     """Compile a deployment folder with ``engine`` (``deepsparse`` or ``onnxruntime``).
 
@@ -384,6 +388,8 @@ def compile(
     ``kv_cache`` is ``internal`` (DeepSparse only, its default) or ``external``. ``lengths`` (DeepSparse):
     compile exactly these static input lengths instead of ``prefill_cascade`` — each DeepSparse graph
     holds its own copy of the weights, so a check that needs less memory compiles one at a time.
+    ``last_logits``: multi-token calls compute the lm_head for their last token only (a server's prefill needs
+    nothing else; ``contract.last_logits``), and ``forward`` returns that row.
     """
     if engine not in ENGINES:
         raise OwlError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
@@ -418,13 +424,15 @@ def compile(
     signed = 0
     if engine == "onnxruntime":
         signed = _ort_form(proto, dep.folder)
-        graphs[None] = _OrtGraph(contract.serialized(proto, dep.spec, total, None), dep.folder, threads)
+        graphs[None] = _OrtGraph(
+            contract.serialized(proto, dep.spec, total, None, last=last_logits), dep.folder, threads
+        )
     else:
         for n in lengths or prefill_cascade(prefill_length):
-            with contract.declared_copy(dep.folder, proto, dep.spec, total, n) as path:
+            with contract.declared_copy(dep.folder, proto, dep.spec, total, n, last=last_logits and n > 1) as path:
                 graphs[n] = _DeepSparseGraph(path, n, threads, kv_cache == "internal")
     seconds = time.perf_counter() - start
-    return Session(dep, engine, total, prefill_length, kv_cache, graphs, seconds, signed)
+    return Session(dep, engine, total, prefill_length, kv_cache, graphs, seconds, signed, last_logits)
 
 
 class Decoder:

@@ -527,3 +527,27 @@ def test_bench_batched_int8_follows_the_server_plan(int8_export):
     for key, want in (("deepsparse/sparse", "internal (batched)"), ("onnxruntime/sparse", "external (batched)")):
         two = res["throughput"][key]["2"]
         assert two["kv_cache"] == want and two["same_greedy_tokens_as_batch_1"] is True, (key, two)
+
+
+def test_last_logits_int8_slices_before_the_static_quantization(int8_export):
+    """On the int8 graph the slice goes before the lm_head's QuantizeLinear (static scale: per-token rounding),
+    so the last row is bit-for-bit the full graph's, in both engines."""
+    import onnx
+
+    from owl_deploy import runtime
+    from owl_deploy.contract import last_logits
+    from owl_deploy.runtime import open_deployment
+
+    out, _ = int8_export
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    last_logits(proto, open_deployment(out).spec)
+    sliced = next(n for n in proto.graph.node if n.op_type == "Slice" and n.name == "owl_last_logits.slice")
+    consumer = next(n for n in proto.graph.node if sliced.output[0] in n.input)
+    assert consumer.op_type == "QuantizeLinear"
+    ids = list(range(3, 3 + 20))
+    for engine in ("onnxruntime", "deepsparse"):
+        rows = []
+        for last in (False, True):
+            s = runtime.compile(out, engine, prefill_length=8, threads=1, last_logits=last)
+            rows.append(s.forward(ids)[-1])
+        assert np.array_equal(rows[0], rows[1]), engine

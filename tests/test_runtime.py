@@ -248,3 +248,37 @@ def test_default_engine_kv_modes(sessions):
     assert sessions[("onnxruntime", None, 8)].kv_cache == "external"
     assert all(s.compile_seconds >= 0 for s in sessions.values())
     assert isinstance(sessions[("onnxruntime", None, 8)].deployment.folder, Path)
+
+
+@pytest.mark.parametrize("engine,kv", [("onnxruntime", "external"), ("deepsparse", "internal")])
+def test_last_logits_session_returns_the_last_row_and_keeps_decoding(tiny, engine, kv):
+    """A server's prefill graph computes the lm_head for its last token only: the same row as torch's, and a
+    cache the next calls continue exactly (the slice sits after every block)."""
+    from owl_deploy import runtime
+
+    out, model, _ = tiny
+    ref = _ref(model, IDS)
+    s = runtime.compile(out, engine, prefill_length=8, kv_cache=kv, threads=1, last_logits=True)
+    s.reset()
+    head = s.forward(IDS[:13])  # 8 + 5 single tokens in DeepSparse, one call in ONNX Runtime
+    assert head.shape == (1, model.config.vocab_size)
+    assert np.abs(head[0] - ref[12]).max() < 1e-4
+    rest = s.forward(IDS[13:20])
+    assert np.abs(rest[0] - ref[19]).max() < 1e-4
+    assert np.abs(s.step(IDS[20]) - ref[20]).max() < 1e-4
+    assert s.num_cached == len(IDS)
+
+
+def test_last_logits_needs_an_lm_head_matmul():
+    """A graph whose logits do not come from a [hidden, vocab] MatMul is refused in one line, not mis-sliced."""
+    from onnx import TensorProto, helper
+
+    from owl_deploy.contract import GraphSpec, last_logits
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 8])
+    proto = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["logits"])], "g", [x], [y]))
+    spec = GraphSpec(num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8, hidden_size=8, vocab_size=8,
+                     max_positions=16)  # fmt: skip
+    with pytest.raises(OwlError, match="cannot find the lm_head MatMul"):
+        last_logits(proto, spec)

@@ -82,8 +82,8 @@ class RuntimeSession(DecodeSession):
 
         self.key = run_key(engine, info.label)
         kv = cfg.kv_cache if engine == "deepsparse" else None
-        self.session = runtime.compile(
-            info.folder, engine, prefill_length=cfg.prefill_length, kv_cache=kv, threads=cfg.threads
+        self.session = runtime.compile(  # a prompt's lm_head for its last token only, as a server (and llama.cpp) does
+            info.folder, engine, prefill_length=cfg.prefill_length, kv_cache=kv, threads=cfg.threads, last_logits=True
         )
         self.compile_seconds = float(self.session.compile_seconds)
         self.kv_cache = self.session.kv_cache
@@ -143,7 +143,7 @@ class BatchedSession(DecodeSession):
         self.key, self.batch = f"{run_key(engine, info.label)}@b{batch}", batch
         kv, prefill_engine = serving_plan(info.folder, ServeConfig(engine=engine))
         ref = runtime.compile(info.folder, prefill_engine, prefill_length=cfg.prefill_length, kv_cache=kv,
-                              threads=cfg.threads)  # fmt: skip
+                              threads=cfg.threads, last_logits=True)  # fmt: skip
         self.first_token = int(np.argmax(ref.forward(prompt)[-1]))
         self.reference_tokens, token = [], self.first_token
         self.state = ref.state() if kv == "external" else None  # an internal cache is not copied: rows prefill

@@ -80,6 +80,7 @@ def build_scheduler(folder: Path, cfg: ServeConfig):
         prefill_length=prefill_length,
         kv_cache=kv_cache,
         threads=cfg.threads,
+        last_logits=True,  # a prompt needs its last token's logits only
     )
     return Scheduler(prefill, decoder, cfg.max_batch, cfg.max_queue)
 
