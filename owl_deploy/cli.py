@@ -130,17 +130,27 @@ def _limit(text: str):
     help="Deployment folder: tokens per engine call (1 or a multiple of 4; 1 = the single-token kernels a server "
     "decodes with). [128]",
 )
+@click.option(
+    "--against",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="An earlier `eval --json` output (same text and --seqlen): also report this run's per-window NLL minus "
+    "its, with the standard error (a paired test on the same windows).",
+)
 def eval_cmd(
-    model_spec: str, as_json: bool, engine: str, threads: int | None, tasks, limit, prefill_length, **kw
+    model_spec: str, as_json: bool, engine: str, threads: int | None, tasks, limit, prefill_length, against, **kw
 ) -> None:
     """Perplexity on non-overlapping windows (WikiText protocol, remainder dropped), or --tasks accuracy.
 
     --model takes a torch model or a deployment folder; the latter is scored on the exported ONNX graph.
+    --json prints every window's NLL too, which --against pairs with.
     """
     import json
 
-    from owl_deploy.evaluate import deployment_chunk, evaluate_model, is_deployment
+    from owl_deploy.evaluate import deployment_chunk, evaluate_model, is_deployment, paired_reference, paired_report
 
+    if tasks and against:
+        raise click.UsageError("--against pairs perplexity windows; it does not apply to --tasks")
     if tasks:
         from owl_deploy.harness import evaluate_tasks
 
@@ -153,15 +163,25 @@ def eval_cmd(
                 click.echo(f"{name}: accuracy {r['acc']:.4f} ± {r['acc_stderr']:.4f} on {r['items']} items")
         return
     cfg = EVAL.build(kw)
+    ref = paired_reference(against, cfg.text, cfg.seqlen) if against else None  # a bad file fails before the run
     result = evaluate_model(model_spec, cfg, engine=engine, threads=threads, prefill_length=prefill_length)
+    paired = paired_report(result, ref, against) if ref is not None else None
     if as_json:
         deployed = is_deployment(model_spec)
         extra = {"engine": engine, "prefill_length": deployment_chunk(prefill_length, cfg.seqlen)} if deployed else {}
-        click.echo(json.dumps({"model": model_spec, "text": cfg.text, **extra, **result.to_json()}, sort_keys=True))
-    else:
+        extra |= {"paired": paired} if paired else {}
+        out = {"model": model_spec, "text": cfg.text, **extra, **result.to_json(full=True)}
+        click.echo(json.dumps(out, sort_keys=True))
+        return
+    click.echo(
+        f"perplexity {result.perplexity:.3f} (mean NLL {result.mean_nll:.4f} ± {result.nll_std_err:.4f}) "
+        f"on {result.windows} windows x {cfg.seqlen} tokens of {cfg.text!r} in {result.seconds:.1f} s"
+    )
+    if paired:
+        verdict = {-1: "lower, resolved", 1: "higher, resolved", 0: "the same within noise"}[paired["resolved"]]
         click.echo(
-            f"perplexity {result.perplexity:.3f} (mean NLL {result.mean_nll:.4f} ± {result.nll_std_err:.4f}) "
-            f"on {result.windows} windows x {cfg.seqlen} tokens of {cfg.text!r} in {result.seconds:.1f} s"
+            f"against {against} ({paired['against_model']}): {paired['delta_nll']:+.4f} ± {paired['se']:.4f} NLL "
+            f"per window ({verdict} at 2 standard errors)"
         )
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from owl_deploy.configs import EvalConfig
-from owl_deploy.errors import OwlError
+from owl_deploy.errors import OwlError, one_line
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]  # [1, seqlen] ids -> [seqlen, vocab] logits
 
@@ -76,6 +76,38 @@ def paired_nll(a: list[float], b: list[float]) -> tuple[float, float]:
 def resolved(delta: float, se: float, k: float = 2.0) -> int:
     """-1 when ``delta`` is below zero by more than ``k`` standard errors, +1 above, 0 when not resolved."""
     return -1 if delta < -k * se else 1 if delta > k * se else 0
+
+
+def paired_reference(path: str, text: str, seqlen: int) -> dict:
+    """An earlier ``owl-deploy eval --json`` result to pair against, checked before anything is scored: it must
+    hold per-window NLLs of the same text and window length (only then do its windows match this run's)."""
+    import json
+
+    try:
+        with open(path) as fh:
+            ref = json.load(fh)
+    except (OSError, ValueError) as exc:
+        raise OwlError(f"--against {path}: cannot read an eval JSON ({one_line(exc)})") from exc
+    if not isinstance(ref, dict) or not isinstance(ref.get("window_nll"), list) or not ref["window_nll"]:
+        raise OwlError(f"--against {path}: no window_nll in it (write it with `owl-deploy eval --json > FILE`)")
+    if (ref.get("text"), ref.get("seqlen")) != (text, seqlen):
+        raise OwlError(
+            f"--against {path}: scored on text {ref.get('text')!r} in windows of {ref.get('seqlen')} tokens, "
+            f"this run on {text!r} in windows of {seqlen}: the windows would not be the same"
+        )
+    return ref
+
+
+def paired_report(result: Perplexity, ref: dict, path: str) -> dict:
+    """This run's per-window NLL minus the reference's on the same windows, with its standard error."""
+    if len(ref["window_nll"]) != result.windows:
+        raise OwlError(
+            f"--against {path}: {len(ref['window_nll'])} windows there, {result.windows} here "
+            "(use the same --max-tokens)"
+        )
+    delta, se = paired_nll(result.window_nll, ref["window_nll"])
+    return {"against": path, "against_model": ref.get("model"), "delta_nll": delta, "se": se,
+            "resolved": resolved(delta, se)}  # fmt: skip
 
 
 def perplexity(logits_fn: LogitsFn, tokens: torch.Tensor, seqlen: int, progress: bool | None = None) -> Perplexity:

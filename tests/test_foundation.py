@@ -212,11 +212,33 @@ def test_cli_empty_text_file(tmp_path):
 
 
 def test_cli_eval_json(tmp_path):
+    """--json carries every window's NLL; --against pairs a run with it (the same model: exactly zero, unresolved),
+    and refuses, in one line and before scoring, a file whose windows cannot be this run's."""
     proc = run_cli("eval", "--model", "smollm2-135m", "--max-tokens", "1100", "--seqlen", "512", "--json")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert (out["windows"], out["tokens"], out["seqlen"]) == (2, 1024, 512)
     assert 5 < out["perplexity"] < 100
+    assert len(out["window_nll"]) == 2 and abs(sum(out["window_nll"]) / 2 - out["mean_nll"]) < 1e-9
+    ref = tmp_path / "ref.json"
+    ref.write_text(proc.stdout)
+    again = run_cli("eval", "--model", "smollm2-135m", "--max-tokens", "1100", "--seqlen", "512", "--against", str(ref))
+    assert again.returncode == 0, again.stderr
+    assert f"against {ref} (smollm2-135m): +0.0000 ± 0.0000 NLL per window (the same within noise" in again.stdout
+    both = run_cli("eval", "--model", "smollm2-135m", "--max-tokens", "1100", "--json", "--against", str(ref))
+    assert json.loads(both.stdout)["paired"] == {"against": str(ref), "against_model": "smollm2-135m",
+                                                 "delta_nll": 0.0, "se": 0.0, "resolved": 0}  # fmt: skip
+    short = run_cli("eval", "--model", "smollm2-135m", "--max-tokens", "600", "--against", str(ref))
+    _one_error_line(short, "2 windows there, 1 here")
+    _one_error_line(run_cli("eval", "--model", "smollm2-135m", "--seqlen", "256", "--against", str(ref)),
+                    "windows of 512 tokens, this run on 'wiki' in windows of 256")  # fmt: skip
+    bare = tmp_path / "bare.json"
+    bare.write_text(json.dumps({k: v for k, v in out.items() if k != "window_nll"}))
+    _one_error_line(run_cli("eval", "--model", "smollm2-135m", "--against", str(bare)), "no window_nll in it")
+    _one_error_line(run_cli("eval", "--model", "smollm2-135m", "--against", str(tmp_path / "none.json")),
+                    "cannot read an eval JSON")  # fmt: skip
+    tasks = run_cli("eval", "--model", "smollm2-135m", "--tasks", "lambada_wiki", "--against", str(ref))
+    assert tasks.returncode == 2 and "does not apply to --tasks" in tasks.stderr
 
 
 def test_heldout_tail_is_disjoint_from_calibration(smollm2):
