@@ -379,7 +379,9 @@ def generate_cmd(folder: str, stats: bool, **kw) -> None:
     dep = runtime.open_deployment(folder)
     tokenizer = dep.tokenizer()  # cheap checks first: a folder without a tokenizer fails before compiling
     prompt_ids = tokenizer(cfg.prompt)["input_ids"]
-    session = runtime.compile(dep, cfg.engine, sequence_length=cfg.sequence_length, threads=cfg.threads)
+    session = runtime.compile(  # greedy decoding needs each prompt's last logits only
+        dep, cfg.engine, sequence_length=cfg.sequence_length, threads=cfg.threads, last_logits=True
+    )
     shown, tokens = "", []
     t0 = time.perf_counter()
     first = None

@@ -260,7 +260,9 @@ def _compile(ctx: StageContext) -> dict[str, Any]:
 
     c = ctx.recipe.compile
     model_dir = ctx.upstream["export"].file("model")
-    session = runtime.compile(model_dir, c.engine, sequence_length=c.sequence_length, threads=c.threads)
+    session = runtime.compile(  # greedy decoding needs each prompt's last logits only
+        model_dir, c.engine, sequence_length=c.sequence_length, threads=c.threads, last_logits=True
+    )
     tokenizer = session.deployment.tokenizer()
     prompt_ids = tokenizer(c.prompt)["input_ids"]  # as `owl-deploy generate` encodes it
     t0 = time.perf_counter()
