@@ -606,6 +606,29 @@ def test_end_to_end_tiny_both_engines(tiny, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bdir")]  # nothing half-written left
 
 
+def test_results_never_replace_a_folder_holding_other_files(tmp_path):
+    """--out is replaced whole, so a folder with anything a bench did not write is refused (nothing lost, nothing
+    written); a bench's own folder is rewritten; a file is not a folder. bench_command checks before the run."""
+    from owl_deploy.bench import bench_command
+    from owl_deploy.errors import OwlError
+
+    res = _full_synthetic({"deepsparse/sparse": 1.3, "deepsparse/dense": 0.6})
+    mine = report.write_results(res, tmp_path / "mine")
+    report.write_results(res, mine)  # its own files: rewritten
+    assert sorted(p.name for p in mine.iterdir()) == sorted(report.RESULT_FILES)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    (mixed / "eval.json").write_text("{}")
+    with pytest.raises(OwlError, match=r"holds files a bench did not write \(eval.json\)"):
+        report.write_results(res, mixed)
+    assert [p.name for p in mixed.iterdir()] == ["eval.json"]
+    with pytest.raises(OwlError, match="holds files a bench did not write"):
+        bench_command({"dense": tmp_path / "no-such-deployment"}, mixed)  # refused before anything runs
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OwlError, match="is a file, not a folder"):
+        report.check_out_dir(tmp_path / "file")
+
+
 def test_reports_render_a_noisy_run(tmp_path):
     res = _full_synthetic({"deepsparse/sparse": 1.3, "deepsparse/dense": 0.6}, noisy=True)
     md = report.render_markdown(res)

@@ -50,7 +50,7 @@ from owl_deploy.bench.gate import EXIT_NOISY, EXIT_REGRESSION, GateFailed, compa
 from owl_deploy.bench.machine import NoisePolicy
 from owl_deploy.bench.measure import REFERENCE, NoisyMachine, parse_engines, run_benchmark
 from owl_deploy.bench.peers import load_peers, parse_peers
-from owl_deploy.bench.report import render_table, summary_lines, write_results
+from owl_deploy.bench.report import check_out_dir, render_table, summary_lines, write_results
 from owl_deploy.configs import BenchConfig
 from owl_deploy.errors import OwlError
 
@@ -90,6 +90,8 @@ def bench_command(
     cfg = cfg or BenchConfig()
     if not 0 <= tolerance < 1:
         raise OwlError(f"--tolerance must be in [0, 1), got {tolerance}")
+    if out is not None:
+        check_out_dir(out)  # before the run: its folder is replaced whole at the end
     runs = parse_engines(cfg.engines, models)
     if baseline is not None and REFERENCE not in runs:
         raise OwlError("--baseline gates speedups over dense ONNX Runtime: give --dense (keep ort/dense in --engines)")

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from owl_deploy.bench.measure import SHORT
+from owl_deploy.errors import OwlError
 
 #: bar colour per engine in decode.png
 COLORS = {"deepsparse": "#d62728", "onnxruntime": "#1f77b4", "llama.cpp": "#2ca02c", "ort-standard": "#9467bd"}
@@ -358,12 +359,31 @@ def render_png(res: dict[str, Any], dest: Path) -> None:
     plt.close(fig)
 
 
+RESULT_FILES = ("results.json", "results.md", "decode.png")
+
+
+def check_out_dir(out_dir: Path | str) -> None:
+    """The results folder is replaced whole: refuse one that holds anything a bench did not write (it would be
+    lost with it). Checked before the run and again when writing."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OwlError(f"--out {out_dir} is a file, not a folder")
+    other = sorted(p.name for p in out_dir.iterdir() if p.name not in RESULT_FILES) if out_dir.is_dir() else []
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise OwlError(
+            f"--out {out_dir} holds files a bench did not write ({shown}); the results replace the folder whole, "
+            "so choose an empty or new one"
+        )
+
+
 def write_results(res: dict[str, Any], out_dir: Path | str) -> Path:
     """results.json, results.md and decode.png, all or nothing. The Markdown is rendered from the JSON as
     written (keys sorted), so re-rendering results.json gives the same file."""
     from owl_deploy.io import atomic_dir, write_json
 
     out_dir = Path(out_dir)
+    check_out_dir(out_dir)
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "results.json", res)
         res = json.loads((tmp / "results.json").read_text())
