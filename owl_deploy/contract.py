@@ -418,6 +418,18 @@ def initializer_array(tensor, folder: Path, mmap: bool = False) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- a re-declared copy
+def redeclare(
+    proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None, batch: int = 1, last: bool = False
+) -> None:
+    """In place: the input shapes declared for ``n`` and ``L``, ``batch`` sequences, and (``last``) logits of the
+    last token only — what :func:`declared_copy` writes and :func:`serialized` serialises."""
+    set_input_shapes(proto, spec, sequence_length, input_ids_length, batch)
+    if batch != 1:
+        set_batch(proto, batch)
+    if last:
+        last_logits(proto, spec)
+
+
 @contextlib.contextmanager
 def declared_copy(
     folder: Path,
@@ -450,11 +462,7 @@ def declared_copy(
                 (tmp / name).symlink_to(src)
         copy = onnx.ModelProto()
         copy.CopyFrom(proto)
-        set_input_shapes(copy, spec, sequence_length, input_ids_length, batch)
-        if batch != 1:
-            set_batch(copy, batch)
-        if last:
-            last_logits(copy, spec)
+        redeclare(copy, spec, sequence_length, input_ids_length, batch, last)
         with open(tmp / MODEL_ONNX, "wb") as fh:
             fh.write(copy.SerializeToString())
         del copy
@@ -467,11 +475,7 @@ def serialized(
     proto, spec: GraphSpec, sequence_length: int, input_ids_length: int | None, batch: int = 1, last: bool = False
 ) -> bytes:
     """``proto`` re-declared and serialised (for an engine that loads from memory: ONNX Runtime)."""
-    set_input_shapes(proto, spec, sequence_length, input_ids_length, batch)
-    if batch != 1:
-        set_batch(proto, batch)
-    if last:
-        last_logits(proto, spec)
+    redeclare(proto, spec, sequence_length, input_ids_length, batch, last)
     return proto.SerializeToString()
 
 
