@@ -100,7 +100,7 @@ def score(runs: list[dict], args: argparse.Namespace) -> None:
     import torch
 
     from owl_deploy.data import eval_tokens
-    from owl_deploy.evaluate import paired_nll, perplexity, resolved, torch_logits_fn
+    from owl_deploy.evaluate import paired_nll, perplexity, torch_logits_fn, verdict
     from owl_deploy.model import load_causal_lm, load_tokenizer
     from owl_deploy.recover import masks_of
 
@@ -119,8 +119,7 @@ def score(runs: list[dict], args: argparse.Namespace) -> None:
         d, se = paired_nll(r["window_nll"], twin["window_nll"])
         a, b = masks[(r["name"], r["compute_dtype"])], masks[(r["name"], "float32")]
         differs = sum(int((a[k] != b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
-        verdict = {-1: "better", 1: "worse", 0: "same within noise"}[resolved(d, se)]
-        r["vs_float32"] = {"delta_nll": d, "delta_se": se, "verdict": verdict, "mask_differs": differs}
+        r["vs_float32"] = {"delta_nll": d, "delta_se": se, "verdict": verdict(d, se), "mask_differs": differs}
 
 
 def median_total(run: dict) -> float:

@@ -49,7 +49,7 @@ from owl_deploy.configs import (
     replace,
 )
 from owl_deploy.data import calibration_windows, eval_tokens, heldout_tokens
-from owl_deploy.evaluate import Perplexity, paired_nll, resolved
+from owl_deploy.evaluate import Perplexity, paired_nll, verdict
 from owl_deploy.io import atomic_file, write_report
 from owl_deploy.memory import peak_rss_mb
 from owl_deploy.specs import load_model, load_tokenizer, resolve_model
@@ -166,7 +166,7 @@ def pipeline_defaults(args, study: Study | None, tok, rows: list[dict], done: Ch
                 "ppl_default": row["perplexity"],
                 "delta_nll": d,
                 "delta_se": se,
-                "verdict": {-1: "better", 1: "worse", 0: "same within noise"}[resolved(d, se)],
+                "verdict": verdict(d, se),
                 "ppl_tuned": None if tuned is None else tuned["perplexity"],
                 "kept_of_tuned_gain": kept,
                 "tune_seconds": result["seconds"]["total"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from owl_deploy.evaluate import resolved
+from owl_deploy.evaluate import resolved, verdict
 from owl_deploy.versions import isa_label
 
 
@@ -81,10 +81,10 @@ def markdown(res: dict) -> str:
         "|---|---:|---:|---:|---:|---|",
     ]
     for c in res["comparisons"]:
-        verdict = {-1: "OWL better", 1: "uniform better", 0: "not resolved"}[resolved(c["delta_nll"], c["delta_se"])]
+        word = verdict(c["delta_nll"], c["delta_se"], "OWL better", "uniform better", "not resolved")
         lines.append(
             f"| {c['name']} | {c['sparsity']:.0%} | {c['ppl_uniform']:.2f} | {c['ppl_owl']:.2f} | "
-            f"{c['delta_nll']:+.4f} ± {c['delta_se']:.4f} | {verdict} |"
+            f"{c['delta_nll']:+.4f} ± {c['delta_se']:.4f} | {word} |"
         )
     if res.get("tune"):
         t = res["tune"]

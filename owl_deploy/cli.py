@@ -147,7 +147,14 @@ def eval_cmd(
     """
     import json
 
-    from owl_deploy.evaluate import deployment_chunk, evaluate_model, is_deployment, paired_reference, paired_report
+    from owl_deploy.evaluate import (
+        deployment_chunk,
+        evaluate_model,
+        is_deployment,
+        paired_reference,
+        paired_report,
+        verdict,
+    )
 
     if tasks and against:
         raise click.UsageError("--against pairs perplexity windows; it does not apply to --tasks")
@@ -178,10 +185,12 @@ def eval_cmd(
         f"on {result.windows} windows x {cfg.seqlen} tokens of {cfg.text!r} in {result.seconds:.1f} s"
     )
     if paired:
-        verdict = {-1: "lower, resolved", 1: "higher, resolved", 0: "the same within noise"}[paired["resolved"]]
+        word = verdict(
+            paired["delta_nll"], paired["se"], "lower, resolved", "higher, resolved", "the same within noise"
+        )
         click.echo(
             f"against {against} ({paired['against_model']}): {paired['delta_nll']:+.4f} ± {paired['se']:.4f} NLL "
-            f"per window ({verdict} at 2 standard errors)"
+            f"per window ({word} at 2 standard errors)"
         )
 
 

@@ -78,6 +78,17 @@ def resolved(delta: float, se: float, k: float = 2.0) -> int:
     return -1 if delta < -k * se else 1 if delta > k * se else 0
 
 
+def verdict(
+    delta: float,
+    se: float,
+    lower: str = "better",
+    higher: str = "worse",
+    same: str = "same within noise",
+) -> str:
+    """The word for :func:`resolved`'s answer (lower NLL is better), so every report says it the same way."""
+    return {-1: lower, 1: higher, 0: same}[resolved(delta, se)]
+
+
 def paired_reference(path: str, text: str, seqlen: int) -> dict:
     """An earlier ``owl-deploy eval --json`` result to pair against, checked before anything is scored: it must
     hold per-window NLLs of the same text and window length (only then do its windows match this run's)."""

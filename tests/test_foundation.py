@@ -12,7 +12,7 @@ import torch
 
 from owl_deploy import assets, data
 from owl_deploy.errors import OwlError
-from owl_deploy.evaluate import paired_nll, perplexity, resolved, torch_logits_fn
+from owl_deploy.evaluate import paired_nll, perplexity, resolved, torch_logits_fn, verdict
 
 CLI = [sys.executable, "-m", "owl_deploy"]
 
@@ -316,6 +316,8 @@ def test_write_report_appends_suffixes_to_a_dotted_stem_and_makes_the_folder(tmp
 
     write_report(tmp_path / "results" / "quality-qwen2.5-coder-1.5b", {"b": 1, "a": 2}, "# table\n")
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
+    assert [verdict(d, 0.2) for d in (-0.5, 0.5, 0.3)] == ["better", "worse", "same within noise"]
+    assert verdict(-0.5, 0.2, "OWL better", "uniform better", "not resolved") == "OWL better"
         "quality-qwen2.5-coder-1.5b.json",
         "quality-qwen2.5-coder-1.5b.md",
     ]
