@@ -22,11 +22,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owl_deploy.configs import ADAPTER_METHODS  # noqa: E402
-from owl_deploy.evaluate import paired_nll, resolved  # noqa: E402
+from owl_deploy.evaluate import paired_nll, verdict  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-VERDICT = {-1: "better", 1: "worse", 0: "same within noise"}
 
 
 def load(item: str) -> dict:
@@ -56,7 +55,7 @@ def compare(runs: list[dict]) -> list[dict]:
         for stage in ("pruned", "merged_remasked"):
             d, se = paired_nll(rec["window_nll"][stage], base["window_nll"][stage])
             row[stage] = {"perplexity": rec["perplexity"][stage], "delta_nll": d, "delta_se": se,
-                          "verdict": VERDICT[resolved(d, se)] if run is not runs[0] else "reference"}  # fmt: skip
+                          "verdict": verdict(d, se) if run is not runs[0] else "reference"}  # fmt: skip
         rows.append(row)
     return rows
 
@@ -76,11 +75,13 @@ def pruned_how(pw: dict) -> str:
 
 
 def recovered_how(settings: dict) -> str:
-    """'lora r64 α128, lr 0.0002, 120 steps' from recover.json's settings; '?' for what it does not record."""
+    """'lora r64 α128, lr 0.0002, 120 steps of 4×256' from recover.json's settings; '?' for what it does not
+    record (the windows per step and their length are named when recorded: runs differ in them)."""
     method = settings.get("method", "?")
     lora = method in ADAPTER_METHODS and "rank" in settings
     adapter = f" r{settings['rank']} α{settings['alpha']:g}" if lora else ""
-    return f"{method}{adapter}, lr {settings.get('lr', '?')}, {settings.get('steps', '?')} steps"
+    shape = f" of {settings['batch_size']}×{settings['seqlen']}" if {"batch_size", "seqlen"} <= settings.keys() else ""
+    return f"{method}{adapter}, lr {settings.get('lr', '?')}, {settings.get('steps', '?')} steps{shape}"
 
 
 def markdown(res: dict) -> str:
