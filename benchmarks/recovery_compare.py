@@ -81,7 +81,8 @@ def recovered_how(settings: dict) -> str:
     lora = method in ADAPTER_METHODS and "rank" in settings
     adapter = f" r{settings['rank']} α{settings['alpha']:g}" if lora else ""
     shape = f" of {settings['batch_size']}×{settings['seqlen']}" if {"batch_size", "seqlen"} <= settings.keys() else ""
-    return f"{method}{adapter}, lr {settings.get('lr', '?')}, {settings.get('steps', '?')} steps{shape}"
+    mix = f", {settings['mix']} mix" if settings.get("mix", "length") != "length" else ""
+    return f"{method}{adapter}, lr {settings.get('lr', '?')}, {settings.get('steps', '?')} steps{shape}{mix}"
 
 
 def markdown(res: dict) -> str:

@@ -155,12 +155,15 @@ def heldout_tokens(tokenizer, spec: str, max_tokens: int | None = None) -> torch
     return tokens if max_tokens is None else tokens[:max_tokens]
 
 
-def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+def calibration_windows(
+    tokenizer, spec: str, nsamples: int, seqlen: int, seed: int, mix: str = "length"
+) -> torch.Tensor:
     """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets, ``[nsamples, seqlen]``.
 
     Each part of a ``+`` mix is tokenized on its own (no window straddles two sources), only its
     first 90% is used (the rest is held out for tuning), and windows are drawn from a part with
-    probability proportional to its usable length. The same text, seed and tokenizer always give
+    probability proportional to its usable length (``mix="length"``) or the same for every part long
+    enough to hold a window (``mix="equal"``). The same text, seed and tokenizer always give
     the same windows. The request must fit in the text (``nsamples * seqlen`` tokens at most), so
     a short text is an error, not silent repetition.
     """
@@ -176,8 +179,11 @@ def calibration_windows(tokenizer, spec: str, nsamples: int, seqlen: int, seed: 
     usable = torch.tensor([max(len(s) - seqlen + 1, 0) for s in streams], dtype=torch.float64)
     if usable.sum() == 0:
         raise OwlError(f"every document of {spec!r} is shorter than seqlen={seqlen}")
+    if mix not in ("length", "equal"):
+        raise OwlError(f"calibration mix must be 'length' or 'equal', got {mix!r}")
+    weights = usable if mix == "length" else (usable > 0).double()
     gen = torch.Generator().manual_seed(seed)
-    which = torch.multinomial(usable / usable.sum(), nsamples, replacement=True, generator=gen)
+    which = torch.multinomial(weights / weights.sum(), nsamples, replacement=True, generator=gen)
     windows = []
     for part in which.tolist():
         start = int(torch.randint(0, int(usable[part]), (1,), generator=gen))

@@ -398,7 +398,7 @@ def _recover(
     if teacher is not None and cfg.compute_dtype == "bfloat16":
         teacher_to_bf16(teacher)
     n = cfg.steps * cfg.batch_size
-    windows = calibration_windows(tokenizer, calibration.text, n, cfg.seqlen, cfg.seed)
+    windows = calibration_windows(tokenizer, calibration.text, n, cfg.seqlen, cfg.seed, cfg.mix)
     held = heldout_tokens(tokenizer, calibration.text, cfg.heldout_tokens)
     held_windows = held[: len(held) // cfg.seqlen * cfg.seqlen].view(-1, cfg.seqlen)
     if len(held_windows) == 0:

@@ -120,6 +120,26 @@ def test_calibration_windows_are_seeded_and_deterministic(smollm2):
         assert ",".join(map(str, row.tolist())) in joined
 
 
+def test_calibration_mix_equal_shares_windows_among_sources_not_by_length(tmp_path, smollm2):
+    _, tok = smollm2
+    words = "the quick brown fox jumps over the lazy dog and runs far away "
+    (tmp_path / "long.txt").write_text(words * 400)
+    (tmp_path / "short.txt").write_text(words.upper() * 40)  # a tenth of the length, other tokens
+    spec = f"{tmp_path / 'long.txt'}+{tmp_path / 'short.txt'}"
+    short = set(data.tokenize(tok, data.load_text(str(tmp_path / "short.txt"))).tolist())
+
+    def from_short(mix: str) -> int:
+        w = data.calibration_windows(tok, spec, nsamples=200, seqlen=16, seed=0, mix=mix)
+        return sum(set(row.tolist()) <= short for row in w)
+
+    assert from_short("length") < 40 < 70 < from_short("equal") < 130  # about 1 in 11, then about 1 in 2
+    assert torch.equal(
+        data.calibration_windows(tok, spec, 8, 16, 0, "equal"), data.calibration_windows(tok, spec, 8, 16, 0, "equal")
+    )
+    with pytest.raises(OwlError, match="mix must be"):
+        data.calibration_windows(tok, spec, 8, 16, 0, "sqrt")
+
+
 def test_text_files_txt_and_jsonl(tmp_path, smollm2):
     _, tok = smollm2
     (tmp_path / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second doc"}\n')
@@ -296,6 +316,8 @@ def test_paired_nll_is_the_mean_difference_with_its_standard_error_and_resolved_
     mean, se = paired_nll(a, b)
     assert mean == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / 2)
     assert resolved(-0.5, 0.2) == -1 and resolved(0.5, 0.2) == 1 and resolved(0.3, 0.2) == 0
+    assert [verdict(d, 0.2) for d in (-0.5, 0.5, 0.3)] == ["better", "worse", "same within noise"]
+    assert verdict(-0.5, 0.2, "OWL better", "uniform better", "not resolved") == "OWL better"
     with pytest.raises(ValueError, match="differ in number"):
         paired_nll(a, b[:3])
 
@@ -316,8 +338,6 @@ def test_write_report_appends_suffixes_to_a_dotted_stem_and_makes_the_folder(tmp
 
     write_report(tmp_path / "results" / "quality-qwen2.5-coder-1.5b", {"b": 1, "a": 2}, "# table\n")
     assert sorted(p.name for p in (tmp_path / "results").iterdir()) == [
-    assert [verdict(d, 0.2) for d in (-0.5, 0.5, 0.3)] == ["better", "worse", "same within noise"]
-    assert verdict(-0.5, 0.2, "OWL better", "uniform better", "not resolved") == "OWL better"
         "quality-qwen2.5-coder-1.5b.json",
         "quality-qwen2.5-coder-1.5b.md",
     ]
