@@ -135,7 +135,7 @@ def pipeline_defaults(args, study: Study | None, tok, rows: list[dict], done: Ch
     then the sequential prune with its choice, scored on the evaluation text; paired against uniform and set
     against the gain of OWL with the grid-tuned (M, λ) where that row exists."""
     grid = default_grid(args)
-    held = heldout_tokens(tok, args.calib, grid.heldout_tokens)
+    held = heldout_tokens(tok, args.calib, grid.heldout_tokens, grid.seqlen)
     out = []
     for method, s, prune, key in default_tunes(args):
         if key not in done.rows:
@@ -368,7 +368,7 @@ def main() -> None:
     # tune (M, λ) on held-out calibration text, then re-score the tuned OWL on the evaluation text
     tune = None
     if tuning:
-        held_tokens = heldout_tokens(tok, args.calib, args.tune_tokens)
+        held_tokens = heldout_tokens(tok, args.calib, args.tune_tokens, args.seqlen)  # the study scores these windows
         held = study.on(held_tokens) if study is not None else None  # the model holds the last row's prune
         grid = tune_grid(held, tune_cfg, owl_grid, run=lambda p, o: done.run(held, (p, o), "held-out "))
         tune = {

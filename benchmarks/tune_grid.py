@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     model, tok = load_model(a.model)
     ids = calibration_windows(tok, a.calib, a.nsamples, a.seqlen, 0)
-    held = heldout_tokens(tok, a.calib, a.heldout_tokens)
+    held = heldout_tokens(tok, a.calib, a.heldout_tokens, a.seqlen)
     grid = build(TuneConfig, {"m": a.grid_m, "lambda_": a.grid_lambda, "heldout_tokens": a.heldout_tokens,
                               "seqlen": a.seqlen, "nsamples": a.nsamples,  # every candidate on every window:
                               "finalists": len(a.grid_m) * len(a.grid_lambda)})  # fmt: skip

@@ -483,7 +483,7 @@ def tune_cmd(model_spec, as_json, use_ray, ray_address, ray_workers, **kw):
     else:
         model, tokenizer = load_model(model_spec)
         ids = calibration_windows(tokenizer, calib.text, calib.nsamples, calib.seqlen, calib.seed)
-        held = heldout_tokens(tokenizer, calib.text, cfg.heldout_tokens)
+        held = heldout_tokens(tokenizer, calib.text, cfg.heldout_tokens, cfg.seqlen)
         result = tune_owl(model, ids, held, prune, configs.OwlConfig(), cfg)
     if as_json:
         click.echo(json.dumps(result, sort_keys=True))

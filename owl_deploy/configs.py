@@ -91,7 +91,9 @@ class TuneConfig(Config):
     lambda_: list[float] = Field(
         [0.04, 0.08, 0.15, 0.25], min_length=1, alias="lambda", description="OWL ranges lambda to try."
     )
-    heldout_tokens: int = Field(8192, ge=2, description="Held-out calibration tokens each candidate is scored on.")
+    heldout_tokens: int = Field(
+        8192, ge=2, description="Held-out tokens each candidate is scored on: windows of every source in turn."
+    )
     seqlen: int = Field(512, ge=2, description="Window length of that scoring.")
     nsamples: int | None = Field(16, ge=1, description="Calibration windows of the dense statistics; null = all.")
     screen_windows: int = Field(
@@ -199,7 +201,9 @@ class RecoverConfig(Config):
     temperature: float = Field(1.0, gt=0, description="Temperature of the distillation.")
     eval_every: int = Field(25, ge=1, description="Steps between held-out evaluations (and checkpoints).")
     patience: int = Field(4, ge=1, description="Held-out evaluations without improvement before stopping.")
-    heldout_tokens: int = Field(4096, ge=16, description="Held-out calibration tokens for early stopping.")
+    heldout_tokens: int = Field(
+        4096, ge=16, description="Held-out calibration tokens for early stopping: whole windows, every source in turn."
+    )
     compute_dtype: Literal["auto", *COMPUTE_DTYPES] = Field(  # type: ignore[valid-type]
         "auto",
         description="bfloat16: CPU autocast of the forward and backward passes; auto: bfloat16 on AMX, and "

@@ -149,10 +149,27 @@ def calibration_streams(tokenizer, spec: str, split: str = "calib") -> list[torc
     return streams
 
 
-def heldout_tokens(tokenizer, spec: str, max_tokens: int | None = None) -> torch.Tensor:
-    """The held-out tail of every calibration source, joined, for tuning (never the evaluation text)."""
-    tokens = torch.cat(calibration_streams(tokenizer, spec, "heldout"))
-    return tokens if max_tokens is None else tokens[:max_tokens]
+def heldout_tokens(tokenizer, spec: str, max_tokens: int | None, seqlen: int) -> torch.Tensor:
+    """Held-out windows of ``seqlen`` tokens from the tail of every calibration source, for tuning and early
+    stopping (never the evaluation text), joined: ``max_tokens // seqlen`` windows (all when ``None``).
+
+    Windows are taken from the sources in turn (the first window of each source, then the second of each, ...),
+    so any number of them — and any prefix a caller screens on — holds every source alike, and no window
+    straddles two sources. (Cutting the first N tokens of the joined tails let 8,192 tokens see the first
+    source and part of the second only.) A source whose tail is spent drops out of the turn.
+    """
+    if seqlen < 2:
+        raise OwlError(f"held-out windows need seqlen >= 2, got {seqlen}")
+    tails = [s[: len(s) // seqlen * seqlen].view(-1, seqlen) for s in calibration_streams(tokenizer, spec, "heldout")]
+    turns = [tail[i] for i in range(max(len(t) for t in tails)) for tail in tails if i < len(tail)]
+    want = len(turns) if max_tokens is None else min(max_tokens // seqlen, len(turns))
+    if want == 0:
+        have = sum(len(t) for t in tails) * seqlen
+        raise OwlError(
+            f"the held-out text of {spec!r} gives no window of {seqlen} tokens within {max_tokens} tokens "
+            f"({have} held-out tokens in whole windows)"
+        )
+    return torch.cat(turns[:want])
 
 
 def calibration_windows(

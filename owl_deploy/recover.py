@@ -399,10 +399,8 @@ def _recover(
         teacher_to_bf16(teacher)
     n = cfg.steps * cfg.batch_size
     windows = calibration_windows(tokenizer, calibration.text, n, cfg.seqlen, cfg.seed, cfg.mix)
-    held = heldout_tokens(tokenizer, calibration.text, cfg.heldout_tokens)
-    held_windows = held[: len(held) // cfg.seqlen * cfg.seqlen].view(-1, cfg.seqlen)
-    if len(held_windows) == 0:
-        raise OwlError(f"the held-out text has {len(held)} tokens, fewer than one window of {cfg.seqlen}")
+    held = heldout_tokens(tokenizer, calibration.text, cfg.heldout_tokens, cfg.seqlen)
+    held_windows = held.view(-1, cfg.seqlen)  # whole windows, every source in turn (an error when none fit)
     # the evaluation text when asked (the CLI); the held-out calibration windows otherwise (a pipeline's evaluate
     # stage scores the deployed model on the evaluation text itself)
     if evaluate is not None:

@@ -144,7 +144,7 @@ def _tune(ctx: StageContext) -> dict[str, Any]:
     c = r.calibration
     model, tokenizer = load_model(ctx.upstream["fetch"].file("model"))
     ids = calibration_windows(tokenizer, c.text, c.nsamples, c.seqlen, c.seed)
-    held = heldout_tokens(tokenizer, c.text, r.tune.heldout_tokens)
+    held = heldout_tokens(tokenizer, c.text, r.tune.heldout_tokens, r.tune.seqlen)
     result = tune_owl(model, ids, held, r.prune, r.owl, r.tune)
     write_json(ctx.out / "tune.json", result)
     ctx.log(f"  {result['reason']} ({result['seconds']['total']:.0f} s)")
@@ -320,13 +320,14 @@ STAGES: dict[str, Stage] = {
               fingerprint=lambda r: model_fingerprint(r.model),
               still_valid=lambda d: (d.file("model") / "config.json").is_file()),  # an asset may be deleted
         Stage("tune", "choose OWL's M and lambda on held-out calibration text", ("calibration", "prune", "owl", "tune"),
-              ("fetch",), "2", _tune, fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=_TORCH),
+              ("fetch",), "3", _tune,  # 3: held-out windows of every source in turn
+              fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=_TORCH),
         Stage("prune", "prune the model", ("calibration", "prune", "owl"), ("fetch", "tune"), "2", _prune,
               fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=_TORCH),
         Stage("evaluate_dense", "perplexity of the dense model", ("evaluate",), ("fetch",), "1", _evaluate_dense,
               fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),
         Stage("recover", "recover quality, keeping every zero (if recover.enabled)",
-              ("recover", "calibration"), ("fetch", "prune"), "2", _recover,  # 2: pass-through path fixed
+              ("recover", "calibration"), ("fetch", "prune"), "3", _recover,  # 3: held-out windows of every source
               fingerprint=lambda r: text_fingerprint(r.calibration.text), libraries=(*_TORCH, "peft")),
         Stage("evaluate", "perplexity of the pruned (and recovered) model", ("evaluate",), ("recover",), "1", _evaluate,
               fingerprint=lambda r: text_fingerprint(r.evaluate.text), libraries=_TORCH),

@@ -153,8 +153,9 @@ class StudySpec:
     def scoring(self, tokenizer) -> torch.Tensor:
         from owl_deploy.data import eval_tokens, heldout_tokens
 
-        fetch = heldout_tokens if self.heldout else eval_tokens
-        return fetch(tokenizer, self.score_text, self.score_tokens)
+        if self.heldout:
+            return heldout_tokens(tokenizer, self.score_text, self.score_tokens, self.seqlen)
+        return eval_tokens(tokenizer, self.score_text, self.score_tokens)
 
     def _base(self) -> tuple:
         return (self.model, self.calib, self.nsamples, self.calib_seqlen, self.seed, self.seqlen)

@@ -267,7 +267,7 @@ class TuneSpec:
         prune, cfg = build(PruneConfig, json.loads(self.prune_json)), build(TuneConfig, json.loads(self.tune_json))
         model, tokenizer = load_model(self.model)
         ids = calibration_windows(tokenizer, self.calib, self.nsamples, self.calib_seqlen, self.seed)
-        held = heldout_tokens(tokenizer, self.calib, cfg.heldout_tokens)
+        held = heldout_tokens(tokenizer, self.calib, cfg.heldout_tokens, cfg.seqlen)
         return Scorer(model, ids, held, prune, cfg, checkpoint=resolve_model(self.model))
 
 

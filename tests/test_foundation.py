@@ -264,13 +264,28 @@ def test_cli_eval_json(tmp_path):
 def test_heldout_tail_is_disjoint_from_calibration(smollm2):
     _, tok = smollm2
     stream = data.tokenize(tok, data.load_text("news"))
-    held = data.heldout_tokens(tok, "news")
+    held = data.heldout_tokens(tok, "news", None, 128)
     cut = len(stream) - int(len(stream) * data.HOLDOUT_FRACTION)
-    assert torch.equal(held, stream[cut:])
+    tail = stream[cut:]
+    assert torch.equal(held, tail[: len(tail) // 128 * 128])
     windows = data.calibration_windows(tok, "news", nsamples=64, seqlen=128, seed=3)
     calib = ",".join(map(str, stream[:cut].tolist()))
     for row in windows:
         assert ",".join(map(str, row.tolist())) in calib
+
+
+def test_heldout_windows_take_every_source_in_turn(smollm2):
+    """The first N held-out tokens once came from the first source only: now window i is source i mod k's."""
+    _, tok = smollm2
+    tails = data.calibration_streams(tok, "news+austen+jargon", "heldout")
+    held = data.heldout_tokens(tok, "news+austen+jargon", 6 * 64 + 63, 64).view(-1, 64)
+    assert held.shape == (6, 64)
+    for i, row in enumerate(held):
+        assert torch.equal(row, tails[i % 3][(i // 3) * 64 : (i // 3 + 1) * 64])
+    everything = data.heldout_tokens(tok, "news+austen+jargon", None, 64)
+    assert len(everything) == sum(len(t) // 64 * 64 for t in tails)  # a spent source drops out of the turn
+    with pytest.raises(OwlError, match="no window of 64 tokens within 63"):
+        data.heldout_tokens(tok, "news", 63, 64)
 
 
 def test_max_tokens_tokenizes_a_prefix_with_the_whole_texts_tokens(smollm2, tmp_path):
