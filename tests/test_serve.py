@@ -533,3 +533,21 @@ def test_load_client_resends_only_a_request_the_server_never_answered(behaviours
         assert "error" not in res and res["text"] == "Hi" and res["tokens"] == 1 and res["ttft"] > 0
     else:
         assert res["error"].startswith(want_error)
+
+
+# ---------------------------------------------------------------- benchmarks/batch_step.py
+def test_batch_step_times_every_slot_count_and_batch_and_refuses_what_does_not_fit(odir, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import batch_step
+
+    monkeypatch.setattr(batch_step, "RESULTS", tmp_path)
+    assert batch_step.main([str(odir), "--slots", "32,64", "--batch-sizes", "1,2", "--prompt", "4", "--steps", "3",
+                            "--rounds", "2", "--name", "tiny"]) == 0  # fmt: skip
+    res = json.loads((tmp_path / "batch-step-tiny.json").read_text())
+    assert set(res["steps"]) == {"32", "64"} and all(set(v) == {"1", "2"} for v in res["steps"].values())
+    cells = [c for v in res["steps"].values() for c in v.values()]
+    assert all(c["steps"] == 6 and 0 < c["p10_ms"] <= c["median_ms"] <= c["p90_ms"] for c in cells)
+    assert "| 2 |" in (tmp_path / "batch-step-tiny.md").read_text()
+    # 4 prompt tokens + 3 warm-up + 30 steps do not fit in 32 slots: an error, nothing written
+    assert batch_step.main([str(odir), "--slots", "32", "--prompt", "4", "--steps", "30", "--name", "big"]) == 2
+    assert not list(tmp_path.glob("batch-step-big*"))
