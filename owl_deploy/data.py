@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from owl_deploy.configs import DEFAULT_EVAL
+from owl_deploy.configs import DEFAULT_EVAL, SOURCE_MIXES
 from owl_deploy.errors import OwlError
 
 
@@ -196,8 +196,8 @@ def calibration_windows(
     usable = torch.tensor([max(len(s) - seqlen + 1, 0) for s in streams], dtype=torch.float64)
     if usable.sum() == 0:
         raise OwlError(f"every document of {spec!r} is shorter than seqlen={seqlen}")
-    if mix not in ("length", "equal"):
-        raise OwlError(f"calibration mix must be 'length' or 'equal', got {mix!r}")
+    if mix not in SOURCE_MIXES:
+        raise OwlError(f"calibration mix must be {' or '.join(map(repr, SOURCE_MIXES))}, got {mix!r}")
     weights = usable if mix == "length" else (usable > 0).double()
     gen = torch.Generator().manual_seed(seed)
     which = torch.multinomial(weights / weights.sum(), nsamples, replacement=True, generator=gen)
