@@ -210,6 +210,11 @@ class RecoverConfig(Config):
         "on AVX512-BF16 on AMD CPUs; float32 elsewhere.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory).")
+    norms: bool = Field(
+        False,
+        description="Also train every 1-D parameter beside the adapters: the norms' scales and the linears' biases "
+        "(none of them is pruned; a few thousand numbers per block).",
+    )
     seed: int = Field(0, ge=0, description="Seed of the data order, the adapters' init and dropout.")
 
 

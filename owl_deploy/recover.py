@@ -122,6 +122,11 @@ def _trainable(model, cfg: RecoverConfig, masks: dict[str, torch.Tensor]):
             keep = ~masks[name]
             lin.weight.register_hook(lambda g, keep=keep: g * keep)  # pruned entries never move
             params[f"{name}.weight"] = lin.weight
+    if cfg.norms:
+        for name, p in model.named_parameters():
+            if p.ndim == 1:  # norm scales and biases: by shape, whatever the architecture names them
+                p.data = p.data.clone()  # off a mapped checkpoint file: the optimizer writes in place
+                params[name] = p.requires_grad_(True)
     if cfg.gradient_checkpointing:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

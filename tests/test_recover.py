@@ -196,6 +196,45 @@ def test_cli_recover_then_export_proves_the_zeros(tmp_path):
     assert exported["zeros_preserved"] and exported["zeros"]["total_onnx_zeros"] == report["zeros"]["pruned"]
 
 
+@pytest.mark.parametrize("method", ["lora", "masked-lora"])
+def test_norms_trains_the_norm_scales_and_biases_too_and_keeps_the_zeros(tmp_path, method):
+    """--norms: a Qwen2 (q/k/v biases, RMSNorm scales) recovered through the CLI's lean bf16 path (trained on bf16
+    frozen linears, merged on the fp32 weights read back): every 1-D tensor moves, every zero stays; without it,
+    none moves."""
+    from safetensors.torch import load_file
+
+    dense = save_tiny("qwen2", tmp_path / "dense", hidden=64, layers=2)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n" * 400)
+    pruned = tmp_path / "pruned"
+    res = CliRunner().invoke(main, ["prune", "--model", str(dense), "--sparsity", "0.6", "--nsamples", "4",
+                                    "--seqlen", "32", "--calib", str(text), "--out", str(pruned)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    args = ["recover", "--model", str(pruned), "--steps", "4", "--batch-size", "2", "--seqlen", "32",
+            "--eval-every", "2", "--heldout-tokens", "128", "--calib", str(text), "--eval-text", str(text),
+            "--eval-seqlen", "32", "--eval-tokens", "256", "--compute-dtype", "bfloat16", "--lr", "0.01",
+            "--method", method]  # fmt: skip
+
+    def tensors(folder: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    before = tensors(pruned)
+    vectors = [k for k, v in before.items() if v.ndim == 1]
+    assert any(k.endswith("q_proj.bias") for k in vectors) and any(k.endswith("layernorm.weight") for k in vectors)
+    for norms in (True, False):
+        out = tmp_path / f"norms-{norms}"
+        res = CliRunner().invoke(main, [*args, *(["--norms"] if norms else []), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        report = json.loads((out / "recover.json").read_text())
+        assert report["settings"]["norms"] is norms and report["zeros"]["identical_mask"]
+        after = tensors(out)
+        moved = [k for k in vectors if not torch.equal(before[k], after[k])]
+        assert moved == (vectors if norms else []), moved
+        for k, v in before.items():
+            if v.ndim == 2 and k.endswith("proj.weight"):
+                assert torch.equal(after[k] == 0, v == 0), k  # the same zeros, no others
+
+
 def test_auto_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_fast(monkeypatch):
     """Training follows the calibration's rule: an AVX512-BF16 Xeon without AMX trained 16 LoRA steps of SmolLM2
     in 128 s in bf16 against 81 s in float32 (2026-12-03), a Zen 5 EPYC 2.1x faster in bf16."""
