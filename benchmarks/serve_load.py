@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from owl_deploy.bench.machine import CpuMonitor, engine_env, hardware_info, versions_info  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
+from owl_deploy.serve.api import engine_counters  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LLAMA_SERVER = "llama-server"  # the ENGINE of --server LABEL=llama-server:PATH.gguf
@@ -190,9 +191,12 @@ async def level(
     max_tokens: int,
     extra: dict | None = None,
     offsets: list[float] | None = None,
+    server_pid: int | None = None,
 ) -> dict:
     """``concurrency`` clients, each sending its share of ``prompts`` one after another (the first after its
-    ``offsets`` delay); then it stops."""
+    ``offsets`` delay); then it stops. Besides the latencies: the cores this client used (on the server's cores,
+    as on a 2-core machine it must) and, given ``server_pid``, the cores of the server's main thread (its HTTP
+    and event loop; the engine computes in other threads)."""
     import httpx
 
     limits = httpx.Limits(max_connections=concurrency + 4)
@@ -207,10 +211,12 @@ async def level(
 
         monitor = CpuMonitor()
         a = monitor.sample()
+        loop_a = main_thread_seconds(server_pid)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         wall = time.perf_counter() - t0
         use = CpuMonitor.usage(a, monitor.sample())
+        loop_b = main_thread_seconds(server_pid)
     ok = [r for r in results.values() if "error" not in r]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     itl = [x for r in ok for x in r["itl"]]
@@ -236,7 +242,40 @@ async def level(
         "itl_p50": pct(itl, 50),
         "itl_p99": pct(itl, 99),
         "other_cpu": round(use["other"], 3),
+        "client_cpu": round(use["own"], 3),
+        "server_loop_cpu": round((loop_b - loop_a) / wall, 3) if loop_a is not None and loop_b is not None else None,
         "texts": {i: r.get("text") for i, r in sorted(results.items())},
+    }
+
+
+def main_thread_seconds(pid: int | None) -> float | None:
+    """CPU seconds of a process's main thread (its thread id is its pid), or None."""
+    if pid is None:
+        return None
+    import psutil
+
+    try:
+        return next((t.user_time + t.system_time for t in psutil.Process(pid).threads() if t.id == pid), None)
+    except psutil.Error:
+        return None
+
+
+def engine_share(before: dict[str, float], after: dict[str, float], wall: float) -> dict:
+    """Where a level's wall time went in an owl-deploy server, from its /metrics before and after: the engine
+    thread's decode steps (how many, how full, how long) and prefills, and the share of the wall they fill. What
+    is left is the server's HTTP and event loop, the client, and the engine waiting for work."""
+    d = {k: after[k] - before[k] for k in after}
+    steps, prefills = d["decode_steps"], d["prefills"]
+    busy = d["decode_seconds"] + d["prefill_seconds"]
+    return {
+        "decode_steps": int(steps),
+        "mean_batch": (d["generated_tokens"] - prefills) / steps if steps else None,
+        "step_ms": 1e3 * d["decode_seconds"] / steps if steps else None,
+        "decode_seconds": round(d["decode_seconds"], 3),
+        "prefills": int(prefills),
+        "prefill_ms": 1e3 * d["prefill_seconds"] / prefills if prefills else None,
+        "prefill_seconds": round(d["prefill_seconds"], 3),
+        "busy_share": busy / wall if wall else None,
     }
 
 
@@ -351,18 +390,24 @@ def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) 
             info["props"] = {k: props.get(k) for k in ("total_slots", "model_path", "model_ftype", "build_info")}
             info["props"]["n_ctx_per_slot"] = props.get("default_generation_settings", {}).get("n_ctx")
         asyncio.run(level(url, label, prompts[:2], 1, 4, extra))  # warm-up (not recorded)
+        pid = None if llama else proc.pid
         levels = []
         single = None  # a c=1 request's seconds: the spacing of staggered starts
+        scrape = (lambda: engine_counters(httpx.get(f"{url}/metrics").text)) if not llama else None
         for c in args.concurrency:
             offsets = start_offsets(c, single, args.arrivals)
-            levels.append(asyncio.run(level(url, label, prompts, c, args.max_tokens, extra, offsets)))
+            counters = scrape() if scrape else None
+            levels.append(asyncio.run(level(url, label, prompts, c, args.max_tokens, extra, offsets, pid)))
             lv = levels[-1]
+            if scrape:
+                lv["engine"] = engine_share(counters, scrape(), lv["wall_seconds"])
             if c == 1:
                 single = lv["request_seconds_p50"]
             print(f"[serve-load] {label} c={c}: {_num(lv['aggregate_tokens_per_s'], '.1f')} tok/s aggregate, "
                   f"TTFT p50 {_num(lv['ttft_p50'], '.3f')} s p99 {_num(lv['ttft_p99'], '.3f')} s, ITL p50 "
                   f"{_num(lv['itl_p50'], '.1f', 1e3)} ms, {len(lv['errors'])} errors ({lv['retried']} retried), "
-                  f"{lv['output_tokens']} tokens", file=sys.stderr, flush=True)  # fmt: skip
+                  f"{lv['output_tokens']} tokens{_engine_line(lv.get('engine'))}", file=sys.stderr,
+                  flush=True)  # fmt: skip
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(120)
     finally:
@@ -396,6 +441,14 @@ def compare_to_reference(runs: list[dict], reference: str) -> None:
         for lv in run["levels"]:
             lv["differs_from_reference"] = differing(lv["texts"], base)
         run["reference"] = reference
+
+
+def _engine_line(e: dict | None) -> str:
+    if not e:
+        return ""
+    return (f"; engine busy {_num(e['busy_share'], '.0%')} of the wall: {e['decode_steps']} steps of "
+            f"{_num(e['mean_batch'], '.1f')} rows, {_num(e['step_ms'], '.1f')} ms each, {e['prefills']} prefills of "
+            f"{_num(e['prefill_ms'], '.1f')} ms")  # fmt: skip
 
 
 def _num(x: float | None, fmt: str, scale: float = 1.0) -> str:
@@ -444,6 +497,24 @@ def markdown(res: dict) -> str:
                     f"{h.get('kv_cache', 'external')} KV caches, prefill in {h['prefill_engine']}{env})")  # fmt: skip
 
         lines += ["", "Batch sizes compiled per server: " + "; ".join(plan(s) for s in owl), ""]
+        timed = [(s, lv) for s in owl for lv in s["levels"] if lv.get("engine")]
+        if timed:
+            lines += ["Where each owl-deploy server's wall time went (its /metrics before and after the level; the "
+                      "rest of the wall is HTTP, the event loop, the client on the same cores, and idle), and the "
+                      "cores the server's main thread (HTTP, event loop) and the load client used beside the engine:",
+                      "",
+                      "| server | c | decode steps | rows per step | ms per step | prefills | ms per prefill "
+                      "| engine busy | server main thread, cores | client, cores |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+            for s, lv in timed:
+                e = lv["engine"]
+                cores = f"{_num(lv.get('server_loop_cpu'), '.2f')} | {_num(lv.get('client_cpu'), '.2f')}"
+                lines.append(
+                    f"| {s['label']} | {lv['concurrency']} | {e['decode_steps']} | "
+                    f"{_num(e['mean_batch'], '.1f')} | {_num(e['step_ms'], '.1f')} | {e['prefills']} | "
+                    f"{_num(e['prefill_ms'], '.1f')} | {_num(e['busy_share'], '.0%')} | {cores} |"
+                )
+            lines.append("")
     for s in res["servers"]:
         if "llama_server" in s:
             ls = s["llama_server"]

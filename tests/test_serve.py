@@ -24,6 +24,7 @@ from tiny_models import save_tiny
 
 from owl_deploy import runtime
 from owl_deploy.errors import OwlError
+from owl_deploy.serve.api import engine_counters
 from owl_deploy.serve.scheduler import Request, Sampling, Scheduler, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -305,6 +306,9 @@ def test_metrics_count_requests_and_time_tokens(server):
     assert 'owl_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "owl_time_to_first_token_seconds_bucket" in text and "owl_inter_token_latency_seconds_count" in text
     assert "owl_generated_tokens_total" in text and "owl_queue_depth" in text
+    # the engine's own time: one prefill, and the 3 decode steps after its first token (serve_load.py's busy share)
+    counts = engine_counters(text)
+    assert counts["prefills"] >= 1 and counts["decode_steps"] >= 3 and counts["prefill_seconds"] > 0, counts
 
 
 def test_a_full_queue_answers_429_with_retry_after(slow_odir):
@@ -432,7 +436,13 @@ def test_load_client_staggers_starts_and_every_answer_matches_c1(server):
     prompts = [f"Prompt number {i} says" for i in range(6)]
     one = asyncio.run(serve_load.level(server, "tiny-odir", prompts, 1, 8))
     offsets = serve_load.start_offsets(3, one["request_seconds_p50"], "staggered")
+    before = engine_counters(httpx.get(f"{server}/metrics").text)
     three = asyncio.run(serve_load.level(server, "tiny-odir", prompts, 3, 8, offsets=offsets))
+    share = serve_load.engine_share(before, engine_counters(httpx.get(f"{server}/metrics").text), three["wall_seconds"])
+    # six prompts: six prefills (each gives a first token), then 7 tokens each from steps of 1 to 3 rows
+    assert share["prefills"] == 6 and 6 * 7 / 3 <= share["decode_steps"] <= 6 * 7, share
+    assert share["mean_batch"] == pytest.approx(6 * 7 / share["decode_steps"]) and 0 < share["busy_share"] < 1
+    assert three["client_cpu"] > 0 and three["server_loop_cpu"] is None  # no server pid given
     assert not one["errors"] and not three["errors"] and three["start_offsets"] == [round(x, 3) for x in offsets]
     assert three["texts"] == one["texts"] and all(t is not None for t in one["texts"].values())
     assert three["wall_seconds"] >= offsets[-1]  # the last client really waited for its start

@@ -111,6 +111,7 @@ def serve(folder: str | Path, cfg: ServeConfig, ready: threading.Event | None = 
         try:
             sched = build_scheduler(folder, cfg)
             sched.on_step = server.metrics.on_step
+            sched.on_prefill = server.metrics.on_prefill
             sched.start()
             server.scheduler, server.ready = sched, True
             log.warning("ready: %s in %s (batch sizes %s)", folder, cfg.engine, sched.decoder.batch_sizes)

@@ -95,11 +95,33 @@ class Metrics:
         self.queue_depth = Gauge("owl_queue_depth", "Requests waiting for a batch row", registry=r)
         self.active = Gauge("owl_active_sequences", "Sequences decoding", registry=r)
         self.step_seconds = Histogram("owl_decode_step_seconds", "One batched decode step", buckets=buckets, registry=r)
+        # with the steps' sum, how much of a load test's wall time the engine thread computed (serve_load.py)
+        self.prefill_seconds = Histogram("owl_prefill_seconds", "One prompt's prefill", buckets=buckets, registry=r)
 
     def on_step(self, active: int, waiting: int, seconds: float) -> None:
         self.active.set(active)
         self.queue_depth.set(waiting)
         self.step_seconds.observe(seconds)
+
+    def on_prefill(self, tokens: int, seconds: float) -> None:
+        self.prefill_seconds.observe(seconds)
+
+
+def engine_counters(exposition: str) -> dict[str, float]:
+    """The engine thread's totals in a /metrics text: decode steps and prefills, their seconds, tokens generated.
+    Two scrapes around a load test give how busy the engine was (the rest of the wall time is HTTP, the event
+    loop and the client)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {"owl_decode_step_seconds_count": "decode_steps", "owl_decode_step_seconds_sum": "decode_seconds",
+             "owl_prefill_seconds_count": "prefills", "owl_prefill_seconds_sum": "prefill_seconds",
+             "owl_generated_tokens_total": "generated_tokens"}  # fmt: skip
+    out = dict.fromkeys(names.values(), 0.0)
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name in names:
+                out[names[sample.name]] = sample.value
+    return out
 
 
 # ---------------------------------------------------------------- text out of tokens

@@ -98,12 +98,14 @@ class Scheduler:
         max_batch: int,
         max_queue: int,
         on_step: Callable[[int, int, float], None] | None = None,
+        on_prefill: Callable[[int, float], None] | None = None,
     ):
         if max_batch > decoder.max_batch:
             raise OwlError(f"max batch {max_batch} exceeds the decoder's largest compiled batch {decoder.max_batch}")
         self.prefill, self.decoder = prefill, decoder
         self.max_batch, self.max_queue = max_batch, max_queue
         self.on_step = on_step or (lambda active, waiting, seconds: None)
+        self.on_prefill = on_prefill or (lambda tokens, seconds: None)
         self._waiting: deque[Request] = deque()
         self._lock = threading.Condition()
         self._active: list[Request] = []
@@ -163,6 +165,7 @@ class Scheduler:
         if req.cancelled.is_set():
             req.report(("done", "cancelled"))
             return
+        t0 = time.perf_counter()
         try:
             self.prefill.reset()
             logits = self.prefill.forward(req.prompt_ids)[-1]
@@ -170,6 +173,7 @@ class Scheduler:
         except Exception as exc:  # a bad request must not stop the engine thread
             req.report(("error", str(exc)))
             return
+        self.on_prefill(len(req.prompt_ids), time.perf_counter() - t0)
         req.rng = req.sampling.rng()
         self._emit(req, sample(logits, req.sampling, req.rng))
         if req.generated < req.max_tokens and not req.cancelled.is_set() and req.last not in req.stop_ids:
