@@ -260,10 +260,12 @@ def main_thread_seconds(pid: int | None) -> float | None:
         return None
 
 
-def engine_share(before: dict[str, float], after: dict[str, float], wall: float) -> dict:
+def engine_share(before: dict[str, float], after: dict[str, float], wall: float, tokens: int) -> dict:
     """Where a level's wall time went in an owl-deploy server, from its /metrics before and after: the engine
     thread's decode steps (how many, how full, how long) and prefills, and the share of the wall they fill. What
-    is left is the server's HTTP and event loop, the client, and the engine waiting for work."""
+    is left is the server's HTTP and event loop, the client, and the engine waiting for work. ``engine_tokens_per_s``
+    is the level's ``tokens`` over the engine's seconds alone: what the server would serve if nothing but its engine
+    took time, so its ratio between two levels is the engine's own ceiling for that load."""
     d = {k: after[k] - before[k] for k in after}
     steps, prefills = d["decode_steps"], d["prefills"]
     busy = d["decode_seconds"] + d["prefill_seconds"]
@@ -276,6 +278,7 @@ def engine_share(before: dict[str, float], after: dict[str, float], wall: float)
         "prefill_ms": 1e3 * d["prefill_seconds"] / prefills if prefills else None,
         "prefill_seconds": round(d["prefill_seconds"], 3),
         "busy_share": busy / wall if wall else None,
+        "engine_tokens_per_s": tokens / busy if busy else None,
     }
 
 
@@ -400,7 +403,7 @@ def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) 
             levels.append(asyncio.run(level(url, label, prompts, c, args.max_tokens, extra, offsets, pid)))
             lv = levels[-1]
             if scrape:
-                lv["engine"] = engine_share(counters, scrape(), lv["wall_seconds"])
+                lv["engine"] = engine_share(counters, scrape(), lv["wall_seconds"], lv["output_tokens"])
             if c == 1:
                 single = lv["request_seconds_p50"]
             print(f"[serve-load] {label} c={c}: {_num(lv['aggregate_tokens_per_s'], '.1f')} tok/s aggregate, "
@@ -504,15 +507,16 @@ def markdown(res: dict) -> str:
                       "cores the server's main thread (HTTP, event loop) and the load client used beside the engine:",
                       "",
                       "| server | c | decode steps | rows per step | ms per step | prefills | ms per prefill "
-                      "| engine busy | server main thread, cores | client, cores |",
-                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                      "| engine busy | tok/s of the engine's time alone | server main thread, cores | client, cores |",
+                      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
             for s, lv in timed:
                 e = lv["engine"]
                 cores = f"{_num(lv.get('server_loop_cpu'), '.2f')} | {_num(lv.get('client_cpu'), '.2f')}"
                 lines.append(
                     f"| {s['label']} | {lv['concurrency']} | {e['decode_steps']} | "
                     f"{_num(e['mean_batch'], '.1f')} | {_num(e['step_ms'], '.1f')} | {e['prefills']} | "
-                    f"{_num(e['prefill_ms'], '.1f')} | {_num(e['busy_share'], '.0%')} | {cores} |"
+                    f"{_num(e['prefill_ms'], '.1f')} | {_num(e['busy_share'], '.0%')} | "
+                    f"{_num(e.get('engine_tokens_per_s'), '.1f')} | {cores} |"
                 )
             lines.append("")
     for s in res["servers"]:

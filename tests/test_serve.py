@@ -438,10 +438,12 @@ def test_load_client_staggers_starts_and_every_answer_matches_c1(server):
     offsets = serve_load.start_offsets(3, one["request_seconds_p50"], "staggered")
     before = engine_counters(httpx.get(f"{server}/metrics").text)
     three = asyncio.run(serve_load.level(server, "tiny-odir", prompts, 3, 8, offsets=offsets))
-    share = serve_load.engine_share(before, engine_counters(httpx.get(f"{server}/metrics").text), three["wall_seconds"])
+    after = engine_counters(httpx.get(f"{server}/metrics").text)
+    share = serve_load.engine_share(before, after, three["wall_seconds"], three["output_tokens"])
     # six prompts: six prefills (each gives a first token), then 7 tokens each from steps of 1 to 3 rows
     assert share["prefills"] == 6 and 6 * 7 / 3 <= share["decode_steps"] <= 6 * 7, share
     assert share["mean_batch"] == pytest.approx(6 * 7 / share["decode_steps"]) and 0 < share["busy_share"] < 1
+    assert share["engine_tokens_per_s"] > three["aggregate_tokens_per_s"]  # the engine is part of the wall
     assert three["client_cpu"] > 0 and three["server_loop_cpu"] is None  # no server pid given
     assert not one["errors"] and not three["errors"] and three["start_offsets"] == [round(x, 3) for x in offsets]
     assert three["texts"] == one["texts"] and all(t is not None for t in one["texts"].values())
