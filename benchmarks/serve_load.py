@@ -590,6 +590,8 @@ def main(argv: list[str] | None = None) -> None:
     a.sequence_length = a.sequence_length or slot_context(a.prompt_tokens, a.max_tokens)
     if a.sequence_length < need:
         p.error(f"--sequence-length {a.sequence_length} cannot hold a prompt, its max tokens and the margin ({need})")
+    if not a.concurrency or min(a.concurrency) < 1 or a.requests < 1:
+        p.error("--concurrency takes positive integers (e.g. 1,4,16) and --requests a positive integer")
     if a.arrivals == "staggered" and a.concurrency[0] != 1:
         p.error("--arrivals staggered spaces clients by a c=1 request's time: --concurrency must start with 1")
     servers = []
