@@ -1,15 +1,18 @@
 #!/usr/bin/env python
 """Does a batched decode step cost the KV cache it reads? One deployment's ``Decoder`` steps timed at several
-cache lengths (``--slots``) and batch sizes, engine alone, in process (no HTTP).
+cache lengths (``--slots``), cache fills (``--prompt``: tokens already cached per row) and batch sizes, engine alone,
+in process (no HTTP).
 
-    .venv/bin/python benchmarks/batch_step.py out/deploy/sparse-int8 --slots 128,256 --name smollm2-135m-70-int8-zen4
+    .venv/bin/python benchmarks/batch_step.py out/deploy/sparse-int8 --slots 256 --prompt 32,160 --name NAME
 
-A static-length graph attends over (and reads) its whole cache every step: a row's cache at 256 slots is twice the
-bytes of one at 128. If a batch-16 step were bound by reading the caches, halving the slots would shorten it by
-about half the cache's share; if it does not, a smaller cache (fp16, int8) would not make batching pay more. Every
-row holds ``--prompt`` random tokens (one DeepSparse prefill per row) before the timed steps; rounds alternate the
-slot counts (the order reversed every round) so a slow minute of the VM hits both. Writes
-benchmarks/results/batch-step-<name>.{json,md}: per slot count and batch the median step (ms) with its p10–p90.
+A static-length graph holds ``slots`` positions per row; DeepSparse's internal caches are read as far as they are
+filled. So both matter: halving the slots, or serving rows that hold fewer tokens, shortens a step by the caches'
+share of it, and a smaller cache (fp16, int8) would shorten it the same way. (A server's rows hold the prompt plus
+what they generated: 128-192 tokens in serve_load.py's load, not the 32 of this script's first recording.) Every
+row holds its ``--prompt`` random tokens (one DeepSparse prefill per row) before the timed steps; rounds alternate
+the configurations (the order reversed every round) so a slow minute of the VM hits all. Writes
+benchmarks/results/batch-step-<name>.{json,md}: per configuration and batch the median step (ms) with its p10–p90;
+the JSON's ``steps`` are keyed ``"SLOTS"`` for one fill, ``"SLOTS/FILL"`` for several.
 """
 
 from __future__ import annotations
@@ -43,31 +46,34 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def measure(folder: str, slots: list[int], batches: list[int], prompt: int, steps: int, rounds: int) -> dict:
-    """{slots: {batch: [step seconds ...]}}: every round runs ``steps`` timed steps (after 3 untimed) per
-    slot count x batch, fresh rows each round; the slot counts alternate order round by round."""
+def measure(folder: str, slots: list[int], batches: list[int], fills: list[int], steps: int, rounds: int) -> dict:
+    """{key: {batch: [step seconds ...]}} with key "SLOTS" (one fill) or "SLOTS/FILL": every round runs ``steps``
+    timed steps (after 3 untimed) per slot count x fill x batch, fresh rows each round; the configurations
+    alternate order round by round."""
     from owl_deploy import runtime
 
-    if prompt + 3 + steps >= min(slots):
-        raise OwlError(f"--prompt {prompt} + {steps} steps do not fit in {min(slots)} slots")
-    engines = {}
+    if max(fills) + 3 + steps >= min(slots):
+        raise OwlError(f"--prompt {max(fills)} + {steps} steps do not fit in {min(slots)} slots")
+    configs = [(s, f) for s in slots for f in fills]
+    key = {c: str(c[0]) if len(fills) == 1 else f"{c[0]}/{c[1]}" for c in configs}
+    engines, prefills = {}, {}
     for s in slots:
-        decoder = runtime.compile_decoder(folder, "deepsparse", batches, sequence_length=s, kv_cache="internal")
-        prefill = runtime.compile(
-            folder, "deepsparse", sequence_length=s, prefill_length=prompt, kv_cache="internal", last_logits=True
-        )
-        engines[s] = (decoder, prefill)
+        engines[s] = runtime.compile_decoder(folder, "deepsparse", batches, sequence_length=s, kv_cache="internal")
+        for f in fills:
+            prefills[s, f] = runtime.compile(
+                folder, "deepsparse", sequence_length=s, prefill_length=f, kv_cache="internal", last_logits=True
+            )
     rng = np.random.default_rng(0)
-    vocab = min(decoder.deployment.spec.vocab_size, 1000)  # any valid ids: a step's cost does not depend on them
-    times: dict[int, dict[int, list[float]]] = {s: {b: [] for b in batches} for s in slots}
+    vocab = min(engines[slots[0]].deployment.spec.vocab_size, 1000)  # any valid ids: the cost does not depend on them
+    times: dict[str, dict[int, list[float]]] = {key[c]: {b: [] for b in batches} for c in configs}
     for r in range(rounds):
-        for s in slots if r % 2 == 0 else slots[::-1]:
-            decoder, prefill = engines[s]
+        for s, f in configs if r % 2 == 0 else configs[::-1]:
+            decoder, prefill = engines[s], prefills[s, f]
             for b in batches:
                 states = []
                 for _ in range(b):
                     prefill.reset()
-                    prefill.forward([int(x) for x in rng.integers(0, vocab, prompt)])
+                    prefill.forward([int(x) for x in rng.integers(0, vocab, f)])
                     states.append(prefill.state())
                 tokens = [1] * b
                 for _ in range(3):
@@ -75,18 +81,18 @@ def measure(folder: str, slots: list[int], batches: list[int], prompt: int, step
                 for _ in range(steps):
                     t0 = time.perf_counter()
                     decoder.step(tokens, states)
-                    times[s][b].append(time.perf_counter() - t0)
+                    times[key[s, f]][b].append(time.perf_counter() - t0)
         print(f"round {r + 1}/{rounds} done", flush=True)
     return times
 
 
-def summarise(times: dict[int, dict[int, list[float]]]) -> dict:
+def summarise(times: dict[str, dict[int, list[float]]]) -> dict:
     out: dict = {}
     for s, per_batch in times.items():
-        out[str(s)] = {}
+        out[s] = {}
         for b, xs in per_batch.items():
             ms = np.asarray(xs) * 1e3
-            out[str(s)][str(b)] = {
+            out[s][str(b)] = {
                 "median_ms": round(float(np.median(ms)), 2),
                 "p10_ms": round(float(np.percentile(ms, 10)), 2),
                 "p90_ms": round(float(np.percentile(ms, 90)), 2),
@@ -99,6 +105,16 @@ def _cell(x: dict) -> str:
     return f"{x['median_ms']:.2f} ({x['p10_ms']:.2f}–{x['p90_ms']:.2f})"
 
 
+def _fills(prompt: int | list[int]) -> str:
+    """The fills of a recording: an int (recordings before 2026-12-06) or a list."""
+    return str(prompt) if isinstance(prompt, int) else " or ".join(map(str, prompt))
+
+
+def _head(key: str) -> str:
+    slots, _, fill = key.partition("/")
+    return f"{slots} slots" + (f", {fill} cached" if fill else "")
+
+
 def markdown(res: dict) -> str:
     hw = res["hardware"]
     slots = list(res["steps"])
@@ -108,11 +124,11 @@ def markdown(res: dict) -> str:
     head += (
         f"Generated by `benchmarks/batch_step.py` in {res['seconds'] / 60:.1f} min on {hw.get('cpu_model')} "
         f"({hw.get('physical_cores')} cores; flags {', '.join(flags)}); deployment `{res['folder']}`, "
-        f"DeepSparse with internal KV caches, {res['settings']['prompt']} tokens in every row's cache, "
+        f"DeepSparse with internal KV caches, {_fills(res['settings']['prompt'])} tokens in every row's cache, "
         f"{res['settings']['rounds']} rounds x {res['settings']['steps']} timed steps; load average before "
         f"{res['loadavg_before']}, after {res['loadavg_after']}.\n\n"
     )
-    rows = ["| batch | " + " | ".join(f"{s} slots: ms (p10–p90)" for s in slots) + " |",
+    rows = ["| batch | " + " | ".join(f"{_head(s)}: ms (p10–p90)" for s in slots) + " |",
             "|---:|" + "---:|" * len(slots)]  # fmt: skip
     for b in batches:
         cells = [_cell(res["steps"][s][b]) for s in slots]
@@ -126,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("folder", help="a deployment folder (owl-deploy export)")
     p.add_argument("--slots", type=_ints, default=[128, 256], help="cache lengths (sequence lengths) to compare")
     p.add_argument("--batch-sizes", type=_ints, default=[1, 4, 16])
-    p.add_argument("--prompt", type=int, default=32, help="tokens in every row's cache before the timed steps")
+    p.add_argument("--prompt", type=_ints, default=[32], help="tokens in every row's cache before the timed steps "
+                   "(several: each is a configuration)")  # fmt: skip
     p.add_argument("--steps", type=int, default=40, help="timed steps per round, slot count and batch")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--name", required=True, help="results go to benchmarks/results/batch-step-NAME.{json,md}")

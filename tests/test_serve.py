@@ -560,6 +560,12 @@ def test_batch_step_times_every_slot_count_and_batch_and_refuses_what_does_not_f
     cells = [c for v in res["steps"].values() for c in v.values()]
     assert all(c["steps"] == 6 and 0 < c["p10_ms"] <= c["median_ms"] <= c["p90_ms"] for c in cells)
     assert "| 2 |" in (tmp_path / "batch-step-tiny.md").read_text()
+    # two fills: every slot count x fill is a configuration of its own
+    assert batch_step.main([str(odir), "--slots", "32", "--batch-sizes", "2", "--prompt", "4,8", "--steps", "3",
+                            "--rounds", "1", "--name", "fills"]) == 0  # fmt: skip
+    res = json.loads((tmp_path / "batch-step-fills.json").read_text())
+    assert set(res["steps"]) == {"32/4", "32/8"} and res["settings"]["prompt"] == [4, 8]
+    assert "32 slots, 8 cached" in (tmp_path / "batch-step-fills.md").read_text()
     # 4 prompt tokens + 3 warm-up + 30 steps do not fit in 32 slots: an error, nothing written
     assert batch_step.main([str(odir), "--slots", "32", "--prompt", "4", "--steps", "30", "--name", "big"]) == 2
     assert not list(tmp_path.glob("batch-step-big*"))
