@@ -82,7 +82,8 @@ def recovered_how(settings: dict) -> str:
     adapter = f" r{settings['rank']} α{settings['alpha']:g}" if lora else ""
     shape = f" of {settings['batch_size']}×{settings['seqlen']}" if {"batch_size", "seqlen"} <= settings.keys() else ""
     mix = f", {settings['mix']} mix" if settings.get("mix", "length") != "length" else ""
-    return f"{method}{adapter}, lr {settings.get('lr', '?')}, {settings.get('steps', '?')} steps{shape}{mix}"
+    norms = " + norms and biases" if settings.get("norms") else ""
+    return f"{method}{adapter}{norms}, lr {settings.get('lr', '?')}, {settings.get('steps', '?')} steps{shape}{mix}"
 
 
 def markdown(res: dict) -> str:

@@ -143,6 +143,8 @@ def test_recovery_compare_pairs_windows_before_and_after_recovery(tmp_path):
     shaped = {**masked, "batch_size": 2, "seqlen": 512}
     assert recovery_compare.recovered_how(shaped) == "masked-lora r64 α128, lr 0.0002, 200 steps of 2×512"
     assert recovery_compare.recovered_how({**shaped, "mix": "equal"}).endswith("of 2×512, equal mix")
+    norms = recovery_compare.recovered_how({**masked, "norms": True})
+    assert norms.startswith("masked-lora r64 α128 + norms and biases,")
     with pytest.raises(SystemExit, match="LABEL=FOLDER"):
         recovery_compare.load(f"x={tmp_path}")
 
