@@ -12,7 +12,9 @@ what they generated: 128-192 tokens in serve_load.py's load, not the 32 of this 
 row holds its ``--prompt`` random tokens (one DeepSparse prefill per row) before the timed steps; rounds alternate
 the configurations (the order reversed every round) so a slow minute of the VM hits all. Writes
 benchmarks/results/batch-step-<name>.{json,md}: per configuration and batch the median step (ms) with its p10–p90;
-the JSON's ``steps`` are keyed ``"SLOTS"`` for one fill, ``"SLOTS/FILL"`` for several.
+the JSON's ``steps`` are keyed ``"SLOTS"`` for one fill, ``"SLOTS/FILL"`` for several. ``--prefill-every 0,4`` adds
+configurations with an untimed prefill of a new prompt every 4 steps (``"/p4"``; ``"/p0"`` none), as a server admits
+requests between its steps: whether admitting makes the steps themselves slower.
 """
 
 from __future__ import annotations
@@ -46,16 +48,39 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def measure(folder: str, slots: list[int], batches: list[int], fills: list[int], steps: int, rounds: int) -> dict:
-    """{key: {batch: [step seconds ...]}} with key "SLOTS" (one fill) or "SLOTS/FILL": every round runs ``steps``
-    timed steps (after 3 untimed) per slot count x fill x batch, fresh rows each round; the configurations
-    alternate order round by round."""
+def _ints0(text: str) -> list[int]:
+    """Like _ints, 0 allowed."""
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected integers ≥ 0, got {text!r}")
+    return values
+
+
+def measure(
+    folder: str,
+    slots: list[int],
+    batches: list[int],
+    fills: list[int],
+    steps: int,
+    rounds: int,
+    prefill_every: list[int] | None = None,
+) -> dict:
+    """{key: {batch: [step seconds ...]}}: every round runs ``steps`` timed steps (after 3 untimed) per slot count x
+    fill x prefill spacing x batch, fresh rows each round; the configurations alternate order round by round. A
+    prefill spacing N > 0 runs one untimed prefill (of a new prompt, in the prefill engine, as a server admits a
+    request) before every N-th timed step: what admitting costs the steps. The key is "SLOTS", then "/FILL" when
+    several fills are measured and "/pN" when several spacings are."""
+    everys = prefill_every or [0]
     from owl_deploy import runtime
 
     if max(fills) + 3 + steps >= min(slots):
         raise OwlError(f"--prompt {max(fills)} + {steps} steps do not fit in {min(slots)} slots")
-    configs = [(s, f) for s in slots for f in fills]
-    key = {c: str(c[0]) if len(fills) == 1 else f"{c[0]}/{c[1]}" for c in configs}
+    configs = [(s, f, n) for s in slots for f in fills for n in everys]
+    key = {c: str(c[0]) + (f"/{c[1]}" if len(fills) > 1 else "") + (f"/p{c[2]}" if len(everys) > 1 else "")
+           for c in configs}  # fmt: skip
     engines, prefills = {}, {}
     for s in slots:
         engines[s] = runtime.compile_decoder(folder, "deepsparse", batches, sequence_length=s, kv_cache="internal")
@@ -67,7 +92,7 @@ def measure(folder: str, slots: list[int], batches: list[int], fills: list[int],
     vocab = min(engines[slots[0]].deployment.spec.vocab_size, 1000)  # any valid ids: the cost does not depend on them
     times: dict[str, dict[int, list[float]]] = {key[c]: {b: [] for b in batches} for c in configs}
     for r in range(rounds):
-        for s, f in configs if r % 2 == 0 else configs[::-1]:
+        for s, f, every in configs if r % 2 == 0 else configs[::-1]:
             decoder, prefill = engines[s], prefills[s, f]
             for b in batches:
                 states = []
@@ -78,10 +103,13 @@ def measure(folder: str, slots: list[int], batches: list[int], fills: list[int],
                 tokens = [1] * b
                 for _ in range(3):
                     decoder.step(tokens, states)
-                for _ in range(steps):
+                for i in range(steps):
+                    if every and i % every == every - 1:
+                        prefill.reset()
+                        prefill.forward([int(x) for x in rng.integers(0, vocab, f)])
                     t0 = time.perf_counter()
                     decoder.step(tokens, states)
-                    times[key[s, f]][b].append(time.perf_counter() - t0)
+                    times[key[s, f, every]][b].append(time.perf_counter() - t0)
         print(f"round {r + 1}/{rounds} done", flush=True)
     return times
 
@@ -110,9 +138,22 @@ def _fills(prompt: int | list[int]) -> str:
     return str(prompt) if isinstance(prompt, int) else " or ".join(map(str, prompt))
 
 
+def _between(settings: dict) -> str:
+    every = settings.get("prefill_every") or [0]
+    if len(every) > 1 or not every[0]:
+        return ""
+    return f" (an untimed prefill of a new prompt every {every[0]} steps, as a server admits a request)"
+
+
 def _head(key: str) -> str:
-    slots, _, fill = key.partition("/")
-    return f"{slots} slots" + (f", {fill} cached" if fill else "")
+    slots, *rest = key.split("/")
+    words = [f"{slots} slots"]
+    for part in rest:
+        if part.startswith("p"):
+            words.append(f"a prefill every {part[1:]} steps" if part != "p0" else "no prefills")
+        else:
+            words.append(f"{part} cached")
+    return ", ".join(words)
 
 
 def markdown(res: dict) -> str:
@@ -125,7 +166,8 @@ def markdown(res: dict) -> str:
         f"Generated by `benchmarks/batch_step.py` in {res['seconds'] / 60:.1f} min on {hw.get('cpu_model')} "
         f"({hw.get('physical_cores')} cores; flags {', '.join(flags)}); deployment `{res['folder']}`, "
         f"DeepSparse with internal KV caches, {_fills(res['settings']['prompt'])} tokens in every row's cache, "
-        f"{res['settings']['rounds']} rounds x {res['settings']['steps']} timed steps; load average before "
+        f"{res['settings']['rounds']} rounds x {res['settings']['steps']} timed steps{_between(res['settings'])}; "
+        f"load average before "
         f"{res['loadavg_before']}, after {res['loadavg_after']}.\n\n"
     )
     rows = ["| batch | " + " | ".join(f"{_head(s)}: ms (p10–p90)" for s in slots) + " |",
@@ -146,13 +188,15 @@ def main(argv: list[str] | None = None) -> int:
                    "(several: each is a configuration)")  # fmt: skip
     p.add_argument("--steps", type=int, default=40, help="timed steps per round, slot count and batch")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prefill-every", type=_ints0, default=[0], help="one untimed prefill before every N-th timed "
+                   "step (a server admitting a request; 0: never; several: each is a configuration)")  # fmt: skip
     p.add_argument("--name", required=True, help="results go to benchmarks/results/batch-step-NAME.{json,md}")
     a = p.parse_args(argv)
     if not (Path(a.folder) / "model.onnx").is_file():
         p.error(f"{a.folder} is not a deployment folder (no model.onnx)")
     start, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
     try:
-        times = measure(a.folder, a.slots, a.batch_sizes, a.prompt, a.steps, a.rounds)
+        times = measure(a.folder, a.slots, a.batch_sizes, a.prompt, a.steps, a.rounds, a.prefill_every)
     except OwlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -160,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "name": a.name,
         "folder": a.folder,
         "settings": {
-            **{k: getattr(a, k) for k in ("slots", "batch_sizes", "prompt", "steps", "rounds")},
+            **{k: getattr(a, k) for k in ("slots", "batch_sizes", "prompt", "steps", "rounds", "prefill_every")},
             "environment": engine_env(),
         },
         "steps": summarise(times),

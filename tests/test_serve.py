@@ -566,6 +566,18 @@ def test_batch_step_times_every_slot_count_and_batch_and_refuses_what_does_not_f
     res = json.loads((tmp_path / "batch-step-fills.json").read_text())
     assert set(res["steps"]) == {"32/4", "32/8"} and res["settings"]["prompt"] == [4, 8]
     assert "32 slots, 8 cached" in (tmp_path / "batch-step-fills.md").read_text()
+    # a prefill between steps (a server admitting requests): recorded, and the steps are timed as before
+    assert batch_step.main([str(odir), "--slots", "32", "--batch-sizes", "2", "--prompt", "4", "--steps", "4",
+                            "--rounds", "1", "--prefill-every", "2", "--name", "admit"]) == 0  # fmt: skip
+    res = json.loads((tmp_path / "batch-step-admit.json").read_text())
+    assert res["settings"]["prefill_every"] == [2] and res["steps"]["32"]["2"]["steps"] == 4
+    assert "a new prompt every 2 steps" in (tmp_path / "batch-step-admit.md").read_text()
+    assert batch_step.main([str(odir), "--slots", "32", "--batch-sizes", "2", "--prompt", "4", "--steps", "4",
+                            "--rounds", "2", "--prefill-every", "0,2", "--name", "admit2"]) == 0  # fmt: skip
+    res = json.loads((tmp_path / "batch-step-admit2.json").read_text())
+    assert set(res["steps"]) == {"32/p0", "32/p2"} and res["steps"]["32/p2"]["2"]["steps"] == 8
+    md = (tmp_path / "batch-step-admit2.md").read_text()
+    assert "32 slots, no prefills" in md and "32 slots, a prefill every 2 steps" in md
     # 4 prompt tokens + 3 warm-up + 30 steps do not fit in 32 slots: an error, nothing written
     assert batch_step.main([str(odir), "--slots", "32", "--prompt", "4", "--steps", "30", "--name", "big"]) == 2
     assert not list(tmp_path.glob("batch-step-big*"))
