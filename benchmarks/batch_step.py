@@ -38,24 +38,14 @@ from owl_deploy.io import write_report  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, least: int = 1) -> list[int]:
+    """``"1,4,16"`` -> [1, 4, 16], each at least ``least``; an argparse error otherwise."""
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _ints0(text: str) -> list[int]:
-    """Like _ints, 0 allowed."""
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected integers ≥ 0, got {text!r}")
+    if not values or min(values) < least:
+        raise argparse.ArgumentTypeError(f"expected integers ≥ {least}, got {text!r}")
     return values
 
 
@@ -188,8 +178,13 @@ def main(argv: list[str] | None = None) -> int:
                    "(several: each is a configuration)")  # fmt: skip
     p.add_argument("--steps", type=int, default=40, help="timed steps per round, slot count and batch")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--prefill-every", type=_ints0, default=[0], help="one untimed prefill before every N-th timed "
-                   "step (a server admitting a request; 0: never; several: each is a configuration)")  # fmt: skip
+    p.add_argument(
+        "--prefill-every",
+        type=lambda t: _ints(t, least=0),
+        default=[0],
+        help="one untimed prefill before every N-th timed step (a server admitting a request; 0: never; several: "
+        "each is a configuration)",
+    )
     p.add_argument("--name", required=True, help="results go to benchmarks/results/batch-step-NAME.{json,md}")
     a = p.parse_args(argv)
     if not (Path(a.folder) / "model.onnx").is_file():

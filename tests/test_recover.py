@@ -36,6 +36,18 @@ def _pattern(n: int, seqlen: int = 32, offset: int = 0) -> torch.Tensor:
     return torch.stack([cycle[(torch.arange(seqlen) + i + offset) % 7] for i in range(n)])
 
 
+def _pruned_qwen2(tmp_path: Path) -> tuple[Path, Path]:
+    """A tiny Qwen2 (biases, RMSNorms) pruned 60% through the CLI, and its calibration text file."""
+    dense = save_tiny("qwen2", tmp_path / "dense", hidden=64, layers=2)
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n" * 400)
+    pruned = tmp_path / "pruned"
+    res = CliRunner().invoke(main, ["prune", "--model", str(dense), "--sparsity", "0.6", "--nsamples", "4",
+                                    "--seqlen", "32", "--calib", str(text), "--out", str(pruned)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return pruned, text
+
+
 #: every recover method, with a learning rate that learns _pattern in 40 steps (full fine-tuning needs a lower one)
 METHODS = [("lora", 1e-2), ("masked-lora", 1e-2), ("masked", 3e-3)]
 
@@ -203,13 +215,7 @@ def test_norms_trains_the_norm_scales_and_biases_too_and_keeps_the_zeros(tmp_pat
     none moves."""
     from safetensors.torch import load_file
 
-    dense = save_tiny("qwen2", tmp_path / "dense", hidden=64, layers=2)
-    text = tmp_path / "calib.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n" * 400)
-    pruned = tmp_path / "pruned"
-    res = CliRunner().invoke(main, ["prune", "--model", str(dense), "--sparsity", "0.6", "--nsamples", "4",
-                                    "--seqlen", "32", "--calib", str(text), "--out", str(pruned)])  # fmt: skip
-    assert res.exit_code == 0, res.output
+    pruned, text = _pruned_qwen2(tmp_path)
     args = ["recover", "--model", str(pruned), "--steps", "4", "--batch-size", "2", "--seqlen", "32",
             "--eval-every", "2", "--heldout-tokens", "128", "--calib", str(text), "--eval-text", str(text),
             "--eval-seqlen", "32", "--eval-tokens", "256", "--compute-dtype", "bfloat16", "--lr", "0.01",
@@ -261,13 +267,7 @@ def test_lean_bf16_training_changes_no_number(tmp_path, monkeypatch, method):
 
     from owl_deploy import recover
 
-    dense = save_tiny("qwen2", tmp_path / "dense", hidden=64, layers=2)
-    text = tmp_path / "calib.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.\n" * 400)
-    pruned = tmp_path / "pruned"
-    res = CliRunner().invoke(main, ["prune", "--model", str(dense), "--sparsity", "0.6", "--nsamples", "4",
-                                    "--seqlen", "32", "--calib", str(text), "--out", str(pruned)])  # fmt: skip
-    assert res.exit_code == 0, res.output
+    pruned, text = _pruned_qwen2(tmp_path)
     args = ["recover", "--model", str(pruned), "--steps", "6", "--batch-size", "2", "--seqlen", "32",
             "--eval-every", "3", "--heldout-tokens", "128", "--calib", str(text), "--eval-text", str(text),
             "--eval-seqlen", "32", "--eval-tokens", "256", "--compute-dtype", "bfloat16", "--lr", "0.01",
