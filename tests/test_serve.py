@@ -422,24 +422,26 @@ def test_smollm2_served_batched_equals_batch_1(smollm2_export):
         assert r.status_code == 200 and "Paris" in r.json()["choices"][0]["message"]["content"]
 
 
-# ---------------------------------------------------------------- benchmarks/serve_load.py's client
+# ---------------------------------------------------------------- the load client (owl_deploy.bench.load)
 def test_load_client_staggers_starts_and_every_answer_matches_c1(server):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import asyncio
 
     import serve_load
 
+    from owl_deploy.bench import load
+
     assert serve_load.slot_context(128, 64) == 256 and serve_load.slot_context(128, 113) == 512
-    assert serve_load.start_offsets(4, 2.0, "burst") == [0.0] * 4
-    assert serve_load.start_offsets(4, 2.0, "staggered") == [0.0, 0.5, 1.0, 1.5]
-    assert serve_load.start_offsets(1, 2.0, "staggered") == [0.0]
+    assert load.start_offsets(4, 2.0, "burst") == [0.0] * 4
+    assert load.start_offsets(4, 2.0, "staggered") == [0.0, 0.5, 1.0, 1.5]
+    assert load.start_offsets(1, 2.0, "staggered") == [0.0]
     prompts = [f"Prompt number {i} says" for i in range(6)]
-    one = asyncio.run(serve_load.level(server, "tiny-odir", prompts, 1, 8))
-    offsets = serve_load.start_offsets(3, one["request_seconds_p50"], "staggered")
+    one = asyncio.run(load.level(server, "tiny-odir", prompts, 1, 8))
+    offsets = load.start_offsets(3, one["request_seconds_p50"], "staggered")
     before = engine_counters(httpx.get(f"{server}/metrics").text)
-    three = asyncio.run(serve_load.level(server, "tiny-odir", prompts, 3, 8, offsets=offsets))
+    three = asyncio.run(load.level(server, "tiny-odir", prompts, 3, 8, offsets=offsets))
     after = engine_counters(httpx.get(f"{server}/metrics").text)
-    share = serve_load.engine_share(before, after, three["wall_seconds"], three["output_tokens"])
+    share = load.engine_share(before, after, three["wall_seconds"], three["output_tokens"])
     # six prompts: six prefills (each gives a first token), then 7 tokens each from steps of 1 to 3 rows
     assert share["prefills"] == 6 and 6 * 7 / 3 <= share["decode_steps"] <= 6 * 7, share
     assert share["mean_batch"] == pytest.approx(6 * 7 / share["decode_steps"]) and 0 < share["busy_share"] < 1
@@ -524,17 +526,16 @@ def _raw_server(behaviours: list[str]):
     ],
 )
 def test_load_client_resends_only_a_request_the_server_never_answered(behaviours, want_error, want_retries, want_seen):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import asyncio
 
-    import serve_load
+    from owl_deploy.bench import load
 
     async def run() -> dict:
         handle, seen = _raw_server(behaviours)
         srv = await asyncio.start_server(handle, "127.0.0.1", 0)
         url = f"http://127.0.0.1:{srv.sockets[0].getsockname()[1]}"
         async with httpx.AsyncClient() as client:
-            res = await serve_load.one(client, url, "m", "prompt", 4)
+            res = await load.one(client, url, "m", "prompt", 4)
         srv.close()
         await srv.wait_closed()
         return {**res, "seen": seen}
