@@ -567,6 +567,25 @@ def test_batch_step_times_every_slot_count_and_batch_and_refuses_what_does_not_f
     res = json.loads((tmp_path / "batch-step-fills.json").read_text())
     assert set(res["steps"]) == {"32/4", "32/8"} and res["settings"]["prompt"] == [4, 8]
     assert "32 slots, 8 cached" in (tmp_path / "batch-step-fills.md").read_text()
+    # rows at mixed fills (a server's rows hold requests admitted at different times) beside equal ones
+    assert batch_step.row_fills("4:10", 4) == [4, 6, 8, 10] and batch_step.row_fills(6, 3) == [6, 6, 6]
+    assert batch_step.main([str(odir), "--slots", "32", "--batch-sizes", "1,4", "--prompt", "7,4:10", "--steps", "3",
+                            "--rounds", "1", "--name", "spread"]) == 0  # fmt: skip
+    res = json.loads((tmp_path / "batch-step-spread.json").read_text())
+    assert set(res["steps"]) == {"32/7", "32/4:10"} and res["settings"]["prompt"] == [7, "4:10"]
+    assert "32 slots, 4–10 cached (spread over the rows)" in (tmp_path / "batch-step-spread.md").read_text()
+    # another process busy beside every step (a server's HTTP path and client on the same cores)
+    assert batch_step.main([str(odir), "--slots", "32", "--batch-sizes", "2", "--prompt", "4", "--steps", "3",
+                            "--rounds", "2", "--busy-ms", "0,1.5", "--name", "busy"]) == 0  # fmt: skip
+    res = json.loads((tmp_path / "batch-step-busy.json").read_text())
+    assert set(res["steps"]) == {"32/b0", "32/b1.5"} and res["settings"]["busy_ms"] == [0.0, 1.5]
+    assert res["steps"]["32/b1.5"]["2"]["steps"] == 6
+    assert "32 slots, 1.5 ms busy beside each step" in (tmp_path / "batch-step-busy.md").read_text()
+    bad_args = [("--prompt", "0"), ("--prompt", "9:4"), ("--prompt", "4:"), ("--busy-ms", "-1"), ("--busy-ms", "x")]
+    for flag, bad in bad_args:  # argparse's usage error, exit 2
+        with pytest.raises(SystemExit) as exit_info:
+            batch_step.main([str(odir), flag, bad, "--name", "bad"])
+        assert exit_info.value.code == 2
     # a prefill between steps (a server admitting requests): recorded, and the steps are timed as before
     assert batch_step.main([str(odir), "--slots", "32", "--batch-sizes", "2", "--prompt", "4", "--steps", "4",
                             "--rounds", "1", "--prefill-every", "2", "--name", "admit"]) == 0  # fmt: skip
