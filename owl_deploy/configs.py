@@ -328,6 +328,11 @@ class ServeConfig(Config):
     sequence_length: int | None = Field(None, ge=2, description="Override the exported context length.")
     model_name: str | None = Field(None, description="Model id in the API (default: the folder's name).")
     drain_seconds: float = Field(60.0, ge=0, description="On SIGTERM, time given to in-flight requests.")
+    step_sync: bool = Field(
+        False,
+        description="After every decode step the engine waits (20 ms at most) until the event loop has passed "
+        "the step's tokens to their streams, so the HTTP work runs between steps instead of beside the next one.",
+    )
 
     @field_validator("prefill_length")
     @classmethod

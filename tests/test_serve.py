@@ -311,6 +311,58 @@ def test_metrics_count_requests_and_time_tokens(server):
     assert counts["prefills"] >= 1 and counts["decode_steps"] >= 3 and counts["prefill_seconds"] > 0, counts
 
 
+def test_step_sync_returns_once_the_event_loop_has_run_what_the_step_reported():
+    import asyncio
+
+    from owl_deploy.serve import loop_sync
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    seen: list[int] = []
+    tasks: list[asyncio.Task] = []
+
+    async def setup() -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+
+        async def consume() -> None:  # as a stream's task takes its tokens
+            while True:
+                seen.append(await q.get())
+
+        tasks.append(loop.create_task(consume()))
+        return q
+
+    q = asyncio.run_coroutine_threadsafe(setup(), loop).result()
+    for i in range(5):  # what the engine thread reports after a step
+        loop.call_soon_threadsafe(q.put_nowait, i)
+    loop_sync(lambda: loop)()
+    assert seen == [0, 1, 2, 3, 4]
+    loop.call_soon_threadsafe(time.sleep, 0.5)  # a loop busy elsewhere: the engine waits 20 ms at most
+    t0 = time.perf_counter()
+    loop_sync(lambda: loop, timeout=0.02)()
+    assert time.perf_counter() - t0 < 0.3
+
+    async def finish() -> None:
+        tasks[0].cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run_coroutine_threadsafe(finish(), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.close()
+    loop_sync(lambda: loop)()  # a closed loop, or none yet: nothing to wait for
+    loop_sync(lambda: None)()
+
+
+def test_a_server_with_step_sync_answers_as_without(server, odir):
+    want = _completion(server, "The capital of", max_tokens=6, temperature=0).json()["choices"][0]["text"]
+    with running(odir, "--engine", "onnxruntime", "--max-batch", "4", "--step-sync") as (base, _):
+        assert _completion(base, "The capital of", max_tokens=6, temperature=0).json()["choices"][0]["text"] == want
+        events = _stream(base, "/v1/completions", {"model": "tiny-odir", "prompt": "The capital of", "max_tokens": 6,
+                                                       "temperature": 0})  # fmt: skip
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == want
+
+
 def test_a_full_queue_answers_429_with_retry_after(slow_odir):
     # the slow model: each request must outlast the arrival of the six (the tiny one answers in milliseconds)
     args = ("--engine", "onnxruntime", "--max-batch", "1", "--batch-sizes", "1", "--max-queue", "1")

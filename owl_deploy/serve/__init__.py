@@ -60,6 +60,29 @@ def serving_plan(folder: Path, cfg: ServeConfig) -> tuple[str, str]:
     return kv_cache, prefill_engine
 
 
+def loop_sync(get_loop, hops: int = 3, timeout: float = 0.02):
+    """A function that returns once ``get_loop()``'s event loop has run ``hops`` rounds of callbacks after the call
+    (or after ``timeout`` s): by then the tokens just reported have gone through their streams' tasks to the sockets.
+    The engine thread calls it after each step (``ServeConfig.step_sync``)."""
+
+    def sync() -> None:
+        loop = get_loop()
+        if loop is None or loop.is_closed():
+            return
+        done = threading.Event()
+
+        def hop(n: int) -> None:
+            if n:
+                loop.call_soon(hop, n - 1)
+            else:
+                done.set()
+
+        loop.call_soon_threadsafe(hop, hops)
+        done.wait(timeout)
+
+    return sync
+
+
 def build_scheduler(folder: Path, cfg: ServeConfig):
     """Compile the prefill session and the batched decoder; the scheduler that runs them (not started)."""
     from owl_deploy import runtime
@@ -99,8 +122,11 @@ def serve(folder: str | Path, cfg: ServeConfig, ready: threading.Event | None = 
     server = Server(cfg.model_name or folder.name)
     server.tokenizer = tokenizer
 
+    loop: list[asyncio.AbstractEventLoop] = []
+
     @contextlib.asynccontextmanager
     async def lifespan(_app):
+        loop.append(asyncio.get_running_loop())
         yield
         if server.scheduler is not None:  # uvicorn has drained the connections; let the engine thread end
             await asyncio.to_thread(server.scheduler.stop, cfg.drain_seconds)
@@ -112,6 +138,8 @@ def serve(folder: str | Path, cfg: ServeConfig, ready: threading.Event | None = 
             sched = build_scheduler(folder, cfg)
             sched.on_step = server.metrics.on_step
             sched.on_prefill = server.metrics.on_prefill
+            if cfg.step_sync:
+                sched.after_step = loop_sync(lambda: loop[0] if loop else None)
             sched.start()
             server.scheduler, server.ready = sched, True
             log.warning("ready: %s in %s (batch sizes %s)", folder, cfg.engine, sched.decoder.batch_sizes)

@@ -99,6 +99,7 @@ class Scheduler:
         max_queue: int,
         on_step: Callable[[int, int, float], None] | None = None,
         on_prefill: Callable[[int, float], None] | None = None,
+        after_step: Callable[[], None] | None = None,
     ):
         if max_batch > decoder.max_batch:
             raise OwlError(f"max batch {max_batch} exceeds the decoder's largest compiled batch {decoder.max_batch}")
@@ -106,6 +107,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.on_step = on_step or (lambda active, waiting, seconds: None)
         self.on_prefill = on_prefill or (lambda tokens, seconds: None)
+        self.after_step = after_step or (lambda: None)  # e.g. wait for the server's event loop (ServeConfig.step_sync)
         self._waiting: deque[Request] = deque()
         self._lock = threading.Condition()
         self._active: list[Request] = []
@@ -215,6 +217,7 @@ class Scheduler:
         with self._lock:
             waiting = len(self._waiting)
         self.on_step(len(keep), waiting, time.perf_counter() - t0)
+        self.after_step()
 
     def info(self) -> dict[str, Any]:
         return {
