@@ -210,9 +210,9 @@ def test_cli_recover_then_export_proves_the_zeros(tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "masked-lora"])
 def test_norms_trains_the_norm_scales_and_biases_too_and_keeps_the_zeros(tmp_path, method):
-    """--norms: a Qwen2 (q/k/v biases, RMSNorm scales) recovered through the CLI's lean bf16 path (trained on bf16
-    frozen linears, merged on the fp32 weights read back): every 1-D tensor moves, every zero stays; without it,
-    none moves."""
+    """--norms (the default): a Qwen2 (q/k/v biases, RMSNorm scales) recovered through the CLI's lean bf16 path
+    (trained on bf16 frozen linears, merged on the fp32 weights read back): every 1-D tensor moves, every zero
+    stays; with --no-norms, none moves."""
     from safetensors.torch import load_file
 
     pruned, text = _pruned_qwen2(tmp_path)
@@ -229,7 +229,7 @@ def test_norms_trains_the_norm_scales_and_biases_too_and_keeps_the_zeros(tmp_pat
     assert any(k.endswith("q_proj.bias") for k in vectors) and any(k.endswith("layernorm.weight") for k in vectors)
     for norms in (True, False):
         out = tmp_path / f"norms-{norms}"
-        res = CliRunner().invoke(main, [*args, *(["--norms"] if norms else []), "--out", str(out)])
+        res = CliRunner().invoke(main, [*args, *([] if norms else ["--no-norms"]), "--out", str(out)])
         assert res.exit_code == 0, res.output
         report = json.loads((out / "recover.json").read_text())
         assert report["settings"]["norms"] is norms and report["zeros"]["identical_mask"]
