@@ -330,10 +330,10 @@ class ServeConfig(Config):
     model_name: str | None = Field(None, description="Model id in the API (default: the folder's name).")
     drain_seconds: float = Field(60.0, ge=0, description="On SIGTERM, time given to in-flight requests.")
     step_sync: bool = Field(
-        True,
+        False,
         description="After every decode step the engine waits (20 ms at most) until the event loop has passed "
         "the step's tokens to their streams, so the HTTP work runs between steps instead of beside the next one "
-        "(on 2 cores: 17% more tok/s at one stream, 4-7% at 16; docs/results.md, 'Serving').",
+        "(on 2 cores: +4-19% tok/s at one stream, -16% to +7% at 16; docs/results.md, 'Serving').",
     )
 
     @field_validator("prefill_length")

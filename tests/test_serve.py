@@ -354,9 +354,9 @@ def test_step_sync_returns_once_the_event_loop_has_run_what_the_step_reported():
     loop_sync(lambda: None)()
 
 
-def test_a_server_without_step_sync_answers_as_with_it(server, odir):
+def test_a_server_with_step_sync_answers_as_without(server, odir):
     want = _completion(server, "The capital of", max_tokens=6, temperature=0).json()["choices"][0]["text"]
-    with running(odir, "--engine", "onnxruntime", "--max-batch", "4", "--no-step-sync") as (base, _):
+    with running(odir, "--engine", "onnxruntime", "--max-batch", "4", "--step-sync") as (base, _):
         assert _completion(base, "The capital of", max_tokens=6, temperature=0).json()["choices"][0]["text"] == want
         events = _stream(base, "/v1/completions", {"model": "tiny-odir", "prompt": "The capital of", "max_tokens": 6,
                                                        "temperature": 0})  # fmt: skip
