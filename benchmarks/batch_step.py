@@ -38,23 +38,11 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 from owl_deploy.bench.machine import engine_env, hardware_info, versions_info  # noqa: E402
+from owl_deploy.cli_options import arg_list  # noqa: E402
 from owl_deploy.errors import OwlError  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-
-
-def _numbers(text: str, cast: type = int, least: float = 1) -> list:
-    """``"1,4,16"`` -> [1, 4, 16] (``cast`` float: ``"0,2.5"`` -> [0.0, 2.5]), each at least ``least``; an argparse
-    error otherwise."""
-    kind = "integers" if cast is int else "numbers"
-    try:
-        values = [cast(x) for x in text.split(",") if x.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected comma-separated {kind}, got {text!r}") from exc
-    if not values or min(values) < least:
-        raise argparse.ArgumentTypeError(f"expected {kind} ≥ {least:g}, got {text!r}")
-    return values
 
 
 def _fills(text: str) -> list[int | str]:
@@ -231,22 +219,22 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", help="a deployment folder (owl-deploy export)")
-    p.add_argument("--slots", type=_numbers, default=[128, 256], help="cache lengths (sequence lengths) to compare")
-    p.add_argument("--batch-sizes", type=_numbers, default=[1, 4, 16])
+    p.add_argument("--slots", type=arg_list(), default=[128, 256], help="cache lengths (sequence lengths) to compare")
+    p.add_argument("--batch-sizes", type=arg_list(), default=[1, 4, 16])
     p.add_argument("--prompt", type=_fills, default=[32], help="tokens in every row's cache before the timed steps, "
                    "or LO:HI spread over the rows (several: each is a configuration)")  # fmt: skip
     p.add_argument("--steps", type=int, default=40, help="timed steps per round, slot count and batch")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
         "--prefill-every",
-        type=lambda t: _numbers(t, least=0),
+        type=arg_list(least=0),
         default=[0],
         help="one untimed prefill before every N-th timed step (a server admitting a request; 0: never; several: "
         "each is a configuration)",
     )
     p.add_argument(
         "--busy-ms",
-        type=lambda t: _numbers(t, float, least=0),
+        type=arg_list(float, least=0),
         default=[0.0],
         help="another process computes this many ms after every timed step, beside the next (a server's HTTP path "
         "and client; 0: nothing; several: each is a configuration)",

@@ -6,6 +6,7 @@ An option is written once: the name, type, default, choices and help of ``--spar
 
 from __future__ import annotations
 
+import argparse
 import types
 import typing
 from collections.abc import Callable
@@ -17,12 +18,35 @@ from owl_deploy import configs
 from owl_deploy.errors import OwlError
 
 
+def number_list(text: str, cast: type = int, least: float | None = None) -> list:
+    """``"1,4,16"`` -> [1, 4, 16] (``cast`` float: ``"0,2.5"`` -> [0.0, 2.5]); with ``least``, at least one value
+    and none below it. An OwlError names what was expected."""
+    kind = "integers" if cast is int else "numbers"
+    try:
+        values = [cast(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise OwlError(f"expected comma-separated {kind}, got {text!r}") from None
+    if least is not None and (not values or min(values) < least):
+        raise OwlError(f"expected {kind} ≥ {least:g}, got {text!r}")
+    return values
+
+
+def arg_list(cast: type = int, least: float | None = 1) -> Callable[[str], list]:
+    """``number_list`` as an argparse ``type`` (the benchmark scripts' comma lists): argparse's one-line usage
+    error instead of an OwlError."""
+
+    def parse(text: str) -> list:
+        try:
+            return number_list(text, cast, least)
+        except OwlError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
 def _ints(text: str) -> list[int]:
     """``"1,4,16"`` -> [1, 4, 16]."""
-    try:
-        return [int(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise OwlError(f"expected comma-separated integers, got {text!r}") from None
+    return number_list(text)
 
 
 def _int_or_all(text: str) -> int | None:
@@ -36,10 +60,7 @@ def _int_or_all(text: str) -> int | None:
 
 
 def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in str(text).split(",") if x.strip()]
-    except ValueError:
-        raise OwlError(f"expected comma-separated numbers, got {text!r}") from None
+    return number_list(text, float)
 
 
 class Options:

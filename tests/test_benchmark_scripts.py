@@ -341,3 +341,22 @@ def test_peers_prepare_only_writes_no_report(monkeypatch, tmp_path, capsys):
     peers_script.main(["--model", "m", "--peers", "llama.cpp/q8_0", "--no-quality", "--results", str(results)])
     assert list(results.iterdir()) == []
     assert f"llama.cpp/q8_0: {prepared['llama.cpp/q8_0']}" in capsys.readouterr().out
+
+
+def test_comma_lists_of_the_scripts_parse_check_and_fail_in_one_line():
+    from owl_deploy.cli_options import arg_list, number_list
+    from owl_deploy.errors import OwlError
+
+    assert number_list("1, 4,16,") == [1, 4, 16] and number_list("0,2.5", float) == [0.0, 2.5]
+    assert number_list("") == []  # no floor: the click options' empty list
+    parse = arg_list()
+    assert parse("1,16") == [1, 16]
+    for bad, msg in (("1,x", "expected comma-separated integers, got '1,x'"), ("0,4", "expected integers ≥ 1"),
+                     ("", "expected integers ≥ 1")):  # fmt: skip
+        with pytest.raises(argparse.ArgumentTypeError, match=msg):
+            parse(bad)
+    with pytest.raises(OwlError, match="numbers ≥ 0"):
+        number_list("-1.5", float, least=0)
+    p = argparse.ArgumentParser()
+    p.add_argument("--concurrency", type=arg_list(), default="1,4,16")
+    assert p.parse_args([]).concurrency == [1, 4, 16]
