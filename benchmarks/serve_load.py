@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 from owl_deploy.bench.load import ARRIVALS, engine_share, level, start_offsets  # noqa: E402
 from owl_deploy.bench.machine import engine_env, hardware_info, versions_info  # noqa: E402
+from owl_deploy.cli_options import arg_list  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 from owl_deploy.serve.api import engine_counters  # noqa: E402
 
@@ -371,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         metavar="LABEL=ENGINE:ODIR",
         help="ENGINE deepsparse/onnxruntime (owl-deploy serve), or llama-server:PATH.gguf",
     )
-    p.add_argument("--concurrency", default="1,4,16", type=lambda s: [int(x) for x in s.split(",")])
+    p.add_argument("--concurrency", default="1,4,16", type=arg_list())
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)

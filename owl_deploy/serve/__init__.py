@@ -122,11 +122,9 @@ def serve(folder: str | Path, cfg: ServeConfig, ready: threading.Event | None = 
     server = Server(cfg.model_name or folder.name)
     server.tokenizer = tokenizer
 
-    loop: list[asyncio.AbstractEventLoop] = []
-
     @contextlib.asynccontextmanager
     async def lifespan(_app):
-        loop.append(asyncio.get_running_loop())
+        server.loop = asyncio.get_running_loop()
         yield
         if server.scheduler is not None:  # uvicorn has drained the connections; let the engine thread end
             await asyncio.to_thread(server.scheduler.stop, cfg.drain_seconds)
@@ -139,7 +137,7 @@ def serve(folder: str | Path, cfg: ServeConfig, ready: threading.Event | None = 
             sched.on_step = server.metrics.on_step
             sched.on_prefill = server.metrics.on_prefill
             if cfg.step_sync:
-                sched.after_step = loop_sync(lambda: loop[0] if loop else None)
+                sched.after_step = loop_sync(lambda: server.loop)
             sched.start()
             server.scheduler, server.ready = sched, True
             log.warning("ready: %s in %s (batch sizes %s)", folder, cfg.engine, sched.decoder.batch_sizes)

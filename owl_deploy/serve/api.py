@@ -169,6 +169,7 @@ class Server:
         self.ready = False
         self.draining = False
         self.failed: str | None = None
+        self.loop = None  # the event loop serving the routes, once it runs (serve's --step-sync waits on it)
         self.metrics = Metrics()
         self.max_tokens_default = max_tokens_default
         self.started = int(time.time())
