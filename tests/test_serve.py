@@ -653,3 +653,27 @@ def test_batch_step_times_every_slot_count_and_batch_and_refuses_what_does_not_f
     # 4 prompt tokens + 3 warm-up + 30 steps do not fit in 32 slots: an error, nothing written
     assert batch_step.main([str(odir), "--slots", "32", "--prompt", "4", "--steps", "30", "--name", "big"]) == 2
     assert not list(tmp_path.glob("batch-step-big*"))
+
+
+# ---------------------------------------------------------------- benchmarks/cpu_phases.py
+def test_cpu_phases_times_both_compiles_over_time_and_splits_fast_from_slow(odir, tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cpu_phases
+
+    monkeypatch.setattr(cpu_phases, "RESULTS", tmp_path)
+    assert cpu_phases.main([str(odir), "--length", "8", "--slots", "32", "--minutes", "0.02", "--every", "0.1",
+                            "--name", "tiny"]) == 0  # fmt: skip
+    res = json.loads((tmp_path / "cpu-phases-tiny.json").read_text())
+    assert res["timeline"] and all(r["a_ms"] > 0 and r["b_ms"] > 0 and r["token_ms"] > 0 for r in res["timeline"])
+    assert [r["second"] for r in res["timeline"]] == sorted(r["second"] for r in res["timeline"])
+    assert "| second | compile A ms |" in (tmp_path / "cpu-phases-tiny.md").read_text()
+    # the split cuts at the widest gap, and only at a gap past 20% of the fastest value
+    sp = cpu_phases.split([28.0, 47.0, 27.5, 46.0, 28.5])
+    assert (sp["fast"], sp["slow"], sp["fast_ms"], sp["slow_ms"], sp["slow_over_fast"]) == (3, 2, 28.0, 46.5, 1.66)
+    assert sp["cut_ms"] == 37.25 and cpu_phases.split([28.0, 30.0, 31.0])["slow"] == 0
+    # both compiles slow in the same samples: they agree; a compile slow on its own: they do not
+    timeline = [{"a_ms": a, "b_ms": b, "token_ms": 6.5} for a, b in ((28, 28), (47, 46), (28, 47), (28, 29))]
+    sm = cpu_phases.summarise(timeline)
+    assert sm["compiles_agree"] == 0.75 and sm["prompt_graphs"]["slow"] == 3 and sm["token_ms"]["slow"] == 0
+    with pytest.raises(SystemExit):  # a prompt graph's length is a multiple of 4
+        cpu_phases.main([str(odir), "--length", "6", "--name", "bad"])

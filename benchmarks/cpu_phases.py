@@ -1,0 +1,173 @@
+#!/usr/bin/env python
+"""Is this CPU's speed steady from one second to the next? Two compiles of a deployment's prompt graph and its
+single-token graph, timed in turn for a few minutes.
+
+    .venv/bin/python benchmarks/cpu_phases.py out/deploy/sparse-int8 --minutes 3 --name NAME
+
+Every ``--every`` seconds: the median of 5 calls of each of two separately compiled ``--length``-token graphs (an
+internal KV cache of ``--slots``, from an empty cache) and of 20 single-token calls. If the two compiles turn slow
+and fast *together*, the cause is the machine (a shared host, a sibling hyperthread), not a compile; a benchmark that
+compares engines must then interleave them, and one figure per server start is a draw. Writes
+benchmarks/results/cpu-phases-<name>.{json,md}: the timeline, how the samples split into a fast and a slow phase,
+and how often the two compiles agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+
+from owl_deploy.bench.machine import engine_env, hardware_info, versions_info  # noqa: E402
+from owl_deploy.errors import OwlError  # noqa: E402
+from owl_deploy.io import write_report  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def _median_ms(session, tokens: int, calls: int) -> float:
+    out = []
+    for _ in range(calls):
+        session.reset()
+        t0 = time.perf_counter()
+        session.forward([0] * tokens)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return round(statistics.median(out), 2)
+
+
+def measure(folder: str, length: int, slots: int, minutes: float, every: float) -> list[dict]:
+    """The timeline: per sample its second, the two prompt graphs' and the single-token graph's median call (ms)."""
+    from owl_deploy import runtime
+
+    def compile_one(n: int):
+        return runtime.compile(folder, "deepsparse", sequence_length=slots, prefill_length=n, lengths=[n],
+                               last_logits=n > 1)  # fmt: skip
+
+    a, b, one = compile_one(length), compile_one(length), compile_one(1)
+    for s, n in ((a, length), (b, length), (one, 1)):  # warm-up
+        _median_ms(s, n, 2)
+    timeline, start = [], time.perf_counter()
+    while (now := time.perf_counter() - start) < minutes * 60:
+        row = {"second": round(now, 1), "a_ms": _median_ms(a, length, 5), "b_ms": _median_ms(b, length, 5)}
+        row["token_ms"] = _median_ms(one, 1, 20)
+        timeline.append(row)
+        print(f"{row['second']:7.1f} s: prompt graphs {row['a_ms']:.1f} / {row['b_ms']:.1f} ms, "
+              f"one token {row['token_ms']:.2f} ms", flush=True)  # fmt: skip
+        time.sleep(every)
+    return timeline
+
+
+def split(values: list[float]) -> dict:
+    """``values`` in a fast and a slow phase: two means (Lloyd's iterations from the smallest and largest value), cut
+    halfway between them; one phase when the slow phase's median is within 20% of the fast one's. Also the cut, and
+    the slow phase's median over the fast one's."""
+    vals = sorted(values)
+    lo, hi = vals[0], vals[-1]
+    for _ in range(50):
+        cut = (lo + hi) / 2
+        fast, slow = [v for v in vals if v <= cut], [v for v in vals if v > cut]
+        if not slow:
+            break
+        lo, hi = statistics.fmean(fast), statistics.fmean(slow)
+    fast, slow = [v for v in vals if v <= cut], [v for v in vals if v > cut]
+    if not slow or statistics.median(slow) <= 1.2 * statistics.median(fast):
+        return {"fast": len(vals), "slow": 0, "cut_ms": None, "fast_ms": round(statistics.median(vals), 2),
+                "slow_ms": None, "slow_over_fast": None}  # fmt: skip
+    fm, sm = statistics.median(fast), statistics.median(slow)
+    return {"fast": len(fast), "slow": len(slow), "cut_ms": round(cut, 2), "fast_ms": round(fm, 2),
+            "slow_ms": round(sm, 2), "slow_over_fast": round(sm / fm, 2)}  # fmt: skip
+
+
+def summarise(timeline: list[dict]) -> dict:
+    """Phases of each graph, and how often the two compiles of the prompt graph sit in the same phase."""
+    out = {k: split([r[k] for r in timeline]) for k in ("a_ms", "b_ms", "token_ms")}
+    both = split([r[k] for r in timeline for k in ("a_ms", "b_ms")])
+    if both["cut_ms"] is not None:
+        same = sum((r["a_ms"] > both["cut_ms"]) == (r["b_ms"] > both["cut_ms"]) for r in timeline)
+        out["compiles_agree"] = round(same / len(timeline), 3)
+    else:
+        out["compiles_agree"] = None
+    out["prompt_graphs"] = both
+    return out
+
+
+def markdown(res: dict) -> str:
+    h, st, sm = res["hardware"], res["settings"], res["summary"]
+    flags = ", ".join(k for k, on in (h.get("flags") or {}).items() if on)
+    pg, tok = sm["prompt_graphs"], sm["token_ms"]
+    n = len(res["timeline"])
+    lines = [
+        f"# Is the CPU's speed steady? {res['name']}",
+        "",
+        f"Generated by `benchmarks/cpu_phases.py` in {res['seconds'] / 60:.1f} min on {h.get('cpu_model')} "
+        f"({h.get('usable_cpus')} cores; flags {flags}); deployment `{res['folder']}`, DeepSparse, two compiles of the "
+        f"{st['length']}-token graph and one of the single-token graph (internal KV caches of {st['slots']} slots), a "
+        f"sample every {st['every']} s; load average before {res['loadavg_before']}, after {res['loadavg_after']}.",
+        "",
+    ]
+    if pg["slow"]:
+        lines.append(
+            f"- **The {st['length']}-token graph: {pg['slow']} of {2 * n} samples slow** — median {pg['slow_ms']:.1f} "
+            f"against {pg['fast_ms']:.1f} ms ({pg['slow_over_fast']}×, cut at {pg['cut_ms']:.1f} ms); the two compiles "
+            f"sit in the same phase in {sm['compiles_agree']:.0%} of the samples."
+        )
+    else:
+        lines.append(f"- The {st['length']}-token graph: one phase, median {pg['fast_ms']:.1f} ms (no gap past 20%).")
+    if tok["slow"]:
+        lines.append(f"- One token: {tok['slow']} of {n} samples slow, {tok['slow_ms']:.2f} against "
+                     f"{tok['fast_ms']:.2f} ms ({tok['slow_over_fast']}×).")  # fmt: skip
+    else:
+        lines.append(f"- One token: one phase, median {tok['fast_ms']:.2f} ms (no gap past 20%).")
+    lines += ["", "| second | compile A ms | compile B ms | one token ms |", "|---:|---:|---:|---:|"]
+    lines += [f"| {r['second']} | {r['a_ms']} | {r['b_ms']} | {r['token_ms']} |" for r in res["timeline"]]
+    lines.append("")
+    lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("folder", help="a deployment folder (owl-deploy export)")
+    p.add_argument("--length", type=int, default=64, help="tokens per call of the prompt graph [64]")
+    p.add_argument("--slots", type=int, default=256, help="the KV caches' slots (sequence length) [256]")
+    p.add_argument("--minutes", type=float, default=3.0)
+    p.add_argument("--every", type=float, default=1.0, help="seconds of rest between samples [1]")
+    p.add_argument("--name", required=True, help="results go to benchmarks/results/cpu-phases-NAME.{json,md}")
+    a = p.parse_args(argv)
+    if not (Path(a.folder) / "model.onnx").is_file():
+        p.error(f"{a.folder} is not a deployment folder (no model.onnx)")
+    if a.minutes <= 0 or a.every < 0 or a.length < 4 or a.length % 4:
+        p.error("--minutes takes a positive number, --every a non-negative one, --length a multiple of 4")
+    start, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
+    try:
+        timeline = measure(a.folder, a.length, a.slots, a.minutes, a.every)
+    except OwlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    res = {
+        "name": a.name,
+        "folder": a.folder,
+        "settings": {"length": a.length, "slots": a.slots, "every": a.every, "environment": engine_env()},
+        "timeline": timeline,
+        "summary": summarise(timeline),
+        "seconds": round(time.perf_counter() - start, 1),
+        "loadavg_before": load_before,
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "hardware": hardware_info(measure_bandwidth=False),
+        "versions": versions_info(),
+    }
+    md = markdown(res)
+    write_report(RESULTS / f"cpu-phases-{a.name}", res, md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
