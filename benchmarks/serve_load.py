@@ -12,7 +12,10 @@ prompts cut from the evaluation text, then stops; ``--arrivals staggered``, the 
 requests over one c=1 request's time, ``burst`` starts them together), and measures per request the time to the
 first token and between tokens, and per level the aggregate output tokens/s. Greedy answers at every concurrency are
 compared with the concurrency-1 answers for the same prompts: a batched server must answer exactly what it answers
-alone. Writes benchmarks/results/serve-load-<name>.{json,md}.
+alone. ``--rounds N`` runs the levels N times in turn within each server and adds, per server, the median
+aggregate tok/s per level and the largest concurrency over c=1 round by round: on a machine whose speed drifts
+in phases (``benchmarks/cpu_phases.py``) one level is a draw, the median over rounds is not. Writes
+benchmarks/results/serve-load-<name>.{json,md}.
 
 llama.cpp's own server is a peer: ``--server LABEL=llama-server:PATH.gguf`` starts the C++ ``llama-server``
 (continuous batching, ``--llama-slots`` parallel slots, default the largest concurrency) built by
@@ -46,6 +49,7 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -228,16 +232,18 @@ def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) 
         levels = []
         single = None  # a c=1 request's seconds: the spacing of staggered starts
         scrape = (lambda: engine_counters(httpx.get(f"{url}/metrics").text)) if not llama else None
-        for c in args.concurrency:
+        for rnd, c in ((r, c) for r in range(args.rounds) for c in args.concurrency):
             offsets = start_offsets(c, single, args.arrivals)
             counters = scrape() if scrape else None
             levels.append(asyncio.run(level(url, label, prompts, c, args.max_tokens, extra, offsets, pid)))
             lv = levels[-1]
+            lv["round"] = rnd
             if scrape:
                 lv["engine"] = engine_share(counters, scrape(), lv["wall_seconds"], lv["output_tokens"])
-            if c == 1:
+            if c == 1 and single is None:
                 single = lv["request_seconds_p50"]
-            print(f"[serve-load] {label} c={c}: {_num(lv['aggregate_tokens_per_s'], '.1f')} tok/s aggregate, "
+            name = f"c={c}" + (f" (round {rnd + 1})" if args.rounds > 1 else "")
+            print(f"[serve-load] {label} {name}: {_num(lv['aggregate_tokens_per_s'], '.1f')} tok/s aggregate, "
                   f"TTFT p50 {_num(lv['ttft_p50'], '.3f')} s p99 {_num(lv['ttft_p99'], '.3f')} s, ITL p50 "
                   f"{_num(lv['itl_p50'], '.1f', 1e3)} ms, {len(lv['errors'])} errors ({lv['retried']} retried), "
                   f"{lv['output_tokens']} tokens{_engine_line(lv.get('engine'))}", file=sys.stderr,
@@ -255,7 +261,7 @@ def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) 
         lv["wrong_answers"] = differing(lv["texts"], base)
     return {"label": label, "engine": engine, "folder": str(folder), "ready_seconds": round(ready, 1),
             "health": health, **({"llama_server": info} if llama else info), "levels": levels,
-            "exit_status": code}  # fmt: skip
+            "rounds": rounds_summary(levels), "exit_status": code}  # fmt: skip
 
 
 def differing(texts: dict, base: dict) -> list:
@@ -277,12 +283,41 @@ def compare_to_reference(runs: list[dict], reference: str) -> None:
         run["reference"] = reference
 
 
+def rounds_summary(levels: list[dict]) -> dict | None:
+    """With several rounds (levels interleaved within one server): per concurrency the median aggregate tok/s and its
+    range, and per round the largest concurrency's tok/s over c=1's of the same round, with their median. None for
+    one round. On a machine whose speed drifts in phases, the median over rounds is the figure to compare."""
+    rounds = sorted({lv.get("round", 0) for lv in levels})
+    if len(rounds) < 2:
+        return None
+    by_c: dict[int, list[float]] = {}
+    for lv in levels:
+        if lv["aggregate_tokens_per_s"] is not None:
+            by_c.setdefault(lv["concurrency"], []).append(lv["aggregate_tokens_per_s"])
+    spread = {c: {"median": round(statistics.median(v), 1), "min": min(v), "max": max(v)} for c, v in by_c.items()}
+    out = {"rounds": len(rounds), "tokens_per_s": spread}
+    top = max(by_c)
+    ratios = []
+    for r in rounds:
+        tps = {lv["concurrency"]: lv["aggregate_tokens_per_s"] for lv in levels if lv.get("round", 0) == r}
+        if top > 1 and tps.get(1) and tps.get(top):
+            ratios.append(round(tps[top] / tps[1], 2))
+    out["ratio"] = {"concurrency": top, "per_round": ratios,
+                    "median": round(statistics.median(ratios), 2) if ratios else None}  # fmt: skip
+    return out
+
+
 def _engine_line(e: dict | None) -> str:
     if not e:
         return ""
     return (f"; engine busy {_num(e['busy_share'], '.0%')} of the wall: {e['decode_steps']} steps of "
             f"{_num(e['mean_batch'], '.1f')} rows, {_num(e['step_ms'], '.1f')} ms each, {e['prefills']} prefills of "
             f"{_num(e['prefill_ms'], '.1f')} ms")  # fmt: skip
+
+
+def _level_name(lv: dict) -> str:
+    """A level's concurrency, with its round when a run has several (``16 (r2)``)."""
+    return f"{lv['concurrency']} (r{lv['round'] + 1})" if lv.get("round") else str(lv["concurrency"])
 
 
 def _num(x: float | None, fmt: str, scale: float = 1.0) -> str:
@@ -314,12 +349,27 @@ def markdown(res: dict) -> str:
             diff = lv.get("differs_from_reference")
             tail = "" if not ref else f" {len(diff)} ({s['reference']}) |" if diff is not None else " — |"
             lines.append(
-                f"| {s['label']} ({s['engine']}) | {lv['concurrency']} | "
+                f"| {s['label']} ({s['engine']}) | {_level_name(lv)} | "
                 f"{_num(lv['aggregate_tokens_per_s'], '.1f')} | {_num(lv['per_stream_tokens_per_s'], '.1f')} | "
                 f"{_num(lv['ttft_p50'], '.3f')} / {_num(lv['ttft_p99'], '.3f')} | "
                 f"{_num(lv['itl_p50'], '.1f', 1e3)} / {_num(lv['itl_p99'], '.1f', 1e3)} | "
                 f"{len(lv['errors'])} ({lv['retried']}) | {len(lv['wrong_answers'])} |{tail}"
             )
+    summed = [s for s in res["servers"] if s.get("rounds")]
+    if summed:
+        lines += ["", "Levels interleaved within each server (`--rounds`): the median over rounds, and the largest "
+                  "concurrency over c=1 round by round (the machine's speed drifts between levels; the median is the "
+                  "figure to compare):", "",
+                  "| server | rounds | aggregate tok/s per c: median (min–max) | largest c / c=1, per round | median |",
+                  "|---|---:|---|---|---:|"]  # fmt: skip
+        for s in summed:
+            sm = s["rounds"]
+            per_c = "; ".join(f"c={c}: {v['median']:.1f} ({v['min']:.1f}–{v['max']:.1f})"
+                              for c, v in sm["tokens_per_s"].items())  # fmt: skip
+            rat = sm["ratio"]
+            lines.append(f"| {s['label']} ({s['engine']}) | {sm['rounds']} | {per_c} | "
+                         f"{', '.join(f'{x:.2f}×' for x in rat['per_round']) or '—'} | "
+                         f"{_num(rat['median'], '.2f')}{'×' if rat['median'] is not None else ''} |")  # fmt: skip
     owl = [s for s in res["servers"] if "llama_server" not in s]
     if owl:
 
@@ -344,7 +394,7 @@ def markdown(res: dict) -> str:
                 e = lv["engine"]
                 cores = f"{_num(lv.get('server_loop_cpu'), '.2f')} | {_num(lv.get('client_cpu'), '.2f')}"
                 lines.append(
-                    f"| {s['label']} | {lv['concurrency']} | {e['decode_steps']} | "
+                    f"| {s['label']} | {_level_name(lv)} | {e['decode_steps']} | "
                     f"{_num(e['mean_batch'], '.1f')} | {_num(e['step_ms'], '.1f')} | {e['prefills']} | "
                     f"{_num(e['prefill_ms'], '.1f')} | {_num(e['busy_share'], '.0%')} | "
                     f"{_num(e.get('engine_tokens_per_s'), '.1f')} | {cores} |"
@@ -374,6 +424,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--concurrency", default="1,4,16", type=arg_list())
     p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the levels this many times in turn within each server, and report medians and the per-round ratio "
+        "(for a machine whose speed drifts in phases) [1]",
+    )
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--text", default="wiki")
@@ -421,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     a.sequence_length = a.sequence_length or slot_context(a.prompt_tokens, a.max_tokens)
     if a.sequence_length < need:
         p.error(f"--sequence-length {a.sequence_length} cannot hold a prompt, its max tokens and the margin ({need})")
+    if a.rounds < 1:
+        p.error("--rounds takes a positive integer")
     if not a.concurrency or min(a.concurrency) < 1 or a.requests < 1:
         p.error("--concurrency takes positive integers (e.g. 1,4,16) and --requests a positive integer")
     if a.arrivals == "staggered" and a.concurrency[0] != 1:

@@ -544,6 +544,25 @@ def test_load_reference_counts_answers_that_differ_only_within_one_deployment():
     assert runs[0]["levels"][0]["differs_from_reference"] == [] and "differs_from_reference" not in runs[2]["levels"][0]
 
 
+def test_load_rounds_give_medians_and_the_ratio_round_by_round():
+    """``--rounds``: the levels run in turn several times within a server; per concurrency the median and range, and
+    the largest concurrency over c=1 of the same round (a machine drifting in phases moves both levels of a round)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_load
+
+    def lv(c, r, tps):
+        return {"concurrency": c, "round": r, "aggregate_tokens_per_s": tps}
+
+    levels = [lv(1, 0, 100.0), lv(16, 0, 350.0), lv(1, 1, 80.0), lv(16, 1, 300.0), lv(1, 2, 110.0), lv(16, 2, 330.0)]
+    sm = serve_load.rounds_summary(levels)
+    assert sm["rounds"] == 3 and sm["tokens_per_s"][16] == {"median": 330.0, "min": 300.0, "max": 350.0}
+    assert sm["ratio"] == {"concurrency": 16, "per_round": [3.5, 3.75, 3.0], "median": 3.5}
+    assert serve_load.rounds_summary(levels[:2]) is None  # one round: nothing to summarise
+    failed = [lv(1, 0, None), lv(16, 0, 350.0), lv(1, 1, 90.0), lv(16, 1, 270.0)]
+    assert serve_load.rounds_summary(failed)["ratio"]["per_round"] == [3.0]  # a round without its c=1 figure: left out
+    assert serve_load._level_name(lv(16, 1, 0)) == "16 (r2)" and serve_load._level_name(lv(16, 0, 0)) == "16"
+
+
 def _raw_server(behaviours: list[str]):
     """A loopback HTTP server on raw sockets whose n-th connection reads one request and then does
     ``behaviours[n]``: ``close`` (no response: a keep-alive connection the server had closed), ``ok`` (one
