@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
-from owl_deploy.bench.machine import engine_env, hardware_info, versions_info  # noqa: E402
+from owl_deploy.bench.machine import engine_env, loadavg, run_context  # noqa: E402
 from owl_deploy.cli_options import arg_list  # noqa: E402
 from owl_deploy.errors import OwlError  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not (Path(a.folder) / "model.onnx").is_file():
         p.error(f"{a.folder} is not a deployment folder (no model.onnx)")
-    start, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
+    start, load_before = time.perf_counter(), loadavg()
     try:
         times = measure(a.folder, a.slots, a.batch_sizes, a.prompt, a.steps, a.rounds, a.prefill_every, a.busy_ms)
     except OwlError as exc:
@@ -260,11 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             "environment": engine_env(),
         },
         "steps": summarise(times),
-        "seconds": round(time.perf_counter() - start, 1),
-        "loadavg_before": load_before,
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "hardware": hardware_info(measure_bandwidth=False),
-        "versions": versions_info(),
+        **run_context(start, load_before),
     }
     md = markdown(res)
     write_report(RESULTS / f"batch-step-{a.name}", res, md)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
-from owl_deploy.bench.machine import engine_env, hardware_info, versions_info  # noqa: E402
+from owl_deploy.bench.machine import engine_env, loadavg, run_context  # noqa: E402
 from owl_deploy.errors import OwlError  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{a.folder} is not a deployment folder (no model.onnx)")
     if a.minutes <= 0 or a.every < 0 or a.length < 4 or a.length % 4:
         p.error("--minutes takes a positive number, --every a non-negative one, --length a multiple of 4")
-    start, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
+    start, load_before = time.perf_counter(), loadavg()
     try:
         timeline = measure(a.folder, a.length, a.slots, a.minutes, a.every)
     except OwlError as exc:
@@ -157,11 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {"length": a.length, "slots": a.slots, "every": a.every, "environment": engine_env()},
         "timeline": timeline,
         "summary": summarise(timeline),
-        "seconds": round(time.perf_counter() - start, 1),
-        "loadavg_before": load_before,
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "hardware": hardware_info(measure_bandwidth=False),
-        "versions": versions_info(),
+        **run_context(start, load_before),
     }
     md = markdown(res)
     write_report(RESULTS / f"cpu-phases-{a.name}", res, md)

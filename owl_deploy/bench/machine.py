@@ -80,6 +80,23 @@ def hardware_info(measure_bandwidth: bool = True, deepsparse_view: bool = True) 
     return info
 
 
+def loadavg() -> list[float]:
+    """The 1/5/15-minute load averages, rounded: every record states them before and after its run."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def run_context(started: float, loadavg_before: list[float]) -> dict[str, Any]:
+    """What a benchmark script's record carries beside its numbers: the wall seconds since ``started``
+    (``time.perf_counter()``), the load average before and after, the hardware (no bandwidth probe) and the versions."""
+    return {
+        "seconds": round(time.perf_counter() - started, 1),
+        "loadavg_before": loadavg_before,
+        "loadavg_after": loadavg(),
+        "hardware": hardware_info(measure_bandwidth=False),
+        "versions": versions_info(),
+    }
+
+
 def versions_info() -> dict[str, Any]:
     """Python, owl_deploy, the engines and the libraries that shape a result, and the git commit."""
     import owl_deploy
