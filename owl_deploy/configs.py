@@ -333,7 +333,8 @@ class ServeConfig(Config):
         False,
         description="After every decode step the engine waits (20 ms at most) until the event loop has passed "
         "the step's tokens to their streams, so the HTTP work runs between steps instead of beside the next one "
-        "(on 2 cores: +4-19% tok/s at one stream, -16% to +7% at 16; docs/results.md, 'Serving').",
+        "(on a 2-core Zen 4, as medians over interleaved rounds: no difference past the noise; docs/results.md, "
+        "'Serving').",
     )
 
     @field_validator("prefill_length")
