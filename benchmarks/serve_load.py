@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owl_deploy.bench.load import ARRIVALS, engine_share, level, start_offsets  # noqa: E402
-from owl_deploy.bench.machine import engine_env, hardware_info, versions_info  # noqa: E402
+from owl_deploy.bench.machine import engine_env, loadavg, run_context  # noqa: E402
 from owl_deploy.cli_options import arg_list  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 from owl_deploy.serve.api import engine_counters  # noqa: E402
@@ -480,8 +480,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--sequence-length {a.sequence_length} cannot hold a prompt, its max tokens and the margin ({need})")
     if a.rounds < 1:
         p.error("--rounds takes a positive integer")
-    if not a.concurrency or min(a.concurrency) < 1 or a.requests < 1:
-        p.error("--concurrency takes positive integers (e.g. 1,4,16) and --requests a positive integer")
+    if a.requests < 1:  # --concurrency is checked by its type (arg_list: positive integers, at least one)
+        p.error("--requests takes a positive integer")
     if a.arrivals == "staggered" and a.concurrency[0] != 1:
         p.error("--arrivals staggered spaces clients by a c=1 request's time: --concurrency must start with 1")
     servers = []
@@ -492,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
             p.error(f"--server {item}: no GGUF file at {folder}")
         servers.append((label, engine, Path(folder).resolve() if engine == LLAMA_SERVER else Path(folder)))
     t0 = time.perf_counter()
-    before = [round(x, 2) for x in os.getloadavg()]
+    before = loadavg()
     labels = {label for label, _, _ in servers}
     for label, _ in a.serve_arg:
         if label not in labels:
@@ -516,11 +516,7 @@ def main(argv: list[str] | None = None) -> None:
         "sequence_length": a.sequence_length,
         "arrivals": a.arrivals,
         "text": a.text,
-        "loadavg_before": before,
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        "seconds": round(time.perf_counter() - t0, 1),
-        "hardware": hardware_info(measure_bandwidth=False),
-        "versions": versions_info(),
+        **run_context(t0, before),
         "argv": sys.argv[1:],
     }
     md = markdown(res)
