@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
-from owl_deploy.bench.machine import engine_env, loadavg, run_context  # noqa: E402
+from owl_deploy.bench.machine import engine_env, loadavg, run_context, two_speeds  # noqa: E402
 from owl_deploy.errors import OwlError  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 
@@ -65,24 +65,12 @@ def measure(folder: str, length: int, slots: int, minutes: float, every: float) 
 
 
 def split(values: list[float]) -> dict:
-    """``values`` in a fast and a slow phase: two means (Lloyd's iterations from the smallest and largest value), cut
-    halfway between them; one phase when the slow phase's median is within 20% of the fast one's. Also the cut, and
-    the slow phase's median over the fast one's."""
-    vals = sorted(values)
-    lo, hi = vals[0], vals[-1]
-    for _ in range(50):
-        cut = (lo + hi) / 2
-        fast, slow = [v for v in vals if v <= cut], [v for v in vals if v > cut]
-        if not slow:
-            break
-        lo, hi = statistics.fmean(fast), statistics.fmean(slow)
-    fast, slow = [v for v in vals if v <= cut], [v for v in vals if v > cut]
-    if not slow or statistics.median(slow) <= 1.2 * statistics.median(fast):
-        return {"fast": len(vals), "slow": 0, "cut_ms": None, "fast_ms": round(statistics.median(vals), 2),
-                "slow_ms": None, "slow_over_fast": None}  # fmt: skip
-    fm, sm = statistics.median(fast), statistics.median(slow)
-    return {"fast": len(fast), "slow": len(slow), "cut_ms": round(cut, 2), "fast_ms": round(fm, 2),
-            "slow_ms": round(sm, 2), "slow_over_fast": round(sm / fm, 2)}  # fmt: skip
+    """``values`` (ms) in a fast and a slow phase (``bench.machine.two_speeds``: two means, one phase unless the slow
+    median is more than 20% past the fast one), with the cut and the medians in ms."""
+    sp = two_speeds(values, 1.2)
+    rnd = lambda v: None if v is None else round(v, 2)  # noqa: E731
+    return {"fast": sp["fast"], "slow": sp["slow"], "cut_ms": rnd(sp["cut"]), "fast_ms": rnd(sp["fast_median"]),
+            "slow_ms": rnd(sp["slow_median"]), "slow_over_fast": sp["slow_over_fast"]}  # fmt: skip
 
 
 def summarise(timeline: list[dict]) -> dict:

@@ -330,6 +330,36 @@ def test_noise_verdict_thresholds():
     assert machine.noise_verdict({**quiet, "steal_mean": 0.3}, policy, cpus=2)
 
 
+def test_two_speeds_and_the_cpu_phase_check():
+    """The CPU's own phases: two groups of session-rounds, found only when the slow one spans sessions."""
+    sp = machine.two_speeds([1.0, 1.02, 1.38, 0.99, 1.41])
+    assert (sp["fast"], sp["slow"], sp["slow_over_fast"]) == (3, 2, 1.4) and sp["cut"] == pytest.approx(1.2, abs=0.01)
+    assert machine.two_speeds([1.0, 1.1, 1.15])["slow"] == 0 and machine.two_speeds([])["fast"] == 0
+    policy = machine.NoisePolicy()
+
+    def pts(rows):
+        return [{"session": k, "relative": r, "seconds": sec} for k, r, sec in rows]
+
+    both = pts([("ds", 1.0, 0.3), ("ds", 1.4, 0.3), ("ort", 1.0, 0.5), ("ort", 1.38, 0.5), ("ds", 0.98, 0.3)])
+    ph = machine.speed_phases(both, policy)
+    assert ph["two_speeds"] and ph["slow_sessions"] == ["ds", "ort"] and ph["slow_rounds"] == 2
+    one = pts([("ds", 1.0, 0.3), ("ds", 1.4, 0.3), ("ort", 1.0, 0.5), ("ort", 1.02, 0.5)])
+    assert not machine.speed_phases(one, policy)["two_speeds"]  # one engine's quirk, not the machine
+    assert machine.speed_phases(pts([("ds", 1.0, 0.3), ("ds", 1.5, 0.3)]), policy)["two_speeds"]  # the only session
+    short = pts([("ds", 1.0, 0.01), ("ds", 1.4, 0.01), ("ort", 1.0, 0.01), ("ort", 1.4, 0.01)])
+    assert machine.speed_phases(short, policy) == {"judged_rounds": 0, "slow_rounds": 0, "slow_over_fast": None,
+                                                   "slow_sessions": [], "two_speeds": False}  # fmt: skip
+    quiet = {"loadavg_before": [0.3, 0.2, 0.1], "other_cpu_before": 0.0, "other_cpu_mean": 0.0, "steal_mean": 0.0}
+    assert machine.noise_verdict({**quiet, "cpu_speed": machine.speed_phases(one, policy)}, policy, cpus=2) == []
+    (reason,) = machine.noise_verdict({**quiet, "cpu_speed": ph}, policy, cpus=2)
+    assert "two speeds: 2 of 5 session-rounds were 1.39x slower" in reason and "in 2 sessions" in reason
+    # the bench's samples as points: each round's median step over the session's usual one
+    smp = measure.Samples(rounds=[100.0, 80.0, 100.0], round_seconds=[0.32, 0.4, 0.32])
+    assert measure.phase_points({"ds/sparse": smp}) == pts(
+        [("ds/sparse", 1.0, 0.32), ("ds/sparse", 1.25, 0.4), ("ds/sparse", 1.0, 0.32)]
+    )
+
+
 def test_noisy_machine_detected_with_a_busy_loop(tmp_path_factory):
     """A busy loop beside a short benchmark: flagged, named by pid; --strict refuses before compiling.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,10 @@ class NoisePolicy:
     min_round_seconds: float = 0.25
     #: length of the idle sample taken before compiling
     before_sample_seconds: float = 1.0
+    #: the CPU ran at two speeds: its slow session-rounds this much slower than its fast ones (see speed_phases)
+    phase_ratio: float = 1.2
+    #: session-rounds whose timed steps took less than this are too short (too jittery) to judge the CPU's speed
+    min_phase_seconds: float = 0.1
 
 
 class CpuMonitor:
@@ -186,6 +191,51 @@ class CpuMonitor:
         return sorted(rows, key=lambda r: -r["cores"])[:n]
 
 
+def two_speeds(values: list[float], ratio: float = 1.2) -> dict[str, Any]:
+    """``values`` split into a fast and a slow group: two means (Lloyd's iterations from the smallest and the largest
+    value), cut halfway between them; one group (``slow`` = 0) unless the slow group's median exceeds ``ratio`` times
+    the fast one's.  Pure: the CPU's phases in ``benchmarks/cpu_phases.py`` and in the bench's noise check."""
+    vals = sorted(values)
+    if not vals:
+        return {"fast": 0, "slow": 0, "cut": None, "fast_median": None, "slow_median": None, "slow_over_fast": None}
+    lo, hi = vals[0], vals[-1]
+    cut = (lo + hi) / 2
+    for _ in range(50):
+        cut = (lo + hi) / 2
+        fast, slow = [v for v in vals if v <= cut], [v for v in vals if v > cut]
+        if not slow:
+            break
+        lo, hi = statistics.fmean(fast), statistics.fmean(slow)
+    fast, slow = [v for v in vals if v <= cut], [v for v in vals if v > cut]
+    if not slow or statistics.median(slow) <= ratio * statistics.median(fast):
+        return {"fast": len(vals), "slow": 0, "cut": None, "fast_median": statistics.median(vals),
+                "slow_median": None, "slow_over_fast": None}  # fmt: skip
+    fm, sm = statistics.median(fast), statistics.median(slow)
+    return {"fast": len(fast), "slow": len(slow), "cut": cut, "fast_median": fm, "slow_median": sm,
+            "slow_over_fast": round(sm / fm, 2)}  # fmt: skip
+
+
+def speed_phases(points: list[dict[str, Any]], policy: NoisePolicy) -> dict[str, Any]:
+    """Did the CPU itself change speed during the rounds?  ``points`` are session-rounds: ``{"session", "relative",
+    "seconds"}``, ``relative`` = that round's median step over the session's median step (1.0 = its usual speed).
+
+    Shared VMs drift between two speeds for seconds at a time (measured on an EPYC Zen 4 VM: a 64-token call 27.9 or
+    46.1 ms, every engine slowing together), which no process count can see.  One engine's quirk moves one session;
+    the machine moves all of them: two speeds count only when the slow group holds rounds of two or more sessions
+    (or of the only one).  Rounds shorter than ``policy.min_phase_seconds`` are left out (timer jitter)."""
+    judged = [p for p in points if p["seconds"] >= policy.min_phase_seconds]
+    sessions = {p["session"] for p in judged}
+    sp = two_speeds([p["relative"] for p in judged], policy.phase_ratio)
+    slow = sorted({p["session"] for p in judged if sp["cut"] is not None and p["relative"] > sp["cut"]})
+    return {
+        "judged_rounds": len(judged),
+        "slow_rounds": sp["slow"],
+        "slow_over_fast": sp["slow_over_fast"],
+        "slow_sessions": slow,
+        "two_speeds": bool(sp["slow"]) and len(slow) >= min(2, len(sessions)),
+    }
+
+
 def noise_verdict(obs: dict[str, Any], policy: NoisePolicy, cpus: int) -> list[str]:
     """Reasons the run is noisy (empty = quiet), from the observations ``run_benchmark`` records."""
     reasons = []
@@ -217,6 +267,13 @@ def noise_verdict(obs: dict[str, Any], policy: NoisePolicy, cpus: int) -> list[s
     if steal is not None and steal > policy.steal_mean:
         reasons.append(
             f"the hypervisor stole {steal:.2f} cores during the timed sessions (limit {policy.steal_mean:.2f})"
+        )
+    speed = obs.get("cpu_speed") or {}
+    if speed.get("two_speeds"):
+        reasons.append(
+            f"the CPU ran at two speeds: {speed['slow_rounds']} of {speed['judged_rounds']} session-rounds were "
+            f"{speed['slow_over_fast']}x slower than the rest, in {len(speed['slow_sessions'])} sessions at once "
+            "(the host's phases, not a process here; benchmarks/cpu_phases.py times them): medians mix both speeds"
         )
     return reasons
 

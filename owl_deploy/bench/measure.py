@@ -48,6 +48,7 @@ from owl_deploy.bench.machine import (
     hardware_info,
     noise_verdict,
     quiet_sample,
+    speed_phases,
     versions_info,
 )
 from owl_deploy.bench.sessions import BatchedSession, DecodeSession, DeploymentTarget, Target, run_key
@@ -123,6 +124,7 @@ class Samples:
 
     steps: list[float] = field(default_factory=list)  # seconds of every timed decode step
     rounds: list[float] = field(default_factory=list)  # tokens/s of each round's median step
+    round_seconds: list[float] = field(default_factory=list)  # seconds of each round's timed steps
     prefill: list[float] = field(default_factory=list)  # prefill tokens/s of each round
     ttft: dict[int, list[float]] = field(default_factory=dict)  # prompt length -> seconds, each round
     tokens: list[int] = field(default_factory=list)  # greedy tokens of the first (warm-up) round
@@ -206,6 +208,7 @@ def _interleave(
             smp.steps.extend(res.steps)
             # per round: the median step (robust to a burst, consistent with the headline median)
             smp.rounds.append(1.0 / float(np.median(res.steps)))
+            smp.round_seconds.append(float(np.sum(res.steps)))
             if res.prefill_seconds:
                 smp.prefill.append(cfg.context / res.prefill_seconds)
             for n, sec in res.ttft.items():
@@ -236,6 +239,19 @@ def _interleave(
         "top_other_during": CpuMonitor.top(procs_start or {}, monitor.process_times(), wall_timed),
     }
     return samples, obs
+
+
+def phase_points(samples: dict[str, Samples]) -> list[dict[str, Any]]:
+    """Every session-round as ``bench.machine.speed_phases`` takes it: its median step over the session's median
+    round (a slower round > 1), and how long its timed steps took."""
+    points = []
+    for key, smp in samples.items():
+        if not smp.rounds:
+            continue
+        usual = float(np.median(smp.rounds))
+        points += [{"session": key, "relative": round(usual / tps, 4), "seconds": round(sec, 4)}
+                   for tps, sec in zip(smp.rounds, smp.round_seconds, strict=True)]  # fmt: skip
+    return points
 
 
 def run_stats(
@@ -431,6 +447,7 @@ def run_benchmark(
     samples, during = _interleave(sessions, tokens, cfg, monitor, log)
     del sessions
     obs |= {"loadavg_after": [round(x, 2) for x in os.getloadavg()], **during}
+    obs["cpu_speed"] = speed_phases(phase_points(samples), policy)
     reasons = noise_verdict(obs, policy, cpus)
     noise = {"noisy": bool(reasons), "reasons": reasons, **obs, "cpus": cpus, "policy": asdict(policy)}
 

@@ -306,6 +306,19 @@ def peers_markdown(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _speed_line(noise: dict[str, Any]) -> list[str]:
+    """The CPU's own speed across the session-rounds (records before it have none)."""
+    speed = noise.get("cpu_speed")
+    if not speed:
+        return []
+    if speed["two_speeds"]:
+        return [f"- CPU speed: **two speeds** — {speed['slow_rounds']} of {speed['judged_rounds']} session-rounds "
+                f"{speed['slow_over_fast']}x slower, in {', '.join(speed['slow_sessions'])}"]  # fmt: skip
+    limit = (noise.get("policy") or {}).get("phase_ratio", 1.2)
+    return [f"- CPU speed: steady over {speed['judged_rounds']} session-rounds (no group of them {limit}x slower than "
+            "the rest)"]  # fmt: skip
+
+
 def megabytes(nbytes: float) -> str:
     return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e7 else f"{nbytes / 1e6:.3f} MB"
 
@@ -435,5 +448,6 @@ def machine_markdown(res: dict) -> list[str]:
         f"- load average before {noise['loadavg_before']}, after {noise['loadavg_after']}; other processes "
         f"{noise['other_cpu_before']:.2f} cores before, {noise['other_cpu_mean']:.2f} mean during "
         f"(per round {noise['other_cpu_rounds']}); this process {noise['own_cpu_mean']:.2f} cores",
+        *_speed_line(noise),
         "- versions: " + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v),
     ]
