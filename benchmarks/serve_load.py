@@ -14,7 +14,8 @@ first token and between tokens, and per level the aggregate output tokens/s. Gre
 compared with the concurrency-1 answers for the same prompts: a batched server must answer exactly what it answers
 alone. ``--rounds N`` runs the levels N times in turn within each server and adds, per server, the median
 aggregate tok/s per level and the largest concurrency over c=1 round by round: on a machine whose speed drifts
-in phases (``benchmarks/cpu_phases.py``) one level is a draw, the median over rounds is not. Writes
+in phases (``benchmarks/cpu_phases.py``) one level is a draw, the median over rounds is not. Each concurrency
+runs once untimed first (4-token answers), so no batch size's first use falls in a timed level. Writes
 benchmarks/results/serve-load-<name>.{json,md}.
 
 llama.cpp's own server is a peer: ``--server LABEL=llama-server:PATH.gguf`` starts the C++ ``llama-server``
@@ -227,7 +228,8 @@ def run_server(label: str, engine: str, folder: Path, args, prompts: list[str]) 
             props = httpx.get(f"{url}/props").json()
             info["props"] = {k: props.get(k) for k in ("total_slots", "model_path", "model_ftype", "build_info")}
             info["props"]["n_ctx_per_slot"] = props.get("default_generation_settings", {}).get("n_ctx")
-        asyncio.run(level(url, label, prompts[:2], 1, 4, extra))  # warm-up (not recorded)
+        for c in dict.fromkeys(args.concurrency):  # warm-up, not recorded: each concurrency's batch sizes once
+            asyncio.run(level(url, label, prompts[: max(2, c)], c, 4, extra))
         pid = None if llama else proc.pid
         levels = []
         single = None  # a c=1 request's seconds: the spacing of staggered starts
