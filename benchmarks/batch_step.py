@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 from owl_deploy.bench.machine import engine_env, loadavg, run_context  # noqa: E402
-from owl_deploy.cli_options import arg_list  # noqa: E402
+from owl_deploy.cli_options import arg_list, positive_int  # noqa: E402
 from owl_deploy.errors import OwlError  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 
@@ -223,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", type=arg_list(), default=[1, 4, 16])
     p.add_argument("--prompt", type=_fills, default=[32], help="tokens in every row's cache before the timed steps, "
                    "or LO:HI spread over the rows (several: each is a configuration)")  # fmt: skip
-    p.add_argument("--steps", type=int, default=40, help="timed steps per round, slot count and batch")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps", type=positive_int, default=40, help="timed steps per round, slot count and batch")
+    p.add_argument("--rounds", type=positive_int, default=3)
     p.add_argument(
         "--prefill-every",
         type=arg_list(least=0),

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
 
 from owl_deploy.bench.machine import engine_env, loadavg, run_context, two_speeds  # noqa: E402
+from owl_deploy.cli_options import positive_int  # noqa: E402
 from owl_deploy.errors import OwlError  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 
@@ -123,8 +124,8 @@ def markdown(res: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folder", help="a deployment folder (owl-deploy export)")
-    p.add_argument("--length", type=int, default=64, help="tokens per call of the prompt graph [64]")
-    p.add_argument("--slots", type=int, default=256, help="the KV caches' slots (sequence length) [256]")
+    p.add_argument("--length", type=positive_int, default=64, help="tokens per call of the prompt graph [64]")
+    p.add_argument("--slots", type=positive_int, default=256, help="the KV caches' slots (sequence length) [256]")
     p.add_argument("--minutes", type=float, default=3.0)
     p.add_argument("--every", type=float, default=1.0, help="seconds of rest between samples [1]")
     p.add_argument("--name", required=True, help="results go to benchmarks/results/cpu-phases-NAME.{json,md}")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from owl_deploy import memory
 from owl_deploy.bench.machine import hardware_info, versions_info
+from owl_deploy.cli_options import positive_int
 from owl_deploy.errors import OwlError
 from owl_deploy.io import write_report
 from owl_deploy.runtime import prefill_cascade
@@ -193,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="Asset name or Hugging Face folder.")
     ap.add_argument("--run", action="append", default=[], help="fp32 | int8, optionally @SIZE (a hard limit).")
     ap.add_argument("--reuse", action="append", default=[], metavar="LABEL=DIR", help="An earlier export's folder.")
-    ap.add_argument("--sequence-length", type=int, default=None, help="The export's (default: its own default).")
+    ap.add_argument(
+        "--sequence-length", type=positive_int, default=None, help="The export's (default: its own default)."
+    )
     ap.add_argument("--out", required=True, type=Path, help="Result stem (writes .json and .md).")
     ap.add_argument("--rerender", action="store_true", help="Recompute the estimates of OUT.json; run nothing.")
     args = ap.parse_args(argv)

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owl_deploy.bench.machine import hardware_info, versions_info  # noqa: E402
+from owl_deploy.cli_options import arg_list, positive_int  # noqa: E402
 from owl_deploy.configs import OwlConfig  # noqa: E402
 from owl_deploy.io import atomic_file, write_json, write_report  # noqa: E402
 
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--work", type=Path, default=None, help="work folder (default out/frontier/<model>)")
-    p.add_argument("--sparsities", default="0.5,0.6,0.7", type=lambda s: [float(x) for x in s.split(",") if x])
+    p.add_argument("--sparsities", default="0.5,0.6,0.7", type=arg_list(float, least=0))
     p.add_argument("--no-recover", dest="recover", action="store_false")
     p.add_argument(
         "--precisions",
@@ -441,11 +442,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pruned", action="append", default=[], metavar="S=DIR", help="reuse a pruned model at S")
     p.add_argument("--recovered", action="append", default=[], metavar="S=DIR", help="reuse a recovered model at S")
     p.add_argument("--deployment", action="append", default=[], metavar="NAME=ODIR", help="reuse a deployment")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows of the prune")
-    p.add_argument("--sequence-length", type=int, default=512)
-    p.add_argument("--eval-tokens", type=int, default=16384)
-    p.add_argument("--limit", type=int, default=200, help="lambada_wiki items (≈0.4 s each in ONNX Runtime)")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--nsamples", type=positive_int, default=128, help="calibration windows of the prune")
+    p.add_argument("--sequence-length", type=positive_int, default=512)
+    p.add_argument("--eval-tokens", type=positive_int, default=16384)
+    p.add_argument("--limit", type=positive_int, default=200, help="lambada_wiki items (≈0.4 s each in ONNX Runtime)")
+    p.add_argument("--rounds", type=positive_int, default=5)
     p.add_argument("--peer", action="append", default=[], metavar="ENGINE/LABEL=PATH")
     p.add_argument(
         "--peers-quality",
@@ -462,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--bench-groups",
-        type=int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="split the DeepSparse runs and peers into N interleaved runs, each with the ONNX Runtime references "
@@ -470,6 +471,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--out-stem", default=None, help="results stem [frontier-<model>]")
     a = p.parse_args(argv)
+    if not all(0 < x < 1 for x in a.sparsities):
+        p.error(f"--sparsities: each must be between 0 and 1 (exclusive), got {a.sparsities}")
     name = Path(a.model).name
     work = a.work or ROOT / "out" / "frontier" / name
     t0 = time.perf_counter()
@@ -479,8 +482,6 @@ def main(argv: list[str] | None = None) -> None:
     if bad:  # the two ONNX Runtime references are what every ratio divides by
         raise SystemExit(f"--bench-skip {bad[0]}: not a DeepSparse run of this frontier; use one of "
                          f"{', '.join(sorted(skippable))}")  # fmt: skip
-    if a.bench_groups < 1:
-        raise SystemExit(f"--bench-groups {a.bench_groups}: expected 1 or more")
     folders, allocations = build(a, work, rows)
     qual = {n: quality(a, work, n, f) for n, f in folders.items()}
     res_bench = bench(a, work, folders)

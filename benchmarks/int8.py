@@ -35,6 +35,7 @@ import sweep  # noqa: E402  (its owl-deploy runner and reuse stamps)
 
 from owl_deploy.bench import run_benchmark  # noqa: E402
 from owl_deploy.bench.report import write_results  # noqa: E402
+from owl_deploy.cli_options import positive_int  # noqa: E402
 from owl_deploy.configs import BenchConfig, EvalConfig  # noqa: E402
 from owl_deploy.contract import MODEL_ONNX  # noqa: E402
 from owl_deploy.io import atomic_file, write_json  # noqa: E402
@@ -56,14 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="smollm2-135m", help="asset name or Hugging Face folder [smollm2-135m]")
     p.add_argument("--sparse", default=None, help="pruned HF folder to use instead of pruning here")
     p.add_argument("--sparsity", type=float, default=0.7, help="OWL+Wanda target when pruning here [0.7]")
-    p.add_argument("--nsamples", type=int, default=None, help="pruning calibration windows [prune's default]")
+    p.add_argument("--nsamples", type=positive_int, default=None, help="pruning calibration windows [prune's default]")
     p.add_argument("--export-arg", action="append", default=[], help="extra option for the int8 exports")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="first N tokens of wiki for perplexity [16384]")
-    p.add_argument("--ds-eval-tokens", type=int, default=4096, help="same, scored by DeepSparse [4096]")
-    p.add_argument("--seqlen", type=int, default=512, help="perplexity window [512]")
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=32)
-    p.add_argument("--context", type=int, default=128)
+    p.add_argument(
+        "--eval-tokens", type=positive_int, default=16384, help="first N tokens of wiki for perplexity [16384]"
+    )
+    p.add_argument("--ds-eval-tokens", type=positive_int, default=4096, help="same, scored by DeepSparse [4096]")
+    p.add_argument("--seqlen", type=positive_int, default=512, help="perplexity window [512]")
+    p.add_argument("--rounds", type=positive_int, default=5)
+    p.add_argument("--steps", type=positive_int, default=32)
+    p.add_argument("--context", type=positive_int, default=128)
     p.add_argument("--no-kv-compare", action="store_true", help="skip the DeepSparse internal/external KV-cache runs")
     p.add_argument("--prompt", default="The capital of France is", help="prompt of the per-deployment compile check")
     p.add_argument("--work", type=Path, default=None, help="pruned and exported models [out/int8[-MODEL]]")

@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from owl_deploy import peers  # noqa: E402
 from owl_deploy.bench.measure import REFERENCE, run_key  # noqa: E402
+from owl_deploy.cli_options import positive_int  # noqa: E402
 from owl_deploy.errors import OwlError  # noqa: E402
 from owl_deploy.io import atomic_file, write_json  # noqa: E402
 
@@ -49,10 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peers", default=",".join(peers.DEFAULT_PEERS), help="comma list of ENGINE/VARIANT [all five]")
     p.add_argument("--work", type=Path, default=None, help="prepared peers [out/peers/<model>]")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="report folder")
-    p.add_argument("--eval-tokens", type=int, default=None, help="first N tokens of wiki [16384; quick: 2048]")
-    p.add_argument("--seqlen", type=int, default=512, help="perplexity window [512]")
+    p.add_argument("--eval-tokens", type=positive_int, default=None, help="first N tokens of wiki [16384; quick: 2048]")
+    p.add_argument("--seqlen", type=positive_int, default=512, help="perplexity window [512]")
     p.add_argument("--text", default="wiki", help="evaluation text [wiki]")
-    p.add_argument("--threads", type=int, default=None, help="cores per engine [every physical core]")
+    p.add_argument("--threads", type=positive_int, default=None, help="cores per engine [every physical core]")
     p.add_argument("--no-torch", action="store_true", help="skip the torch fp32 reference perplexity")
     p.add_argument(
         "--no-quality",
@@ -69,9 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="our runs to time, e.g. ds/sparse,ds/dense-int8,ort/dense [every deployment in ORT + DeepSparse on "
         "--sparse]; dense ORT, the reference, is always timed",
     )
-    p.add_argument("--context", type=int, default=None, help="cached tokens before timing [128; quick: 16]")
-    p.add_argument("--steps", type=int, default=None, help="decode steps per round [32; quick: 4]")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds [5; quick: 1]")
+    p.add_argument("--context", type=positive_int, default=None, help="cached tokens before timing [128; quick: 16]")
+    p.add_argument("--steps", type=positive_int, default=None, help="decode steps per round [32; quick: 4]")
+    p.add_argument("--rounds", type=positive_int, default=None, help="timed rounds [5; quick: 1]")
     p.add_argument("--strict", action="store_true", help="benchmark: exit 4 without writing when the machine is noisy")
     p.add_argument("--quick", action="store_true", help="smoke run: 2048 eval tokens; benchmark of a few steps")
     a = p.parse_args(argv)

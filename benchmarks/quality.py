@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from owl_deploy.bench.machine import hardware_info
 from owl_deploy.calibrate import resolve_dtype
+from owl_deploy.cli_options import positive_int
 from owl_deploy.configs import (
     ALLOCATIONS,
     COMPUTE_DTYPES,
@@ -241,10 +242,10 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--eval-text", default=DEFAULT_EVAL)
     p.add_argument("--calib", default=DEFAULT_CALIB)
-    p.add_argument("--eval-tokens", type=int, default=16384, help="first N tokens of the evaluation text")
-    p.add_argument("--seqlen", type=int, default=512, help="evaluation window")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--calib-seqlen", type=int, default=512)
+    p.add_argument("--eval-tokens", type=positive_int, default=16384, help="first N tokens of the evaluation text")
+    p.add_argument("--seqlen", type=positive_int, default=512, help="evaluation window")
+    p.add_argument("--nsamples", type=positive_int, default=128)
+    p.add_argument("--calib-seqlen", type=positive_int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--compute-dtype",
@@ -284,7 +285,7 @@ def main() -> None:
         default=None,
         help="sparsities the tuned OWL is re-scored at for Wanda and SparseGPT [those ≥ --tune-sparsity]",
     )
-    p.add_argument("--tune-tokens", type=int, default=8192, help="held-out calibration tokens for tuning")
+    p.add_argument("--tune-tokens", type=positive_int, default=8192, help="held-out calibration tokens for tuning")
     p.add_argument(
         "--default-methods",
         type=_names(METHODS, empty=True),
@@ -295,14 +296,16 @@ def main() -> None:
     default_tune = TuneConfig()
     p.add_argument("--default-grid-m", type=_floats, default=default_tune.m, help="the tune stage's M grid")
     p.add_argument("--default-grid-lambda", type=_floats, default=default_tune.lambda_, help="its λ grid")
-    p.add_argument("--default-tune-tokens", type=int, default=default_tune.heldout_tokens)
-    p.add_argument("--default-tune-nsamples", type=int, default=default_tune.nsamples)
+    p.add_argument("--default-tune-tokens", type=positive_int, default=default_tune.heldout_tokens)
+    p.add_argument("--default-tune-nsamples", type=positive_int, default=default_tune.nsamples)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny calibration/eval, one sparsity, no tuning")
     p.add_argument("--out-stem", default=None, help="file stem under benchmarks/results (default quality-<model>)")
     p.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the recorded JSON, no run")
     p.add_argument("--serial", action="store_true", help="run every configuration in this process (no Ray)")
     p.add_argument("--ray-address", default=None, help="a Ray cluster (ADDR:PORT); default: an embedded local Ray")
-    p.add_argument("--ray-workers", type=int, default=None, help="Ray workers (default: the cluster's CPUs / threads)")
+    p.add_argument(
+        "--ray-workers", type=positive_int, default=None, help="Ray workers (default: the cluster's CPUs / threads)"
+    )
     args = p.parse_args()
     if args.render_only:
         stem = args.out_stem or f"quality-{args.model}"

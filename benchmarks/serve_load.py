@@ -62,7 +62,7 @@ sys.path.insert(0, str(ROOT))
 
 from owl_deploy.bench.load import ARRIVALS, engine_share, level, start_offsets  # noqa: E402
 from owl_deploy.bench.machine import engine_env, loadavg, run_context  # noqa: E402
-from owl_deploy.cli_options import arg_list  # noqa: E402
+from owl_deploy.cli_options import arg_list, positive_int  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 from owl_deploy.serve.api import engine_counters  # noqa: E402
 
@@ -425,16 +425,16 @@ def main(argv: list[str] | None = None) -> None:
         help="ENGINE deepsparse/onnxruntime (owl-deploy serve), or llama-server:PATH.gguf",
     )
     p.add_argument("--concurrency", default="1,4,16", type=arg_list())
-    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    p.add_argument("--requests", type=positive_int, default=32, help="requests per concurrency level")
     p.add_argument(
         "--rounds",
-        type=int,
+        type=positive_int,
         default=1,
         help="run the levels this many times in turn within each server, and report medians and the per-round ratio "
         "(for a machine whose speed drifts in phases) [1]",
     )
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=positive_int, default=128)
+    p.add_argument("--max-tokens", type=positive_int, default=64)
     p.add_argument("--text", default="wiki")
     p.add_argument(
         "--arrivals",
@@ -444,14 +444,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument(
         "--sequence-length",
-        type=int,
+        type=positive_int,
         default=None,
         help="context per sequence of every server [prompt + max tokens + 16, rounded up to 256]",
     )
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=positive_int, default=None)
     p.add_argument("--name", default="smollm2-135m")
     p.add_argument("--tokenizer", default=None, help="HF folder whose tokenizer cuts the prompts [see above]")
-    p.add_argument("--llama-slots", type=int, default=None, help="llama-server -np [the largest concurrency]")
+    p.add_argument("--llama-slots", type=positive_int, default=None, help="llama-server -np [the largest concurrency]")
     p.add_argument("--llama-server-bin", default=None, help="[what benchmarks/build_llama_server.sh installs]")
     p.add_argument(
         "--serve-arg",
@@ -480,10 +480,6 @@ def main(argv: list[str] | None = None) -> None:
     a.sequence_length = a.sequence_length or slot_context(a.prompt_tokens, a.max_tokens)
     if a.sequence_length < need:
         p.error(f"--sequence-length {a.sequence_length} cannot hold a prompt, its max tokens and the margin ({need})")
-    if a.rounds < 1:
-        p.error("--rounds takes a positive integer")
-    if a.requests < 1:  # --concurrency is checked by its type (arg_list: positive integers, at least one)
-        p.error("--requests takes a positive integer")
     if a.arrivals == "staggered" and a.concurrency[0] != 1:
         p.error("--arrivals staggered spaces clients by a c=1 request's time: --concurrency must start with 1")
     servers = []

@@ -45,6 +45,7 @@ from owl_deploy.bench import EXIT_NOISY, NoisyMachine, run_benchmark  # noqa: E4
 from owl_deploy.bench.measure import REFERENCE, run_key  # noqa: E402
 from owl_deploy.bench.report import machine_markdown, megabytes  # noqa: E402
 from owl_deploy.bench.weights import load_model_info  # noqa: E402
+from owl_deploy.cli_options import positive_int  # noqa: E402
 from owl_deploy.configs import BenchConfig  # noqa: E402
 from owl_deploy.contract import MODEL_ONNX  # noqa: E402
 from owl_deploy.errors import OwlError  # noqa: E402
@@ -62,33 +63,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sparsities", default=DEFAULT_SPARSITIES, help=f"percent, comma list [{DEFAULT_SPARSITIES}]")
     p.add_argument("--method", default="wanda", help="pruning method [wanda]")
     p.add_argument("--allocation", default="owl", help="layerwise allocation [owl]")
-    p.add_argument("--nsamples", type=int, default=None, help="calibration windows [prune's default; quick: 8]")
-    p.add_argument("--seqlen", type=int, default=None, help="calibration window length [prune's default; quick: 128]")
+    p.add_argument(
+        "--nsamples", type=positive_int, default=None, help="calibration windows [prune's default; quick: 8]"
+    )
+    p.add_argument(
+        "--seqlen", type=positive_int, default=None, help="calibration window length [prune's default; quick: 128]"
+    )
     p.add_argument("--prune-arg", action="append", default=[], help="extra option for `owl-deploy prune` (repeatable)")
     p.add_argument(
         "--export-arg", action="append", default=[], help="extra option for `owl-deploy export` (repeatable)"
     )
     p.add_argument("--work", type=Path, default=ROOT / "out" / "sweep", help="pruned and exported models [out/sweep]")
     p.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="report folder")
-    p.add_argument("--context", type=int, default=None, help="cached tokens [128; quick: 32]")
-    p.add_argument("--steps", type=int, default=None, help="decode steps per round [32; quick: 8]")
-    p.add_argument("--rounds", type=int, default=None, help="timed rounds [5; quick: 2]")
-    p.add_argument("--threads", type=int, default=None, help="cores per engine [all]")
+    p.add_argument("--context", type=positive_int, default=None, help="cached tokens [128; quick: 32]")
+    p.add_argument("--steps", type=positive_int, default=None, help="decode steps per round [32; quick: 8]")
+    p.add_argument("--rounds", type=positive_int, default=None, help="timed rounds [5; quick: 2]")
+    p.add_argument("--threads", type=positive_int, default=None, help="cores per engine [all]")
     p.add_argument("--kv-cache", choices=["internal", "external"], default=None, help="DeepSparse KV cache [internal]")
-    p.add_argument("--breakdown-iterations", type=int, default=None, help="per-layer timing iterations [50; quick: 5]")
+    p.add_argument(
+        "--breakdown-iterations", type=positive_int, default=None, help="per-layer timing iterations [50; quick: 5]"
+    )
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-layer time breakdown")
     p.add_argument("--strict", action="store_true", help="exit 4 without writing when the machine is noisy")
     p.add_argument("--prepare-only", action="store_true", help="prune and export every point, time nothing")
     p.add_argument("--ray", action="store_true", help="prepare the points as jobs on an embedded local Ray")
     p.add_argument("--ray-address", default=None, help="prepare them on a Ray cluster (ADDR:PORT; shared --work)")
-    p.add_argument("--ray-workers", type=int, default=None, help="Ray workers [the cluster's CPUs]")
+    p.add_argument("--ray-workers", type=positive_int, default=None, help="Ray workers [the cluster's CPUs]")
     p.add_argument("--quick", action="store_true", help="0 and 70 %%, small calibration, short timing (smoke)")
     a = p.parse_args(argv)
     q = a.quick
     if q and a.sparsities == DEFAULT_SPARSITIES:
         a.sparsities = "0,70"
-    if a.ray_workers is not None and a.ray_workers < 1:
-        p.error(f"--ray-workers must be >= 1, got {a.ray_workers}")
     a.nsamples = a.nsamples or (8 if q else None)
     a.seqlen = a.seqlen or (128 if q else None)
     a.context = a.context or (32 if q else 128)

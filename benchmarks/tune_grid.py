@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owl_deploy.bench.machine import hardware_info, versions_info  # noqa: E402
+from owl_deploy.cli_options import positive_int  # noqa: E402
 from owl_deploy.configs import DEFAULT_CALIB, OwlConfig, PruneConfig, TuneConfig, build  # noqa: E402
 from owl_deploy.data import calibration_windows, heldout_tokens  # noqa: E402
 from owl_deploy.io import atomic_file, write_json  # noqa: E402
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--grid-m", type=_floats, default=[2.0, 3.0, 5.0, 8.0, 12.0])
     p.add_argument("--grid-lambda", type=_floats, default=[0.02, 0.04, 0.08, 0.15, 0.25, 0.35])
     p.add_argument("--calib", default=DEFAULT_CALIB)
-    p.add_argument("--nsamples", type=int, default=16, help="calibration windows of the dense statistics")
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--heldout-tokens", type=int, default=8192)
+    p.add_argument("--nsamples", type=positive_int, default=16, help="calibration windows of the dense statistics")
+    p.add_argument("--seqlen", type=positive_int, default=512)
+    p.add_argument("--heldout-tokens", type=positive_int, default=8192)
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     model, tok = load_model(a.model)

@@ -44,6 +44,17 @@ def arg_list(cast: type = int, least: float | None = 1) -> Callable[[str], list]
     return parse
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts (rounds, tokens, windows): an integer ≥ 1, or argparse's one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 1, got {text!r}")
+    return value
+
+
 def _ints(text: str) -> list[int]:
     """``"1,4,16"`` -> [1, 4, 16]."""
     return number_list(text)

@@ -360,3 +360,10 @@ def test_comma_lists_of_the_scripts_parse_check_and_fail_in_one_line():
     p = argparse.ArgumentParser()
     p.add_argument("--concurrency", type=arg_list(), default="1,4,16")
     assert p.parse_args([]).concurrency == [1, 4, 16]
+    # counts (rounds, steps, tokens): positive_int, argparse's one-line error for anything else
+    from owl_deploy.cli_options import positive_int
+
+    assert positive_int("3") == 3
+    for bad in ("0", "-2", "1.5", "x", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"expected an integer ≥ 1, got '{bad}'"):
+            positive_int(bad)

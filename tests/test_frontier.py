@@ -126,11 +126,21 @@ def test_bench_groups_split_the_runs_and_keep_every_ratio_within_its_own_run():
     assert frontier.versus_dense_int8(list(pts.values())).startswith("pruned-40-int8 beats dense int8")
 
 
-def test_bench_groups_refuses_zero(capsys):
+def test_bad_numbers_are_refused_before_any_work(capsys):
+    """Counts and sparsities are checked when parsed: argparse's usage and one error line, exit 2, before any work."""
     import pytest
 
-    with pytest.raises(SystemExit, match="--bench-groups 0: expected 1 or more"):
-        frontier.main(["--sparsities", "0.5", "--bench-groups", "0"])
+    for argv, want in (
+        (["--bench-groups", "0"], "argument --bench-groups: expected an integer ≥ 1, got '0'"),
+        (["--rounds", "-1"], "argument --rounds: expected an integer ≥ 1, got '-1'"),
+        (["--limit", "abc"], "argument --limit: expected an integer ≥ 1, got 'abc'"),
+        (["--sparsities", "0.5,x"], "argument --sparsities: expected comma-separated numbers, got '0.5,x'"),
+        (["--sparsities", "0.5,1.5"], "--sparsities: each must be between 0 and 1 (exclusive), got [0.5, 1.5]"),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            frontier.main(["--work", "/nonexistent/never", *argv])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.strip().splitlines()[-1].endswith("error: " + want), err
 
 
 def test_the_table_says_how_many_layers_deepsparse_runs_sparse(tmp_path):
