@@ -314,7 +314,8 @@ def _engine_line(e: dict | None) -> str:
         return ""
     return (f"; engine busy {_num(e['busy_share'], '.0%')} of the wall: {e['decode_steps']} steps of "
             f"{_num(e['mean_batch'], '.1f')} rows, {_num(e['step_ms'], '.1f')} ms each, {e['prefills']} prefills of "
-            f"{_num(e['prefill_ms'], '.1f')} ms")  # fmt: skip
+            f"{_num(e['prefill_ms'], '.1f')} ms ({_num(e.get('prefill_tokens_per_s'), '.0f')} prompt "
+            "tok/s)")  # fmt: skip
 
 
 def _level_name(lv: dict) -> str:

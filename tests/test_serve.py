@@ -301,7 +301,8 @@ def test_bad_requests_are_400_openai_errors_and_the_server_keeps_serving(server,
 
 
 def test_metrics_count_requests_and_time_tokens(server):
-    _completion(server, "metrics", max_tokens=4)
+    before = engine_counters(httpx.get(f"{server}/metrics").text)
+    usage = _completion(server, "metrics", max_tokens=4).json()["usage"]
     text = httpx.get(f"{server}/metrics").text
     assert 'owl_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "owl_time_to_first_token_seconds_bucket" in text and "owl_inter_token_latency_seconds_count" in text
@@ -309,6 +310,7 @@ def test_metrics_count_requests_and_time_tokens(server):
     # the engine's own time: one prefill, and the 3 decode steps after its first token (serve_load.py's busy share)
     counts = engine_counters(text)
     assert counts["prefills"] >= 1 and counts["decode_steps"] >= 3 and counts["prefill_seconds"] > 0, counts
+    assert counts["prefill_tokens"] - before["prefill_tokens"] == usage["prompt_tokens"] > 0  # the prompt, prefilled
 
 
 def test_step_sync_returns_once_the_event_loop_has_run_what_the_step_reported():
@@ -498,6 +500,7 @@ def test_load_client_staggers_starts_and_every_answer_matches_c1(server):
     assert share["prefills"] == 6 and 6 * 7 / 3 <= share["decode_steps"] <= 6 * 7, share
     assert share["mean_batch"] == pytest.approx(6 * 7 / share["decode_steps"]) and 0 < share["busy_share"] < 1
     assert share["engine_tokens_per_s"] > three["aggregate_tokens_per_s"]  # the engine is part of the wall
+    assert share["prefill_tokens_per_s"] > 0 and "prompt tok/s)" in serve_load._engine_line(share)
     assert three["client_cpu"] > 0 and three["server_loop_cpu"] is None  # no server pid given
     assert not one["errors"] and not three["errors"] and three["start_offsets"] == [round(x, 3) for x in offsets]
     assert three["texts"] == one["texts"] and all(t is not None for t in one["texts"].values())

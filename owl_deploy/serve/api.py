@@ -97,6 +97,7 @@ class Metrics:
         self.step_seconds = Histogram("owl_decode_step_seconds", "One batched decode step", buckets=buckets, registry=r)
         # with the steps' sum, how much of a load test's wall time the engine thread computed (serve_load.py)
         self.prefill_seconds = Histogram("owl_prefill_seconds", "One prompt's prefill", buckets=buckets, registry=r)
+        self.prefill_tokens = Counter("owl_prefill_tokens", "Prompt tokens the engine prefilled", registry=r)
 
     def on_step(self, active: int, waiting: int, seconds: float) -> None:
         self.active.set(active)
@@ -105,16 +106,19 @@ class Metrics:
 
     def on_prefill(self, tokens: int, seconds: float) -> None:
         self.prefill_seconds.observe(seconds)
+        self.prefill_tokens.inc(tokens)
 
 
 def engine_counters(exposition: str) -> dict[str, float]:
-    """The engine thread's totals in a /metrics text: decode steps and prefills, their seconds, tokens generated.
+    """The engine thread's totals in a /metrics text: decode steps and prefills, their seconds, the tokens prefilled
+    and generated.
     Two scrapes around a load test give how busy the engine was (the rest of the wall time is HTTP, the event
     loop and the client)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     names = {"owl_decode_step_seconds_count": "decode_steps", "owl_decode_step_seconds_sum": "decode_seconds",
              "owl_prefill_seconds_count": "prefills", "owl_prefill_seconds_sum": "prefill_seconds",
+             "owl_prefill_tokens_total": "prefill_tokens",
              "owl_generated_tokens_total": "generated_tokens"}  # fmt: skip
     out = dict.fromkeys(names.values(), 0.0)
     for family in text_string_to_metric_families(exposition):
