@@ -32,7 +32,8 @@ The package, one job per module (imports point down this list):
     agreement  {model: same_greedy_tokens, first_step_max_abs_logit_diff}   (both engines on one model)
     peer_agreement  {peer: versus, same_greedy_tokens, first_step_max_abs_logit_diff}   (against the reference)
     noise      noisy, reasons, loadavg_before/after, other_cpu_before, other_cpu_mean, other_cpu_rounds,
-               steal_mean, own_cpu_mean, top_other_before/during, policy
+               steal_mean, own_cpu_mean, top_other_before/during, policy, cpu_speed {judged_rounds,
+               slow_rounds, slow_over_fast, slow_sessions, two_speeds}   (the CPU's own phases)
     hardware   cpu_model, flags {avx2, avx512f, avx512_vnni, avx_vnni, ...}, physical_cores, memory_gb,
                memory_read_gb_per_s {1_thread, all_cores}, deepsparse_isa, deepsparse_vnni
     versions   python, owl_deploy, deepsparse, onnxruntime, onnx, numpy, torch, git_commit
