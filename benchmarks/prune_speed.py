@@ -231,10 +231,12 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
+    from owl_deploy.cli_options import positive_int  # no torch: bad arguments fail before the slow imports
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--nsamples", type=positive_int, default=128)
+    p.add_argument("--seqlen", type=positive_int, default=512)
     p.add_argument("--sparsity", type=float, default=0.7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--owl-nsamples", default="8", help="windows of the dense OWL pass, or 'all' (default 8)")
@@ -243,7 +245,9 @@ def main() -> None:
     p.add_argument("--compute-dtypes", default="float32", help="comma-separated: float32, bfloat16 (each config)")
     p.add_argument("--eval-tokens", type=int, default=0, help="score each pruned model on wiki's first N tokens")
     p.add_argument("--stem-suffix", default="", help="appended to the result's file stem (e.g. -epyc)")
-    p.add_argument("--repeats", type=int, default=1, help="runs of every config (interleaved); median and range")
+    p.add_argument(
+        "--repeats", type=positive_int, default=1, help="runs of every config (interleaved); median and range"
+    )
     p.add_argument(
         "--token-cache",
         choices=("warm", "cold"),
@@ -260,8 +264,6 @@ def main() -> None:
         args.render.with_suffix(".md").write_text(markdown(result))
         print(markdown(result))
         return
-    if args.repeats < 1:
-        raise SystemExit(f"--repeats must be >= 1 (got {args.repeats})")
     dtypes = [d.strip() for d in args.compute_dtypes.split(",") if d.strip()]
     if not dtypes or set(dtypes) - {"float32", "bfloat16"}:
         raise SystemExit(f"--compute-dtypes: choose from float32, bfloat16 (got {args.compute_dtypes!r})")
