@@ -298,11 +298,11 @@ def rounds_summary(levels: list[dict]) -> dict | None:
             by_c.setdefault(lv["concurrency"], []).append(lv["aggregate_tokens_per_s"])
     spread = {c: {"median": round(statistics.median(v), 1), "min": min(v), "max": max(v)} for c, v in by_c.items()}
     out = {"rounds": len(rounds), "tokens_per_s": spread}
-    top = max(by_c)
+    top = max(by_c, default=None)  # None: every level failed, which the record must still hold
     ratios = []
     for r in rounds:
         tps = {lv["concurrency"]: lv["aggregate_tokens_per_s"] for lv in levels if lv.get("round", 0) == r}
-        if top > 1 and tps.get(1) and tps.get(top):
+        if top is not None and top > 1 and tps.get(1) and tps.get(top):
             ratios.append(round(tps[top] / tps[1], 2))
     out["ratio"] = {"concurrency": top, "per_round": ratios,
                     "median": round(statistics.median(ratios), 2) if ratios else None}  # fmt: skip

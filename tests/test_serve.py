@@ -563,6 +563,9 @@ def test_load_rounds_give_medians_and_the_ratio_round_by_round():
     assert serve_load.rounds_summary(levels[:2]) is None  # one round: nothing to summarise
     failed = [lv(1, 0, None), lv(16, 0, 350.0), lv(1, 1, 90.0), lv(16, 1, 270.0)]
     assert serve_load.rounds_summary(failed)["ratio"]["per_round"] == [3.0]  # a round without its c=1 figure: left out
+    # every level failed (a server that answered nothing): the record still gets written
+    dead = serve_load.rounds_summary([lv(1, 0, None), lv(16, 0, None), lv(1, 1, None), lv(16, 1, None)])
+    assert dead == {"rounds": 2, "tokens_per_s": {}, "ratio": {"concurrency": None, "per_round": [], "median": None}}
     assert serve_load._level_name(lv(16, 1, 0)) == "16 (r2)" and serve_load._level_name(lv(16, 0, 0)) == "16"
 
 
