@@ -776,3 +776,15 @@ def test_cli_prints_the_table_without_out_and_refuses_bad_formats(exported, tmp_
     assert res.exit_code == 1 and "exclusive" in res.output
     res = CliRunner().invoke(main, [*args, "--baseline", str(tmp_path / "x.json")])
     assert res.exit_code == 1 and "--baseline" in res.output  # no file read: the gate needs --dense first
+
+
+def test_report_explains_int8_greedy_tokens_parting_between_engines():
+    """A bare "DIFFER" on an int8 graph reads like a broken export; the report says why and how to compare."""
+    res = _full_synthetic({"deepsparse/sparse": 2.0})
+    res["agreement"] = {"sparse": {"same_greedy_tokens": False, "first_step_max_abs_logit_diff": 1.5}}
+    assert "rounds int8 differently" not in report.render_markdown(res)  # fp32: no excuse offered
+    res["models"]["sparse"]["export"] = {"quantize": "int8"}
+    md = report.render_markdown(res)
+    assert "sparse: greedy tokens DIFFER" in md and "rounds int8 differently" in md
+    res["agreement"]["sparse"]["same_greedy_tokens"] = True
+    assert "rounds int8 differently" not in report.render_markdown(res)

@@ -117,6 +117,12 @@ def render_markdown(res: dict[str, Any]) -> str:
                 for k, v in res["agreement"].items()
             ),
         ]
+        if any(not v["same_greedy_tokens"] and _is_int8(res["models"].get(k)) for k, v in res["agreement"].items()):
+            lines.append(
+                "(int8 graphs: DeepSparse rounds int8 differently from ONNX Runtime, so greedy tokens part after a "
+                "while at equal quality; compare `owl-deploy eval --engine deepsparse` with `--engine onnxruntime` "
+                "on the same folder.)"
+            )
     lines += peers_markdown(res)
     lines += machine_markdown(res)
     g = res.get("gate")
@@ -194,6 +200,11 @@ def _throughput_markdown(res: dict[str, Any]) -> list[str]:
                 f"{_spread(v['aggregate_tokens_per_s'])} | {_spread(v['step_ms'], '.2f')} | {mark} |"
             )
     return out
+
+
+def _is_int8(model: dict[str, Any] | None) -> bool:
+    """A benchmarked deployment exported with ``--quantize int8`` (its export report says so)."""
+    return bool(model) and (model.get("export") or {}).get("quantize") == "int8"
 
 
 def table_rows(res: dict[str, Any]) -> list[dict[str, Any]]:
