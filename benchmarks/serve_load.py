@@ -14,7 +14,8 @@ first token and between tokens, and per level the aggregate output tokens/s. Gre
 compared with the concurrency-1 answers for the same prompts: a batched server must answer exactly what it answers
 alone. ``--rounds N`` runs the levels N times in turn within each server and adds, per server, the median
 aggregate tok/s per level and the largest concurrency over c=1 round by round: on a machine whose speed drifts
-in phases (``benchmarks/cpu_phases.py``) one level is a draw, the median over rounds is not. Each concurrency
+in phases (``benchmarks/cpu_phases.py``) one level is a draw, the median over rounds is not; and it says whether the
+CPU itself ran at two speeds across the levels (``bench.machine.speed_phases``, the bench's check). Each concurrency
 runs once untimed first (4-token answers), so no batch size's first use falls in a timed level. Writes
 benchmarks/results/serve-load-<name>.{json,md}.
 
@@ -61,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from owl_deploy.bench.load import ARRIVALS, engine_share, level, start_offsets  # noqa: E402
-from owl_deploy.bench.machine import engine_env, loadavg, run_context  # noqa: E402
+from owl_deploy.bench.machine import NoisePolicy, engine_env, loadavg, run_context, speed_phases  # noqa: E402
 from owl_deploy.cli_options import arg_list, positive_int  # noqa: E402
 from owl_deploy.io import write_report  # noqa: E402
 from owl_deploy.serve.api import engine_counters  # noqa: E402
@@ -309,6 +310,38 @@ def rounds_summary(levels: list[dict]) -> dict | None:
     return out
 
 
+def level_points(runs: list[dict]) -> list[dict]:
+    """Every timed level as ``bench.machine.speed_phases`` takes a session-round: the session is one server's
+    concurrency, ``relative`` its median aggregate tok/s over rounds divided by this level's (a slower level > 1).
+    Concurrencies that ran once (or failed) are left out: there is no usual speed to compare with."""
+    points = []
+    for run in runs:
+        by_c: dict[int, list[float]] = {}
+        for lv in run["levels"]:
+            if lv["aggregate_tokens_per_s"]:
+                by_c.setdefault(lv["concurrency"], []).append(lv["aggregate_tokens_per_s"])
+        for lv in run["levels"]:
+            tps, seen = lv["aggregate_tokens_per_s"], by_c.get(lv["concurrency"], [])
+            if tps and len(seen) >= 2:
+                points.append({"session": f"{run['label']} c={lv['concurrency']}",
+                               "relative": round(statistics.median(seen) / tps, 4),
+                               "seconds": lv["wall_seconds"]})  # fmt: skip
+    return points
+
+
+def _speed_line(speed: dict | None) -> list[str]:
+    """The CPU's own speed across the levels (``--rounds`` ≥ 2; one round has nothing to compare)."""
+    if not speed:
+        return []
+    if speed["two_speeds"]:
+        where = ", ".join(speed["slow_sessions"])
+        return ["", f"CPU speed: **two speeds** — {speed['slow_rounds']} of {speed['judged_rounds']} levels "
+                f"{speed['slow_over_fast']}x slower than their concurrency's usual, in {where} (the host's phases: "
+                "each median above mixes both speeds; `benchmarks/cpu_phases.py` times them)."]  # fmt: skip
+    return ["", f"CPU speed: steady over {speed['judged_rounds']} levels (no group of them "
+            f"{NoisePolicy().phase_ratio}x slower than their concurrency's usual)."]  # fmt: skip
+
+
 def _engine_line(e: dict | None) -> str:
     if not e:
         return ""
@@ -373,6 +406,7 @@ def markdown(res: dict) -> str:
             lines.append(f"| {s['label']} ({s['engine']}) | {sm['rounds']} | {per_c} | "
                          f"{', '.join(f'{x:.2f}×' for x in rat['per_round']) or '—'} | "
                          f"{_num(rat['median'], '.2f')}{'×' if rat['median'] is not None else ''} |")  # fmt: skip
+        lines += _speed_line(res.get("cpu_speed"))
     owl = [s for s in res["servers"] if "llama_server" not in s]
     if owl:
 
@@ -506,6 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = [run_server(label, engine, folder, a, prompts) for label, engine, folder in servers]
     for ref in a.reference:
         compare_to_reference(runs, ref)
+    speed = speed_phases(level_points(runs), NoisePolicy()) if a.rounds > 1 else None
     res = {
         "name": a.name,
         "servers": runs,
@@ -515,6 +550,7 @@ def main(argv: list[str] | None = None) -> None:
         "sequence_length": a.sequence_length,
         "arrivals": a.arrivals,
         "text": a.text,
+        "cpu_speed": speed,
         **run_context(t0, before),
         "argv": sys.argv[1:],
     }

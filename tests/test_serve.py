@@ -569,6 +569,43 @@ def test_load_rounds_give_medians_and_the_ratio_round_by_round():
     assert serve_load._level_name(lv(16, 1, 0)) == "16 (r2)" and serve_load._level_name(lv(16, 0, 0)) == "16"
 
 
+def test_load_rounds_see_the_cpus_speed_phases():
+    """A VM phase slows every level it covers, whatever its server or concurrency: with ``--rounds`` the levels
+    slower than their concurrency's usual, in two or more sessions (server × concurrency), are reported as two
+    speeds; one slow level, one server's quirk, or a concurrency that ran once is not."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_load
+
+    from owl_deploy.bench.machine import NoisePolicy, speed_phases
+
+    def run(label, tps_by_round, once=None):
+        levels = [{"concurrency": c, "round": r, "aggregate_tokens_per_s": t, "wall_seconds": 2.0}
+                  for r, row in enumerate(tps_by_round) for c, t in zip((1, 16), row, strict=True)]  # fmt: skip
+        if once:
+            levels.append({"concurrency": 4, "round": 0, "aggregate_tokens_per_s": once, "wall_seconds": 2.0})
+        return {"label": label, "levels": levels}
+
+    steady = [run("ds", [(100, 330), (98, 335), (101, 328)], once=200), run("ort", [(50, 160), (51, 158), (49, 161)])]
+    points = serve_load.level_points(steady)
+    assert len(points) == 12 and {p["session"] for p in points} == {"ds c=1", "ds c=16", "ort c=1", "ort c=16"}
+    assert not speed_phases(points, NoisePolicy())["two_speeds"]
+    slow = [run("ds", [(100, 330), (75, 250), (101, 328)]), run("ort", [(50, 160), (51, 158), (38, 120)])]
+    sp = speed_phases(serve_load.level_points(slow), NoisePolicy())
+    assert (
+        sp["two_speeds"]
+        and sp["slow_rounds"] == 4
+        and sp["slow_sessions"] == ["ds c=1", "ds c=16", "ort c=1", "ort c=16"]
+    )
+    md = "".join(serve_load._speed_line(sp))
+    assert "**two speeds** — 4 of 12 levels 1.3" in md and "ds c=16" in md
+    assert "steady over 12 levels" in "".join(serve_load._speed_line(speed_phases(points, NoisePolicy())))
+    assert serve_load._speed_line(None) == []  # one round: nothing judged
+    quirk = [run("ds", [(100, 330), (75, 328), (101, 331)]), run("ort", [(50, 160), (51, 158), (49, 161)])]
+    assert not speed_phases(serve_load.level_points(quirk), NoisePolicy())["two_speeds"]  # one slow session only
+    failed = [run("ds", [(None, 330), (98, None)])]
+    assert serve_load.level_points(failed) == []  # each concurrency has one figure left: no usual speed
+
+
 def _raw_server(behaviours: list[str]):
     """A loopback HTTP server on raw sockets whose n-th connection reads one request and then does
     ``behaviours[n]``: ``close`` (no response: a keep-alive connection the server had closed), ``ok`` (one
