@@ -329,6 +329,13 @@ class ServeConfig(Config):
     sequence_length: int | None = Field(None, ge=2, description="Override the exported context length.")
     model_name: str | None = Field(None, description="Model id in the API (default: the folder's name).")
     drain_seconds: float = Field(60.0, ge=0, description="On SIGTERM, time given to in-flight requests.")
+    prefills_per_step: int | None = Field(
+        None,
+        ge=1,
+        description="Prompts prefilled at most between two decode steps (default: as many as rows are free). "
+        "Every prefill stalls the running streams; a bound trades a later first token for the waiting requests "
+        "against shorter stalls for the running ones (docs/results.md, 'Serving').",
+    )
     step_sync: bool = Field(
         False,
         description="After every decode step the engine waits (20 ms at most) until the event loop has passed "

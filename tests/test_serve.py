@@ -175,6 +175,33 @@ def test_scheduler_admits_a_new_request_while_another_decodes(odir, engine, kv_c
         sched.stop(10)
 
 
+@pytest.mark.parametrize(("bound", "order"), [(None, "PPPPS"), (1, "PSPSPSPS")])
+def test_scheduler_bounds_the_prefills_between_two_steps(odir, bound, order):
+    """Four requests waiting at once: by default all four prompts are prefilled before the first step (the running
+    streams stall for all of them); ``prefills_per_step=1`` puts a decode step after each prefill. The answers are
+    the batch-1 greedy tokens either way."""
+    prefill = runtime.compile(odir, "onnxruntime", prefill_length=4)
+    decoder = runtime.compile_decoder(odir, "onnxruntime", [1, 2, 4])
+    log: list[str] = []
+    sched = Scheduler(prefill, decoder, max_batch=4, max_queue=8, prefills_per_step=bound)
+    sched.on_prefill = lambda tokens, seconds: log.append("P")
+    sched.on_step = lambda active, waiting, seconds: log.append("S")
+    prompts = [[100, 101], [7, 8, 9, 10, 11], [3], [60, 61, 62, 63]]
+    reqs = [Request(p, 6) for p in prompts]
+    for r in reqs:
+        sched.submit(r)  # all waiting before the engine thread starts
+    sched.start()
+    try:
+        for p, r in zip(prompts, reqs, strict=True):
+            assert _drain(r)[0] == _greedy(odir, "onnxruntime", p, 6)
+    finally:
+        sched.stop(10)
+    assert "".join(log).startswith(order)
+    assert sched.info()["prefills_per_step"] == (bound or 4)
+    with pytest.raises(OwlError, match="at least 1"):
+        Scheduler(prefill, decoder, max_batch=4, max_queue=8, prefills_per_step=0)
+
+
 # ---------------------------------------------------------------- a real server on loopback
 def _free_port() -> int:
     with socket.socket() as s:

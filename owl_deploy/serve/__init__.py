@@ -105,7 +105,7 @@ def build_scheduler(folder: Path, cfg: ServeConfig):
         threads=cfg.threads,
         last_logits=True,  # a prompt needs its last token's logits only
     )
-    return Scheduler(prefill, decoder, cfg.max_batch, cfg.max_queue)
+    return Scheduler(prefill, decoder, cfg.max_batch, cfg.max_queue, prefills_per_step=cfg.prefills_per_step)
 
 
 def serve(folder: str | Path, cfg: ServeConfig, ready: threading.Event | None = None) -> None:

@@ -2,10 +2,11 @@
 
 Decode is bound by reading the weights, not by the tokens: a step of k sequences in a batch-k graph reads
 the weights once for k tokens. So every loop iteration (1) admits waiting requests while fewer than
-``max_batch`` are active — each prompt is prefilled in the batch-1 session's multi-token chunks, its KV
-cache handed to the decoder — and (2) runs one batched decode step over all active sequences. A new
-request therefore waits at most for the step under way and the prefills admitted before it, never for a
-running request to finish; a finished or cancelled request frees its row at the next step.
+``max_batch`` are active (at most ``prefills_per_step`` of them, when set) — each prompt is prefilled in the
+batch-1 session's multi-token chunks, its KV cache handed to the decoder — and (2) runs one batched decode step over
+all active sequences. A new request therefore waits at most for the step under way and the prefills admitted before
+it, never for a running request to finish; a finished or cancelled request frees its row at the next step. The
+running streams wait for every prefill admitted between two steps: the bound caps that stall.
 
 The engine is one thread (the engines pin their threads to the cores; two callers would fight for them).
 Requests cross threads through their own queues of events: ``("token", id)`` then ``("done", reason)``.
@@ -100,9 +101,13 @@ class Scheduler:
         on_step: Callable[[int, int, float], None] | None = None,
         on_prefill: Callable[[int, float], None] | None = None,
         after_step: Callable[[], None] | None = None,
+        prefills_per_step: int | None = None,
     ):
         if max_batch > decoder.max_batch:
             raise OwlError(f"max batch {max_batch} exceeds the decoder's largest compiled batch {decoder.max_batch}")
+        if prefills_per_step is not None and prefills_per_step < 1:
+            raise OwlError(f"prefills per step must be at least 1, got {prefills_per_step}")
+        self.prefills_per_step = prefills_per_step or max_batch
         self.prefill, self.decoder = prefill, decoder
         self.max_batch, self.max_queue = max_batch, max_queue
         self.on_step = on_step or (lambda active, waiting, seconds: None)
@@ -156,7 +161,11 @@ class Scheduler:
                 if self._stopping and not self._waiting and not self._active:
                     return
                 admit = []
-                while self._waiting and len(self._active) + len(admit) < self.max_batch:
+                while (
+                    self._waiting
+                    and len(self._active) + len(admit) < self.max_batch
+                    and len(admit) < self.prefills_per_step
+                ):
                     admit.append(self._waiting.popleft())
             for req in admit:
                 self._admit(req)
@@ -225,6 +234,7 @@ class Scheduler:
             "batch_sizes": self.decoder.batch_sizes,
             "max_batch": self.max_batch,
             "max_queue": self.max_queue,
+            "prefills_per_step": self.prefills_per_step,
             "sequence_length": self.sequence_length,
             "kv_cache": self.decoder.kv_cache,
             "prefill_engine": self.prefill.engine,
