@@ -188,6 +188,19 @@ def test_the_int8_recipe_differs_from_the_main_one_only_in_quantize():
     assert [n for n in keys if keys[n] != keys8[n]] == ["export", "compile", "bench"]
 
 
+def test_the_recover_recipe_differs_from_the_main_one_only_in_recover():
+    """It shares fetch, tune, prune, the dense evaluation and the dense export with the main recipe's cache; what
+    follows the prune runs on the recovered model, so its keys change from recover on."""
+    main, _ = load_recipe(ROOT / "pipelines" / "smollm2-owl-wanda-70.yaml")
+    rec, name = load_recipe(ROOT / "pipelines" / "smollm2-owl-wanda-70-recover.yaml")
+    assert name == "smollm2-owl-wanda-70-recover" and rec.recover.enabled and rec.recover.method == "masked-lora"
+    a, b = main.to_json(), rec.to_json()
+    assert [k for k in a if a[k] != b[k]] == ["name", "recover"]
+    keys = {p.stage.name: p.key for p in pipeline.plan(main, ROOT / "out" / "unused")}
+    keys_rec = {p.stage.name: p.key for p in pipeline.plan(rec, ROOT / "out" / "unused")}
+    assert [n for n in keys if keys[n] != keys_rec[n]] == ["recover", "evaluate", "export", "compile", "bench"]
+
+
 def test_recipe_sections_are_the_stage_configs():
     """One source of truth: a recipe section is the stage's own config model (same keys, defaults, checks)."""
     from owl_deploy import configs, recipe
