@@ -286,6 +286,15 @@ def compare_to_reference(runs: list[dict], reference: str) -> None:
         run["reference"] = reference
 
 
+def tokens_per_s_by_concurrency(levels: list[dict]) -> dict[int, list[float]]:
+    """Each concurrency's aggregate tok/s over its levels, in their order (failed levels, None, left out)."""
+    by_c: dict[int, list[float]] = {}
+    for lv in levels:
+        if lv["aggregate_tokens_per_s"] is not None:
+            by_c.setdefault(lv["concurrency"], []).append(lv["aggregate_tokens_per_s"])
+    return by_c
+
+
 def rounds_summary(levels: list[dict]) -> dict | None:
     """With several rounds (levels interleaved within one server): per concurrency the median aggregate tok/s and its
     range, and per round the largest concurrency's tok/s over c=1's of the same round, with their median. None for
@@ -293,10 +302,7 @@ def rounds_summary(levels: list[dict]) -> dict | None:
     rounds = sorted({lv.get("round", 0) for lv in levels})
     if len(rounds) < 2:
         return None
-    by_c: dict[int, list[float]] = {}
-    for lv in levels:
-        if lv["aggregate_tokens_per_s"] is not None:
-            by_c.setdefault(lv["concurrency"], []).append(lv["aggregate_tokens_per_s"])
+    by_c = tokens_per_s_by_concurrency(levels)
     spread = {c: {"median": round(statistics.median(v), 1), "min": min(v), "max": max(v)} for c, v in by_c.items()}
     out = {"rounds": len(rounds), "tokens_per_s": spread}
     top = max(by_c, default=None)  # None: every level failed, which the record must still hold
@@ -316,12 +322,9 @@ def level_points(runs: list[dict]) -> list[dict]:
     Concurrencies that ran once (or failed) are left out: there is no usual speed to compare with."""
     points = []
     for run in runs:
-        by_c: dict[int, list[float]] = {}
+        by_c = tokens_per_s_by_concurrency(run["levels"])
         for lv in run["levels"]:
-            if lv["aggregate_tokens_per_s"]:
-                by_c.setdefault(lv["concurrency"], []).append(lv["aggregate_tokens_per_s"])
-        for lv in run["levels"]:
-            tps, seen = lv["aggregate_tokens_per_s"], by_c.get(lv["concurrency"], [])
+            tps, seen = lv["aggregate_tokens_per_s"], [t for t in by_c.get(lv["concurrency"], []) if t]
             if tps and len(seen) >= 2:
                 points.append({"session": f"{run['label']} c={lv['concurrency']}",
                                "relative": round(statistics.median(seen) / tps, 4),
